@@ -1,0 +1,55 @@
+# besa-rs: the two commands are `make demo` and `make test`. Both bootstrap everything.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+UV_VERSION := 0.13.9
+STAMP := $(VENV)/.deps-stamp
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: demo test build deps lint fmt test-rust test-python bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(UV): | $(PY)
+	$(PY) -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+
+# Pinned dependencies (uv keeps a cache, so a clean clone re-installs in seconds).
+$(STAMP): requirements/lock.txt requirements/nodeps.txt | $(UV)
+	$(UV) pip sync -q --python $(PY) requirements/lock.txt
+	$(UV) pip install -q --python $(PY) --no-deps -r requirements/nodeps.txt
+	touch $(STAMP)
+
+deps: $(STAMP)
+
+# Release build of the Rust extension into the venv (incremental; quick when nothing changed).
+build: $(STAMP)
+	$(VENV)/bin/maturin develop --release --uv -q
+
+demo: build
+	$(PY) -m besa_rs.demo
+
+test-rust:
+	cargo test --workspace -q
+
+test-python: build
+	$(PY) -m pytest -q
+
+test: build test-rust test-python
+
+lint: $(STAMP)
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff format --check python tests benches
+
+fmt:
+	cargo fmt --all
+	$(VENV)/bin/ruff format python tests benches
+	$(VENV)/bin/ruff check --fix python tests benches
+
+clean:
+	cargo clean
+	rm -rf $(VENV)

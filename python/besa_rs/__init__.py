@@ -1,0 +1,73 @@
+"""besa-rs: BESA pruning for LLMs with a Rust core.
+
+Heavy submodules (torch, transformers) load lazily on first use of their names, so that
+``import besa_rs`` and Rust-only commands stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    BesaError,
+    BesaIOError,
+    ConfigError,
+    DataError,
+    DtypeError,
+    FormatError,
+    IntegrityError,
+    MissingFileError,
+    ModelError,
+    NumericalError,
+    ShapeError,
+)
+
+__version__ = "0.1.0"
+
+#: public name -> submodule that defines it
+_LAZY: dict[str, str] = {
+    "inspect": "inspection",
+    "evaluate_perplexity": "evaluate",
+    "load_model": "models",
+    "load_tokenizer": "models",
+    "resolve_model": "models",
+    "load_text": "data",
+    "sotu_split": "data",
+}
+
+if TYPE_CHECKING:
+    from .data import load_text, sotu_split
+    from .evaluate import evaluate_perplexity
+    from .inspection import inspect
+    from .models import load_model, load_tokenizer, resolve_model
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'besa_rs' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"besa_rs.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = [
+    "BesaError",
+    "BesaIOError",
+    "ConfigError",
+    "DataError",
+    "DtypeError",
+    "FormatError",
+    "IntegrityError",
+    "MissingFileError",
+    "ModelError",
+    "NumericalError",
+    "ShapeError",
+    "__version__",
+    *_LAZY,
+]

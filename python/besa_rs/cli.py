@@ -1,0 +1,46 @@
+"""The ``besa-rs`` command line. Each subcommand lives in ``besa_rs.commands.<name>`` and
+imports heavy libraries (torch, transformers) only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from .errors import BesaError
+
+#: Subcommands, in help order. Each module has ``register(subparsers)``.
+COMMANDS: tuple[str, ...] = ("inspect",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="besa-rs",
+        description="BESA pruning of LLMs, sparse-accelerator simulation and sparse checkpoint packing.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"besa-rs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"besa_rs.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except BesaError as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"besa-rs {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"besa-rs {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""``besa-rs inspect PATH``"""
+
+from __future__ import annotations
+
+import argparse
+
+from . import add_common, emit_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="list a checkpoint's tensors, sizes and zero fractions",
+        description="Read a safetensors file or model directory (sharded or not) via mmap in Rust and "
+        "print per tensor: name, dtype, shape, size, fraction of exact zeros; then a per-layer-type "
+        "summary and totals.",
+    )
+    p.add_argument("path", help="safetensors file, or model directory")
+    p.add_argument("--summary", action="store_true", help="only the per-layer-type summary and totals")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..inspection import format_report, inspect
+
+    report = inspect(args.path)
+    if args.json != "-":
+        print(format_report(report, per_tensor=not args.summary))
+    emit_json(args.json, report)
+    return 0

@@ -1,0 +1,67 @@
+"""Exception hierarchy of besa-rs.
+
+Every expected user error (bad file, bad setting, missing data) is a :class:`BesaError`; the CLI
+prints its one-line message and exits with status 2. Errors raised by the Rust extension are
+mapped onto these classes in one place (``rust/besa-py/src/errors.rs``).
+"""
+
+from __future__ import annotations
+
+
+class BesaError(Exception):
+    """Base class of all besa-rs errors."""
+
+
+class FormatError(BesaError, ValueError):
+    """A file does not follow its format (corrupt, truncated or hostile)."""
+
+
+class IntegrityError(FormatError):
+    """Stored checksums do not match the data."""
+
+
+class ShapeError(BesaError, ValueError):
+    """A tensor does not have the shape the operation needs."""
+
+
+class DtypeError(BesaError, TypeError):
+    """A tensor's dtype is not supported by the operation."""
+
+
+class ConfigError(BesaError, ValueError):
+    """An impossible or contradictory setting."""
+
+
+class DataError(BesaError, ValueError):
+    """Text or calibration data is missing or too short."""
+
+
+class ModelError(BesaError, ValueError):
+    """A model that besa-rs cannot handle (unsupported architecture, missing weights...)."""
+
+
+class NumericalError(BesaError, ArithmeticError):
+    """Optimisation produced NaN or infinite values."""
+
+
+class MissingFileError(BesaError, FileNotFoundError):
+    """A file or directory that should exist does not."""
+
+
+class BesaIOError(BesaError, OSError):
+    """An operating-system I/O failure."""
+
+
+__all__ = [
+    "BesaError",
+    "BesaIOError",
+    "ConfigError",
+    "DataError",
+    "DtypeError",
+    "FormatError",
+    "IntegrityError",
+    "MissingFileError",
+    "ModelError",
+    "NumericalError",
+    "ShapeError",
+]

@@ -1,0 +1,44 @@
+"""``besa_rs.inspect``: what is in a checkpoint (computed in Rust over a memory map)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from . import _native
+from ._table import format_table, human_bytes
+
+
+def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Reads a safetensors file or model directory (sharded or not) and returns, per tensor,
+    name/dtype/shape/size/zero fraction, a per-layer-type summary and totals."""
+    return json.loads(_native.inspect_json(os.fspath(path)))
+
+
+def format_report(report: dict[str, Any], per_tensor: bool = True) -> str:
+    parts = [f"{report['path']}  ({len(report['files'])} file(s), {report['format']})"]
+    if per_tensor:
+        rows = [
+            [
+                t["name"],
+                t["dtype"],
+                "x".join(map(str, t["shape"])) or "scalar",
+                human_bytes(t["nbytes"]),
+                "-" if t["sparsity"] is None else f"{100 * t['sparsity']:.2f}%",
+            ]
+            for t in report["tensors"]
+        ]
+        parts.append(format_table(["tensor", "dtype", "shape", "size", "zeros"], rows))
+    rows = [
+        [g["kind"], g["tensors"], f"{g['numel']:,}", human_bytes(g["nbytes"]), f"{100 * g['sparsity']:.2f}%"]
+        for g in report["groups"]
+    ]
+    parts.append(format_table(["layer type", "tensors", "params", "size", "zeros"], rows))
+    t = report["totals"]
+    parts.append(
+        f"total: {t['tensors']} tensors, {t['numel']:,} params, {human_bytes(t['nbytes'])} of tensors "
+        f"({human_bytes(t['file_bytes'])} on disk), zeros {100 * t['sparsity']:.2f}% overall, "
+        f"{100 * t['block_linear_sparsity']:.2f}% in block linear weights"
+    )
+    return "\n\n".join(parts)

@@ -1,0 +1,1 @@
+//! besa-sim: the ViTCoD sparse-accelerator cycle model (reference and full modes).

@@ -1,0 +1,201 @@
+//! `besa-rs inspect`: per-tensor dtype/shape/size/zero fraction, per-layer-type summary, totals.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::model::Model;
+use crate::st::dtype_name;
+use crate::stats::count_zeros;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorStats {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub numel: u64,
+    pub nbytes: u64,
+    /// Exact zeros (float dtypes only).
+    pub zeros: Option<u64>,
+    /// zeros / numel (float dtypes only; 0 for empty tensors).
+    pub sparsity: Option<f64>,
+    pub file: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupStats {
+    /// Layer type: the name with the block index and everything before it removed
+    /// (`model.layers.3.mlp.down_proj.weight` -> `mlp.down_proj.weight`).
+    pub kind: String,
+    pub tensors: usize,
+    pub numel: u64,
+    pub nbytes: u64,
+    pub zeros: u64,
+    pub sparsity: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Totals {
+    pub tensors: usize,
+    pub numel: u64,
+    pub nbytes: u64,
+    pub file_bytes: u64,
+    pub zeros: u64,
+    /// Zero fraction over all float tensors.
+    pub sparsity: f64,
+    /// Zero fraction over 2-D float weights inside numbered blocks (the prunable linears).
+    pub block_linear_sparsity: f64,
+    pub block_linear_numel: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InspectReport {
+    pub path: String,
+    pub format: String,
+    pub files: Vec<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub tensors: Vec<TensorStats>,
+    pub groups: Vec<GroupStats>,
+    pub totals: Totals,
+}
+
+/// The layer type of a tensor name: the components after the last all-digit component.
+pub fn layer_kind(name: &str) -> String {
+    let parts: Vec<&str> = name.split('.').collect();
+    match parts
+        .iter()
+        .rposition(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        Some(i) if i + 1 < parts.len() => parts[i + 1..].join("."),
+        _ => name.to_string(),
+    }
+}
+
+/// True for names inside a numbered block (`...layers.<i>....`).
+pub fn in_numbered_block(name: &str) -> bool {
+    name.split('.')
+        .any(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Inspects a model path (file or directory).
+pub fn inspect(path: &Path) -> Result<InspectReport> {
+    let model = Model::open(path)?;
+    Ok(inspect_model(&model))
+}
+
+pub fn inspect_model(model: &Model) -> InspectReport {
+    let refs: Vec<_> = model.tensors().collect();
+    let tensors: Vec<TensorStats> = refs
+        .par_iter()
+        .map(|t| {
+            let zeros = count_zeros(t.entry.dtype, model.data(*t));
+            let numel = t.entry.numel() as u64;
+            TensorStats {
+                name: t.entry.name.clone(),
+                dtype: dtype_name(t.entry.dtype),
+                shape: t.entry.shape.clone(),
+                numel,
+                nbytes: t.entry.nbytes() as u64,
+                zeros,
+                sparsity: zeros.map(|z| if numel == 0 { 0.0 } else { z as f64 / numel as f64 }),
+                file: model.files()[t.file]
+                    .path()
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            }
+        })
+        .collect();
+    summarize(model, tensors)
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+fn summarize(model: &Model, tensors: Vec<TensorStats>) -> InspectReport {
+    let mut groups: BTreeMap<String, GroupStats> = BTreeMap::new();
+    let (mut numel, mut nbytes, mut zeros, mut float_numel) = (0u64, 0u64, 0u64, 0u64);
+    let (mut lin_numel, mut lin_zeros) = (0u64, 0u64);
+    for t in &tensors {
+        numel += t.numel;
+        nbytes += t.nbytes;
+        let kind = layer_kind(&t.name);
+        let g = groups.entry(kind.clone()).or_insert(GroupStats {
+            kind,
+            tensors: 0,
+            numel: 0,
+            nbytes: 0,
+            zeros: 0,
+            sparsity: 0.0,
+        });
+        g.tensors += 1;
+        g.numel += t.numel;
+        g.nbytes += t.nbytes;
+        if let Some(z) = t.zeros {
+            zeros += z;
+            float_numel += t.numel;
+            g.zeros += z;
+            if t.shape.len() == 2 && in_numbered_block(&t.name) {
+                lin_numel += t.numel;
+                lin_zeros += z;
+            }
+        }
+    }
+    let groups = groups
+        .into_values()
+        .map(|mut g| {
+            g.sparsity = ratio(g.zeros, g.numel);
+            g
+        })
+        .collect();
+    InspectReport {
+        path: model.root().display().to_string(),
+        format: "safetensors".into(),
+        files: model
+            .files()
+            .iter()
+            .map(|f| f.path().display().to_string())
+            .collect(),
+        metadata: model.metadata(),
+        totals: Totals {
+            tensors: tensors.len(),
+            numel,
+            nbytes,
+            file_bytes: model.files().iter().map(|f| f.file_len() as u64).sum(),
+            zeros,
+            sparsity: ratio(zeros, float_numel),
+            block_linear_sparsity: ratio(lin_zeros, lin_numel),
+            block_linear_numel: lin_numel,
+        },
+        tensors,
+        groups,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_kinds() {
+        assert_eq!(
+            layer_kind("model.layers.3.mlp.down_proj.weight"),
+            "mlp.down_proj.weight"
+        );
+        assert_eq!(
+            layer_kind("model.embed_tokens.weight"),
+            "model.embed_tokens.weight"
+        );
+        assert_eq!(layer_kind("h.12"), "h.12");
+        assert!(in_numbered_block("model.layers.0.self_attn.q_proj.weight"));
+        assert!(!in_numbered_block("lm_head.weight"));
+    }
+}

@@ -1,0 +1,173 @@
+//! Reading safetensors files through a memory map, with the `safetensors` crate's strict header
+//! validation (header <= 100 MB, offsets tile the buffer exactly, byte lengths match shapes).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+
+/// Bytes per element of a dtype (sub-byte dtypes are refused by the callers that need this).
+pub fn dtype_itemsize(dtype: Dtype) -> usize {
+    dtype.bitsize().div_ceil(8)
+}
+
+/// The canonical string of a dtype, as written in safetensors headers ("F32", "BF16", ...).
+pub fn dtype_name(dtype: Dtype) -> String {
+    format!("{dtype:?}")
+}
+
+/// Parses a dtype string as written in safetensors headers.
+pub fn parse_dtype(name: &str) -> Result<Dtype> {
+    serde_json::from_value(serde_json::Value::String(name.to_string()))
+        .map_err(|_| Error::dtype(format!("unknown dtype {name:?}")))
+}
+
+/// One tensor of a mapped file: its header entry and its bytes.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Byte range inside the file's data buffer (end exclusive).
+    pub data_offsets: (usize, usize),
+}
+
+impl TensorEntry {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn nbytes(&self) -> usize {
+        self.data_offsets.1 - self.data_offsets.0
+    }
+}
+
+/// A memory-mapped, validated safetensors file.
+pub struct StFile {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    /// Tensors in file (offset) order.
+    tensors: Vec<TensorEntry>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for StFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StFile")
+            .field("path", &self.path)
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+impl StFile {
+    /// Maps and validates `path`. Any defect of the file is a `Format` error naming the file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        if !meta.is_file() {
+            return Err(Error::format(format!(
+                "{}: not a regular file",
+                path.display()
+            )));
+        }
+        if meta.len() < 8 {
+            return Err(Error::format(format!(
+                "{}: not a safetensors file (only {} bytes, the 8-byte header length is missing)",
+                path.display(),
+                meta.len()
+            )));
+        }
+        // SAFETY: the map is read-only; a file truncated by another process while mapped is
+        // outside what this library can defend against (same contract as safetensors/memmap2).
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::from_mmap(path, mmap)
+    }
+
+    fn from_mmap(path: &Path, mmap: Mmap) -> Result<Self> {
+        let declared = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes checked"));
+        let file_len = mmap.len() as u64;
+        if declared > 100_000_000 {
+            return Err(Error::format(format!(
+                "{}: header length {declared} exceeds the 100 MB limit (corrupt or not a safetensors file)",
+                path.display()
+            )));
+        }
+        if declared > file_len - 8 {
+            return Err(Error::format(format!(
+                "{}: header length {declared} is larger than the file ({file_len} bytes): truncated or corrupt",
+                path.display()
+            )));
+        }
+        let (n, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+            Error::format(format!(
+                "{}: invalid safetensors file: {}",
+                path.display(),
+                describe(&e, file_len, declared)
+            ))
+        })?;
+        let mut tensors: Vec<TensorEntry> = metadata
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| TensorEntry {
+                name,
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                data_offsets: info.data_offsets,
+            })
+            .collect();
+        tensors.sort_by_key(|t| t.data_offsets);
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            data_start: 8 + n,
+            tensors,
+            metadata: metadata
+                .metadata()
+                .clone()
+                .map(|m| m.into_iter().collect())
+                .unwrap_or_default(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn tensors(&self) -> &[TensorEntry] {
+        &self.tensors
+    }
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+    pub fn file_len(&self) -> usize {
+        self.mmap.len()
+    }
+    pub fn get(&self, name: &str) -> Option<&TensorEntry> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+    /// The bytes of a tensor of this file.
+    pub fn data(&self, t: &TensorEntry) -> &[u8] {
+        &self.mmap[self.data_start + t.data_offsets.0..self.data_start + t.data_offsets.1]
+    }
+}
+
+fn describe(e: &safetensors::SafeTensorError, file_len: u64, declared: u64) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::MetadataIncompleteBuffer => format!(
+            "tensor data does not fill the file exactly (file is {file_len} bytes, header {declared}): truncated, padded or overlapping tensors"
+        ),
+        E::InvalidOffset(name) => format!(
+            "tensor {name:?} has data_offsets that overlap another tensor, leave a hole or run backwards"
+        ),
+        E::TensorInvalidInfo => {
+            "a tensor's byte length disagrees with its dtype and shape".to_string()
+        }
+        E::ValidationOverflow => "a tensor's shape overflows when multiplied out".to_string(),
+        other => other.to_string(),
+    }
+}
