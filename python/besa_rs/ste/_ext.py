@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -40,7 +41,6 @@ def _wheel_cuda_roots() -> list[Path]:
     """``nvidia/cu*`` folders of the pip-installed CUDA toolkit wheels."""
     roots = []
     import site
-    import sys
 
     paths = [*sys.path, *site.getsitepackages()]
     for p in paths:
@@ -99,6 +99,18 @@ def find_cuda_home() -> Path | None:
     return None
 
 
+def _tool_dirs() -> list[str]:
+    """Folders holding ninja (pip's ``ninja`` package or the interpreter's bin/)."""
+    dirs = [str(Path(sys.executable).parent)]
+    try:
+        import ninja  # type: ignore[import-untyped]
+
+        dirs.insert(0, str(ninja.BIN_DIR))
+    except ImportError:
+        pass
+    return dirs
+
+
 def _arch_list() -> str:
     env = os.environ.get("BESA_STE_CUDA_ARCH")
     if env:
@@ -141,9 +153,10 @@ def build(verbose: bool = False) -> ModuleType:
         build_dir.mkdir(parents=True, exist_ok=True)
         from torch.utils import cpp_extension
 
-        old_env = {k: os.environ.get(k) for k in ("CUDA_HOME", "TORCH_CUDA_ARCH_LIST")}
+        old_env = {k: os.environ.get(k) for k in ("CUDA_HOME", "TORCH_CUDA_ARCH_LIST", "PATH")}
         old_home = cpp_extension.CUDA_HOME
         os.environ["CUDA_HOME"] = str(home)
+        os.environ["PATH"] = os.pathsep.join([*_tool_dirs(), os.environ.get("PATH", "")])
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch
         cpp_extension.CUDA_HOME = str(home)
         try:
