@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-#: elements per chunk (4 MiB of fp32 temporaries per live buffer)
-_CHUNK_ELEMS = 1 << 20
+#: elements per chunk (1 MiB of fp32 per live temporary: stays in cache)
+_CHUNK_ELEMS = 1 << 18
 
 
 def _chunk_rows(rows: int, cols: int) -> int:
@@ -21,15 +21,18 @@ def _chunk_rows(rows: int, cols: int) -> int:
 def masked_weight(
     weight: torch.Tensor, ranks: torch.Tensor, n_prune_rows: torch.Tensor
 ) -> torch.Tensor:
-    """``weight * (ranks >= n_prune_rows[:, None])``, chunked (values only, no autograd)."""
+    """``weight * (ranks >= n_prune_rows[:, None])``, chunked (values only, no autograd).
+
+    A multiply by the boolean mask (not ``torch.where``, which is 3x slower on CPU): pruned
+    entries become ``weight * 0``, i.e. zero with the weight's sign, as in the reference.
+    """
     rows, cols = weight.shape
     out = torch.empty_like(weight, memory_format=torch.contiguous_format)
     step = _chunk_rows(rows, cols)
-    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
     for a in range(0, rows, step):
         b = min(rows, a + step)
         keep = ranks[a:b] >= n_prune_rows[a:b, None]
-        torch.where(keep, weight[a:b], zero, out=out[a:b])
+        torch.mul(weight[a:b], keep, out=out[a:b])
     return out
 
 
