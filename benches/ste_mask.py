@@ -245,10 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     groups = groups_for(args.gran, args.rows)
-    if args.worker:
-        res = measure(
-            args.worker, args.rows, args.cols, groups, args.step, args.device, args.repeat
+    if args.worker == "time":
+        variants = VARIANTS_GPU if args.device == "cuda" else VARIANTS_CPU
+        times = time_interleaved(
+            variants, args.rows, args.cols, groups, args.step, args.device, args.repeat
         )
+        print(json.dumps(times))
+        return 0
+    if args.worker:
+        res = measure(args.worker, args.rows, args.cols, groups, args.step, args.device, 1)
         print(json.dumps(res))
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
