@@ -9,7 +9,7 @@ import pytest
 import torch
 from besa_rs import ste
 from besa_rs.errors import ConfigError, DtypeError, ShapeError
-from ste_reference import reference_masks, reference_ste
+from ste_reference import assert_close_rel, reference_masks, reference_ste
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -40,13 +40,7 @@ def _case(rows, cols, groups, step, dtype, device, seed=0, ties=False, scale=3.0
 
 
 def _close(actual, expected, rtol=1e-5):
-    """``|a - e| <= rtol * (|e| + max|e|)``: relative to each value, floored at the scale."""
-    actual = actual.double()
-    expected = expected.double()
-    scale = expected.abs().max().clamp_min(1e-30)
-    err = (actual - expected).abs()
-    bound = rtol * (expected.abs() + scale)
-    assert bool((err <= bound).all()), f"max err {err.max().item():.3e}, scale {scale.item():.3e}"
+    assert_close_rel(actual, expected, rtol)
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 // This file deliberately includes no torch headers: it only needs the CUDA runtime, so nvcc
 // compiles it in seconds. Dtype dispatch and argument checks live in ste_mask.cpp.
 //
-//  * select:      out[r, c] = rank[r, c] >= n_rows[r] ? src[r, c] : 0   (hard-masked copy;
+//  * select:      out[r, c] = rank[r, c] >= n_rows[r] ? src[r, c] : +-0 (hard-masked copy;
 //                 used for the forward W * hard and for the weight gradient g * hard). It moves
-//                 raw bits, so one instantiation per element width serves fp16/bf16/fp32/fp64.
+//                 raw bits, so one instantiation per element width serves fp16/bf16/fp32/fp64;
+//                 a pruned entry keeps only its sign bit, i.e. equals src * 0 like the fallback.
 //  * bucket sums: hist[r, j] = sum_{c : t_j <= rank[r, c] < t_{j-1}} g[r, c] * W[r, c]
 //                 (t sorted descending, t_{-1} = C, t_D = 0), i.e. g*W summed per candidate
 //                 bucket of ranks. One block per row: the products are scattered into rank
@@ -36,13 +37,15 @@ template <typename bits_t, typename index_t>
 __global__ void select_kernel(const bits_t* __restrict__ src, const index_t* __restrict__ ranks,
                               const int64_t* __restrict__ n_rows, bits_t* __restrict__ out,
                               int64_t rows, int64_t cols) {
+  constexpr bits_t kSign = static_cast<bits_t>(bits_t(1) << (8 * sizeof(bits_t) - 1));
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
     const int64_t n = n_rows[r];
     const int64_t base = r * cols;
     for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < cols;
          c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
       const int64_t k = static_cast<int64_t>(ranks[base + c]);
-      out[base + c] = k >= n ? src[base + c] : bits_t(0);
+      const bits_t v = src[base + c];
+      out[base + c] = k >= n ? v : static_cast<bits_t>(v & kSign);  // src * 0 = +-0
     }
   }
 }
