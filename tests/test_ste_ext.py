@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -18,6 +19,7 @@ def test_extension_compiles_and_loads():
     mod = _ext.build()
     assert callable(mod.forward) and callable(mod.backward)
     assert "straight-through" in (mod.__doc__ or "")
+    assert os.path.exists(mod.__file__)
     assert _ext.build() is mod  # cached in-process
     key = _ext.build_key(_ext._arch_list())
     assert key in mod.__file__, "build folder is keyed by the source hash"
@@ -49,3 +51,12 @@ def test_forced_fallback(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_backend_selected():
     assert ste.backend("cuda") == "cuda-ext"
+
+
+def test_build_command(capsys):
+    if torch.version.cuda is None or _ext.find_cuda_home() is None:
+        pytest.skip("no CUDA toolchain to build with")
+    from besa_rs.ste.__main__ import main
+
+    assert main(["build"]) == 0
+    assert "CUDA extension ready" in capsys.readouterr().out

@@ -270,9 +270,11 @@ class _MaskFn(torch.autograd.Function):
         if ctx.use_ext and need_logits:
             ext = _ext.load()
             assert ext is not None
+            # soft mode returns fp32 for a half weight: the kernel wants one dtype
+            w_in = weight if weight.dtype == grad.dtype else weight.to(grad.dtype)
             hist, gw = ext.backward(
                 grad,
-                weight,
+                w_in,
                 ranks,
                 n_rows,
                 t_sorted,

@@ -160,14 +160,21 @@ def build(verbose: bool = False) -> ModuleType:
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch
         cpp_extension.CUDA_HOME = str(home)
         try:
-            mod = cpp_extension.load(
-                name=f"besa_ste_{key}",
+            name = f"besa_ste_{key}"
+            cpp_extension.load(
+                name=name,
                 sources=[str(_CSRC / s) for s in _SOURCES],
                 build_directory=str(build_dir),
                 extra_cflags=["-O2"],
                 extra_cuda_cflags=["-O3"],
+                is_python_module=False,  # operators registered with TORCH_LIBRARY
                 verbose=verbose,
             )
+            ops = getattr(torch.ops, name)
+            mod = ModuleType(name, "besa-rs fused straight-through mask (CUDA operators)")
+            mod.forward = ops.forward  # type: ignore[attr-defined]
+            mod.backward = ops.backward  # type: ignore[attr-defined]
+            mod.__file__ = str(build_dir / f"{name}.so")
         except Exception as exc:  # compiler errors come as RuntimeError/CalledProcessError
             raise ExtensionBuildError(f"building the CUDA extension failed: {exc}") from exc
         finally:
