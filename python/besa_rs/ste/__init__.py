@@ -313,6 +313,7 @@ def _apply(
     weight = weight.contiguous()
     ranks = ranks.contiguous()
     plan = _Plan(ranks, logits, candidates, smoothing, k)
+    assert plan.w is not None
     w_sorted = plan.w.index_select(1, plan.order)
     plan.w = None  # ctx keeps the plan: hold no autograd-tracked tensor in it
     use_ext = backend(ranks.device) == "cuda-ext"
