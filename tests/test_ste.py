@@ -268,6 +268,8 @@ def test_bad_inputs():
         ste.ste_mask(w, r.float(), lg, c)
     with pytest.raises(DtypeError, match="weight"):
         ste.ste_mask(w.to(torch.int32), r, lg, c)
+    with pytest.raises(ShapeError, match="empty"):
+        ste.ste_mask(w, r, torch.zeros(4, 0), torch.zeros(0))
     with pytest.raises(ShapeError, match="importance"):
         ste.row_ranks(torch.rand(3))
 

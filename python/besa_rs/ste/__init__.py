@@ -136,6 +136,8 @@ def row_ranks(importance: torch.Tensor) -> torch.Tensor:
 def _check_candidates(candidates: torch.Tensor, d: int) -> None:
     if candidates.dim() != 1:
         raise ShapeError(f"candidates must be 1-D [D], got shape {tuple(candidates.shape)}")
+    if candidates.shape[0] == 0:
+        raise ShapeError("candidates is empty: at least one candidate sparsity is needed")
     if d >= 0 and candidates.shape[0] != d:
         raise ShapeError(f"candidates has {candidates.shape[0]} values but logits have D = {d}")
     if not candidates.is_floating_point():
