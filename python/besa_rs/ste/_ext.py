@@ -142,7 +142,12 @@ def build(verbose: bool = False) -> ModuleType:
             return mod
         if torch.version.cuda is None:
             raise ExtensionBuildError("this torch build has no CUDA support")
-        home = find_cuda_home()
+        try:
+            home = find_cuda_home()
+        except OSError as exc:
+            raise ExtensionBuildError(
+                f"cannot prepare CUDA_HOME under {cache_root()}: {exc}"
+            ) from exc
         if home is None:
             raise ExtensionBuildError(
                 "nvcc not found (set CUDA_HOME or install nvidia-cuda-nvcc matching torch's CUDA)"
@@ -197,7 +202,7 @@ def load() -> ModuleType | None:
         return None
     try:
         return build()
-    except ExtensionBuildError as exc:
+    except (ExtensionBuildError, OSError) as exc:  # OSError: e.g. cache folder not writable
         _STATE["failed"] = True
         warnings.warn(
             f"besa_rs.ste: {exc}; using the PyTorch fallback for the straight-through mask",
