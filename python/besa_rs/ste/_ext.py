@@ -78,7 +78,11 @@ def _assemble_cuda_home(root: Path) -> Path:
 
 
 def find_cuda_home() -> Path | None:
-    """A usable CUDA toolkit root (``bin/nvcc`` and ``include/cuda_runtime.h``), or None."""
+    """A usable CUDA toolkit root (``bin/nvcc`` and ``include/cuda_runtime.h``), or None.
+
+    Order: ``$CUDA_HOME``/``$CUDA_PATH``, the ``nvidia-cuda-nvcc`` wheels installed with torch
+    (same CUDA version as torch), an ``nvcc`` on ``PATH``, ``/usr/local/cuda``.
+    """
 
     def ok(p: Path) -> bool:
         return (p / "bin" / "nvcc").exists() and (p / "include" / "cuda_runtime.h").exists()
@@ -86,6 +90,10 @@ def find_cuda_home() -> Path | None:
     env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if env and ok(Path(env)) and (Path(env) / "lib64").exists():
         return Path(env)
+    # the pip wheels pinned next to torch match its CUDA version; a system toolkit may not
+    for root in _wheel_cuda_roots():
+        if ok(root):
+            return _assemble_cuda_home(root)
     nvcc = shutil.which("nvcc")
     if nvcc:
         p = Path(nvcc).resolve().parent.parent
@@ -93,9 +101,6 @@ def find_cuda_home() -> Path | None:
             return p
     if Path("/usr/local/cuda/bin/nvcc").exists() and ok(Path("/usr/local/cuda")):
         return Path("/usr/local/cuda")
-    for root in _wheel_cuda_roots():
-        if ok(root):
-            return _assemble_cuda_home(root)
     return None
 
 
