@@ -34,6 +34,8 @@ _LAZY: dict[str, str] = {
     "resolve_model": "models",
     "load_text": "data",
     "sotu_split": "data",
+    "simulate": "simulation",
+    "simulate_matrix": "simulation",
 }
 
 if TYPE_CHECKING:
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from .evaluate import evaluate_perplexity
     from .inspection import inspect
     from .models import load_model, load_tokenizer, resolve_model
+    from .simulation import simulate, simulate_matrix
 
 
 def __getattr__(name: str) -> Any:

@@ -13,14 +13,14 @@
 //!   the weights are streamed once in buffer-sized tiles and the inputs are re-streamed per
 //!   tile; the cheaper schedule is taken, for the sparse and the dense layer alike.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use besa_sparse::{Error, Result};
 
 use crate::mask::MaskView;
 
 /// Storage format of the sparse weights (what the metadata bytes are).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Format {
     /// One bit per weight position (`R * ceil(C/8)` bytes) + kept values.
     #[serde(rename = "bitmask")]
@@ -49,7 +49,8 @@ impl Format {
 }
 
 /// Hardware and workload parameters of the full model.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct FullParams {
     pub pe_width: u64,
     pub pe_height: u64,
@@ -117,7 +118,7 @@ impl FullParams {
 }
 
 /// One workload (decode or prefill) of one matrix.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Step {
     pub tokens: u64,
     pub cycles: u64,
@@ -131,11 +132,11 @@ pub struct Step {
     pub dense_width: u64,
     pub speedup: f64,
     /// "memory" or "compute": what bounds the sparse layer.
-    pub bound: &'static str,
+    pub bound: String,
 }
 
 /// Full-mode result of one matrix.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FullResult {
     pub format: Format,
     /// False when the format cannot store this mask (2:4 on a mask that is not 2:4); the
@@ -256,7 +257,7 @@ pub fn simulate_full(view: &MaskView<'_>, deg: &[u32], p: &FullParams) -> FullRe
             dense_columns: g,
             dense_width: wd,
             speedup: ratio(dense_cycles, cycles),
-            bound: if data >= compute { "memory" } else { "compute" },
+            bound: if data >= compute { "memory" } else { "compute" }.to_string(),
         }
     };
     FullResult {

@@ -6,14 +6,14 @@ use std::path::Path;
 use besa_sparse::st::dtype_name;
 use besa_sparse::{Error, Model, Result};
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::full::{ratio, simulate_full, FullParams, FullResult};
 use crate::mask::{Elem, MaskView};
 use crate::reference::{simulate_matrix, ChunkResult, RefParams};
 
 /// A tensor as listed by a source.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TensorMeta {
     pub name: String,
     pub shape: Vec<usize>,
@@ -124,7 +124,7 @@ pub fn layer_index(name: &str) -> Option<usize> {
 }
 
 /// A matrix selected for simulation.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Planned {
     pub name: String,
     pub shape: [usize; 2],
@@ -134,7 +134,7 @@ pub struct Planned {
 }
 
 /// A tensor left out, and why.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Skipped {
     pub name: String,
     pub reason: String,
@@ -177,7 +177,8 @@ pub fn plan(tensors: &[TensorMeta]) -> (Vec<Planned>, Vec<Skipped>) {
 }
 
 /// Which simulation to run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SimParams {
     pub reference: RefParams,
     /// Also run the full model.
@@ -197,7 +198,7 @@ impl Default for SimParams {
 }
 
 /// Everything reported for one matrix.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MatrixReport {
     pub name: String,
     pub kind: String,
@@ -293,7 +294,7 @@ pub fn simulate_names(
 }
 
 /// Per projection type: averages over its matrices (the paper's table).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TypeSummary {
     pub matrices: usize,
     pub avg_cycles: f64,
@@ -312,7 +313,7 @@ pub struct TypeSummary {
 }
 
 /// Totals over every simulated matrix.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Totals {
     pub matrices: usize,
     pub cycles: u64,
@@ -428,9 +429,9 @@ pub fn summarize(matrices: &[MatrixReport]) -> (BTreeMap<String, TypeSummary>, T
 }
 
 /// A whole-model report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
-    pub mode: &'static str,
+    pub mode: String,
     pub path: String,
     pub params: SimParams,
     pub matrices: Vec<MatrixReport>,
@@ -454,7 +455,7 @@ pub fn simulate_path(path: &Path, p: &SimParams) -> Result<Report> {
     let matrices = simulate_names(source.as_ref(), &names, p)?;
     let (summary, totals) = summarize(&matrices);
     Ok(Report {
-        mode: if p.full.is_some() { "full" } else { "reference" },
+        mode: if p.full.is_some() { "full" } else { "reference" }.to_string(),
         path: source.describe(),
         params: p.clone(),
         matrices,

@@ -12,7 +12,7 @@
 //! the rows whose label is out of range or merged); cells touching a merged label are
 //! enumerated and deduplicated per merged class.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::mask::MaskView;
 
@@ -21,7 +21,7 @@ pub const TMP_ID: u32 = 200;
 const NONE: u32 = u32::MAX;
 
 /// Floating-point semantics of the two comparisons of the threshold search.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RefFloat {
     /// What the authors' code computes: `out_degrees() > threshold` and `D / E` are torch ops on
@@ -32,7 +32,8 @@ pub enum RefFloat {
 }
 
 /// Parameters of the reference model.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RefParams {
     pub pe_width: u64,
     pub pe_height: u64,
@@ -64,7 +65,7 @@ impl Default for RefParams {
 }
 
 /// One run of `calc` + `simulate` at one threshold ratio.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Eval {
     pub ratio: f64,
     pub threshold: f64,
@@ -84,7 +85,7 @@ pub struct Eval {
 }
 
 /// Result of the threshold search on one matrix (or one down_proj column chunk).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChunkResult {
     /// Columns `[begin, end)` of the matrix.
     pub cols: [usize; 2],
