@@ -250,6 +250,7 @@ def simulate(
         finally:
             if bar is not None:
                 bar.close()
+    matrices.sort(key=lambda m: (m["layer"] is None, m["layer"] or 0, _type_key(m["kind"]), m["name"]))
     agg = json.loads(_native.summarize_json(json.dumps(matrices)))
     return {
         "mode": mode,
