@@ -68,7 +68,11 @@ def write_shard(path: Path, layer: int, rng: np.random.Generator) -> None:
     off = 0
     for mod, (r, c) in SHAPES.items():
         n = r * c * 2
-        header[f"model.layers.{layer}.{mod}.weight"] = {"dtype": "BF16", "shape": [r, c], "data_offsets": [off, off + n]}
+        header[f"model.layers.{layer}.{mod}.weight"] = {
+            "dtype": "BF16",
+            "shape": [r, c],
+            "data_offsets": [off, off + n],
+        }
         off += n
     h = json.dumps(header, separators=(",", ":")).encode()
     h += b" " * (-len(h) % 8)
@@ -108,7 +112,13 @@ def status_kb(key: str) -> int:
 def bench_model(root: Path) -> None:
     make_model(root)
     size = sum(p.stat().st_size for p in root.glob("*.safetensors"))
-    print(f"\n== LLaMA-7B-shaped model: {LAYERS} layers x 7 matrices, bf16, {size / 1e9:.1f} GB in {root}")
+    print(
+        f"\n== LLaMA-7B-shaped model: {LAYERS} layers x 7 matrices, bf16, {size / 1e9:.1f} GB in {root}"
+    )
+    try:  # reset the peak-RSS counter so VmHWM covers the model run only
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
     peak_anon = [status_kb("RssAnon")]
     base_anon = peak_anon[0]
     done = threading.Event()
@@ -125,19 +135,25 @@ def bench_model(root: Path) -> None:
     wall = time.perf_counter() - t
     done.set()
     th.join()
-    print(f"threads: {os.environ.get('RAYON_NUM_THREADS', os.cpu_count())} (cores: {os.cpu_count()})")
+    print(
+        f"threads: {os.environ.get('RAYON_NUM_THREADS', os.cpu_count())} (cores: {os.cpu_count()})"
+    )
     print(f"simulated {len(rep['matrices'])} matrices in {wall:.1f} s")
     print(
         f"anonymous memory: {base_anon / 1024:.0f} MB before, peak {peak_anon[0] / 1024:.0f} MB "
-        f"(+{(peak_anon[0] - base_anon) / 1024:.0f} MB); peak RSS incl. mapped file pages "
-        f"{status_kb('VmHWM') / 1024:.0f} MB (page cache, reclaimable)"
+        f"(+{(peak_anon[0] - base_anon) / 1024:.0f} MB); peak RSS during the run, mapped file pages included: "
+        f"{status_kb('VmHWM') / 1024:.0f} MB"
     )
     print(besa_rs.simulation.format_report(rep, per_matrix=False))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dir", default="/tmp/besa-sim-bench-7b", help="where the generated model is cached")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--dir", default="/tmp/besa-sim-bench-7b", help="where the generated model is cached"
+    )
     ap.add_argument("--skip-model", action="store_true", help="only the single-matrix comparison")
     args = ap.parse_args()
     bench_matrices()

@@ -5,23 +5,38 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import besa_rs
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
-
-import besa_rs
 from besa_rs.cli import main
 from besa_rs.errors import ConfigError, DtypeError, FormatError, MissingFileError, ShapeError
 from besa_rs.simulation import dense_baseline
-
+from safetensors.numpy import save_file
 from test_simulate_oracle import oracle_matrix
 
-TYPES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-         "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+TYPES = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
 
 
-def tiny_llama(rng: np.random.Generator, layers: int = 2, d: int = 48, ff: int = 120, dtype=np.float32) -> dict:
-    shapes = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "gate": (ff, d), "up": (ff, d), "down": (d, ff)}
+def tiny_llama(
+    rng: np.random.Generator, layers: int = 2, d: int = 48, ff: int = 120, dtype=np.float32
+) -> dict:
+    shapes = {
+        "q": (d, d),
+        "k": (d, d),
+        "v": (d, d),
+        "o": (d, d),
+        "gate": (ff, d),
+        "up": (ff, d),
+        "down": (d, ff),
+    }
     sd = {"model.embed_tokens.weight": rng.standard_normal((64, d)).astype(dtype)}
     for i in range(layers):
         sd[f"model.layers.{i}.input_layernorm.weight"] = np.ones(d, dtype=dtype)
@@ -55,18 +70,36 @@ def test_model_directory_matches_oracle(tmp_path: Path) -> None:
     names = list(sd)
     save_file({k: sd[k] for k in names[:half]}, str(tmp_path / "model-00001-of-00002.safetensors"))
     save_file({k: sd[k] for k in names[half:]}, str(tmp_path / "model-00002-of-00002.safetensors"))
-    index = {"metadata": {}, "weight_map": {k: f"model-0000{1 + (i >= half)}-of-00002.safetensors" for i, k in enumerate(names)}}
+    index = {
+        "metadata": {},
+        "weight_map": {
+            k: f"model-0000{1 + (i >= half)}-of-00002.safetensors" for i, k in enumerate(names)
+        },
+    }
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     rep = besa_rs.simulate(tmp_path)
     assert rep["mode"] == "reference"
     assert len(rep["matrices"]) == 14
-    assert {s["name"] for s in rep["skipped"]} >= {"lm_head.weight", "model.layers.0.input_layernorm.weight"}
+    assert {s["name"] for s in rep["skipped"]} >= {
+        "lm_head.weight",
+        "model.layers.0.input_layernorm.weight",
+    }
     for m in rep["matrices"]:
         cyc, flops, _ = oracle_matrix(sd[m["name"]] != 0, chunk=m["kind"] == "down")
         assert (m["cycles"], m["flops"]) == (cyc, flops), m["name"]
         assert m["dense_cycles"] == dense_baseline(*m["shape"], m["kind"])
         assert m["speedup"] == pytest.approx(m["dense_cycles"] / m["cycles"])
-        assert set(m) >= {"name", "shape", "sparsity", "cycles", "dense_cycles", "flops", "speedup", "dense_columns", "threshold_ratios"}
+        assert set(m) >= {
+            "name",
+            "shape",
+            "sparsity",
+            "cycles",
+            "dense_cycles",
+            "flops",
+            "speedup",
+            "dense_columns",
+            "threshold_ratios",
+        }
     assert list(rep["summary"]) == ["q", "k", "v", "o", "gate", "up", "down"]
     s = rep["summary"]["down"]
     downs = [m for m in rep["matrices"] if m["kind"] == "down"]
@@ -88,9 +121,15 @@ def test_bf16_file_and_layers_filter(tmp_path: Path) -> None:
 
     rng = np.random.default_rng(1)
     sd = tiny_llama(rng, layers=3)
-    save_torch({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in sd.items()}, str(tmp_path / "m.safetensors"))
+    save_torch(
+        {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in sd.items()},
+        str(tmp_path / "m.safetensors"),
+    )
     rep = besa_rs.simulate(tmp_path / "m.safetensors", layers=r"layers\.1\..*(q_proj|down_proj)")
-    assert [m["name"] for m in rep["matrices"]] == ["model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    assert [m["name"] for m in rep["matrices"]] == [
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+    ]
     for m in rep["matrices"]:
         assert m["dtype"] == "BF16"
         cyc, _, _ = oracle_matrix(sd[m["name"]] != 0, chunk=m["kind"] == "down")
@@ -109,7 +148,9 @@ def test_simulate_matrix_inputs() -> None:
     for x in (w, w.astype(np.float16), w.astype(np.float64), (w != 0) | np.isnan(w)):
         assert besa_rs.simulate_matrix(x)["cycles"] == ref["cycles"]
     torch = pytest.importorskip("torch")
-    assert besa_rs.simulate_matrix(torch.from_numpy(w).to(torch.bfloat16))["cycles"] == ref["cycles"]
+    assert (
+        besa_rs.simulate_matrix(torch.from_numpy(w).to(torch.bfloat16))["cycles"] == ref["cycles"]
+    )
     assert besa_rs.simulate_matrix(w[:, ::2])["shape"] == [70, 45]  # non-contiguous: copied
     with pytest.raises(DtypeError):
         besa_rs.simulate_matrix(np.ones((4, 4), dtype=np.int32))
@@ -129,7 +170,9 @@ def test_full_mode() -> None:
     r = besa_rs.simulate_matrix(keep, "full", kind="up")
     f = r["full"]
     assert r["cycles"] == besa_rs.simulate_matrix(keep, kind="up")["cycles"]  # reference alongside
-    assert f["bandwidth_bound"] == pytest.approx(f["dense_bytes"] / (f["value_bytes"] + f["metadata_bytes"]))
+    assert f["bandwidth_bound"] == pytest.approx(
+        f["dense_bytes"] / (f["value_bytes"] + f["metadata_bytes"])
+    )
     assert f["bandwidth_bound"] == pytest.approx(1.78, abs=0.01)
     assert f["decode"]["bound"] == "memory" and f["decode"]["tokens"] == 1
     assert f["decode"]["speedup"] <= f["bandwidth_bound"] + 1e-9
@@ -141,7 +184,9 @@ def test_full_mode() -> None:
     two4 = np.zeros((64, 64), dtype=bool)
     two4[:, 0::4] = two4[:, 1::4] = True
     assert besa_rs.simulate_matrix(two4, "full", format="2:4")["full"]["format_ok"] is True
-    fast = besa_rs.simulate_matrix(keep, "full", kind="up", bandwidth_gbs=10000, prefill_tokens=64)["full"]
+    fast = besa_rs.simulate_matrix(keep, "full", kind="up", bandwidth_gbs=10000, prefill_tokens=64)[
+        "full"
+    ]
     assert fast["decode"]["data_cycles"] < f["decode"]["data_cycles"]
 
 
@@ -163,7 +208,10 @@ def test_bad_inputs(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FormatError):
         besa_rs.simulate(tmp_path / "empty")
-    save_file({"model.layers.0.mlp.up_proj.weight": np.ones((4, 4), dtype=np.int32)}, str(tmp_path / "i.safetensors"))
+    save_file(
+        {"model.layers.0.mlp.up_proj.weight": np.ones((4, 4), dtype=np.int32)},
+        str(tmp_path / "i.safetensors"),
+    )
     with pytest.raises(DtypeError, match="up_proj"):
         besa_rs.simulate(tmp_path / "i.safetensors")
 
@@ -173,15 +221,53 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     save_file(tiny_llama(rng), str(tmp_path / "model.safetensors"))
     out = tmp_path / "r.json"
     png = tmp_path / "r.png"
-    assert main(["simulate", str(tmp_path), "--quiet", "--json", str(out), "--plot", str(png), "--mode", "full"]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                str(tmp_path),
+                "--quiet",
+                "--json",
+                str(out),
+                "--plot",
+                str(png),
+                "--mode",
+                "full",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "speed-up" in text and "down" in text and "decode" in text
     rep = json.loads(out.read_text())
     assert rep["mode"] == "full" and len(rep["matrices"]) == 14
-    assert set(rep["summary"]["q"]) >= {"avg_cycles", "dense_cycles", "speedup", "decode_speedup", "prefill_speedup"}
+    assert set(rep["summary"]["q"]) >= {
+        "avg_cycles",
+        "dense_cycles",
+        "speedup",
+        "decode_speedup",
+        "prefill_speedup",
+    }
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert main(["simulate", str(tmp_path), "--quiet", "--pe-width", "32", "--pe-height", "32", "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["matrices"][0]["dense_cycles"] == dense_baseline(48, 48, pe_width=32, pe_height=32)
+    assert (
+        main(
+            [
+                "simulate",
+                str(tmp_path),
+                "--quiet",
+                "--pe-width",
+                "32",
+                "--pe-height",
+                "32",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert json.loads(out.read_text())["matrices"][0]["dense_cycles"] == dense_baseline(
+        48, 48, pe_width=32, pe_height=32
+    )
     assert main(["simulate", str(tmp_path / "nope"), "--quiet"]) == 2
     assert main(["simulate", str(tmp_path), "--quiet", "--bandwidth-gbs", "5"]) == 2
     err = capsys.readouterr().err

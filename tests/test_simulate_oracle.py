@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import math
 
+import besa_rs
 import numpy as np
 import pytest
 from scipy.sparse import coo_matrix
-
-import besa_rs
 
 TMP = 200
 
@@ -63,7 +62,9 @@ def oracle_calc(keep: np.ndarray, threshold: float, f32: bool) -> tuple[int, int
     return total_dense, len(u), mp, len(dense)
 
 
-def oracle_simulate(mp: np.ndarray, g: int, pe_w: int = 64, pe_h: int = 64) -> tuple[int, int, dict]:
+def oracle_simulate(
+    mp: np.ndarray, g: int, pe_w: int = 64, pe_h: int = 64
+) -> tuple[int, int, dict]:
     """``simulate`` + ``flops``: (cycles, flops, details)."""
     rows, cols = mp.shape
     sparser = coo_matrix(1 - mp[:, g:])
@@ -93,7 +94,9 @@ def oracle_simulate(mp: np.ndarray, g: int, pe_w: int = 64, pe_h: int = 64) -> t
     return max(dense_cycles, sparse_cycles), g * rows + ns, {"ns": ns, "wd": wd}
 
 
-def oracle_search(keep: np.ndarray, start: float = 0.5, f32: bool = True, pe_w: int = 64, pe_h: int = 64):
+def oracle_search(
+    keep: np.ndarray, start: float = 0.5, f32: bool = True, pe_w: int = 64, pe_h: int = 64
+):
     """``process_layer_loop``: (min cycles, its flops, trace of (ratio, G, D, E, Ns, cycles))."""
     ratio = start
     tries = 0
@@ -138,7 +141,9 @@ def oracle_matrix(keep: np.ndarray, chunk: bool = False, **kw):
 
 
 # ---------------------------------------------------------------- vectorised numpy port
-def numpy_port(keep: np.ndarray, start: float = 0.5, pe_w: int = 64, pe_h: int = 64) -> tuple[int, int]:
+def numpy_port(
+    keep: np.ndarray, start: float = 0.5, pe_w: int = 64, pe_h: int = 64
+) -> tuple[int, int]:
     """The same model vectorised with numpy (f32 comparisons): the relabel applied to a lookup
     table over the id space (equivalent: the substitutions are element-wise), ``Mp`` built by
     fancy indexing. The benchmark baseline."""
@@ -192,8 +197,12 @@ def rust(keep: np.ndarray, kind: str = "q", **kw) -> dict:
     return besa_rs.simulate_matrix(keep, kind=kind, **kw)
 
 
-def assert_same(keep: np.ndarray, chunk: bool = False, start: float = 0.5, f32: bool = True, pe=(64, 64)):
-    cyc, flops, traces = oracle_matrix(keep, chunk=chunk, start=start, f32=f32, pe_w=pe[0], pe_h=pe[1])
+def assert_same(
+    keep: np.ndarray, chunk: bool = False, start: float = 0.5, f32: bool = True, pe=(64, 64)
+):
+    cyc, flops, traces = oracle_matrix(
+        keep, chunk=chunk, start=start, f32=f32, pe_w=pe[0], pe_h=pe[1]
+    )
     r = rust(
         keep,
         kind="down" if chunk else "q",
@@ -202,7 +211,10 @@ def assert_same(keep: np.ndarray, chunk: bool = False, start: float = 0.5, f32: 
         pe_width=pe[0],
         pe_height=pe[1],
     )
-    got = [[(ev["ratio"], ev["g"], ev["d"], ev["e"], ev["ns"], ev["cycles"]) for ev in ch["evals"]] for ch in r["chunks"]]
+    got = [
+        [(ev["ratio"], ev["g"], ev["d"], ev["e"], ev["ns"], ev["cycles"]) for ev in ch["evals"]]
+        for ch in r["chunks"]
+    ]
     assert got == traces, f"shape {keep.shape}"
     assert (r["cycles"], r["flops"]) == (cyc, flops)
 
@@ -229,12 +241,29 @@ def test_random_masks_match_oracle(seed: int) -> None:
     for _ in range(4):
         rows = int(rng.integers(1, 330))
         cols = int(rng.integers(1, 330))
-        assert_same(random_mask(rng, rows, cols), start=float(rng.choice([0.5, rng.uniform(0.05, 0.95)])))
+        assert_same(
+            random_mask(rng, rows, cols), start=float(rng.choice([0.5, rng.uniform(0.05, 0.95)]))
+        )
 
 
 @pytest.mark.parametrize(
     "shape",
-    [(200, 200), (201, 201), (199, 230), (230, 199), (256, 256), (300, 220), (3, 260), (260, 3), (1, 300), (300, 1), (1, 1), (2, 5), (205, 7), (7, 205)],
+    [
+        (200, 200),
+        (201, 201),
+        (199, 230),
+        (230, 199),
+        (256, 256),
+        (300, 220),
+        (3, 260),
+        (260, 3),
+        (1, 300),
+        (300, 1),
+        (1, 1),
+        (2, 5),
+        (205, 7),
+        (7, 205),
+    ],
 )
 def test_collision_and_edge_shapes(shape: tuple[int, int]) -> None:
     rng = np.random.default_rng(sum(shape))
@@ -259,7 +288,9 @@ def test_down_chunks_match_oracle() -> None:
 def test_f64_mode_matches_oracle() -> None:
     rng = np.random.default_rng(11)
     for _ in range(6):
-        assert_same(random_mask(rng, int(rng.integers(1, 260)), int(rng.integers(1, 260))), f32=False)
+        assert_same(
+            random_mask(rng, int(rng.integers(1, 260)), int(rng.integers(1, 260))), f32=False
+        )
 
 
 def test_pe_array_parameters() -> None:
@@ -293,7 +324,10 @@ def test_torch_promotion() -> None:
     for _ in range(200):
         rows = int(rng.integers(1, 50)) * 5
         ratio = 0.5 + 0.1 * int(rng.integers(-4, 5))
-        ratio = float(np.float64(0.5) + sum([0.1 if ratio > 0.5 else -0.1] * int(round(abs(ratio - 0.5) / 0.1))))
+        ratio = float(
+            np.float64(0.5)
+            + sum([0.1 if ratio > 0.5 else -0.1] * int(round(abs(ratio - 0.5) / 0.1)))
+        )
         deg = torch.tensor(rng.integers(0, rows + 1, size=64), dtype=torch.int64)
         thr = ratio * rows
         want = deg > thr

@@ -59,7 +59,9 @@ def sim_params(
     if mode not in ("reference", "full"):
         raise ConfigError(f"mode must be 'reference' or 'full', not {mode!r}")
     if float_mode not in ("f32", "f64"):
-        raise ConfigError(f"float_mode must be 'f32' (the authors' torch code) or 'f64', not {float_mode!r}")
+        raise ConfigError(
+            f"float_mode must be 'f32' (the authors' torch code) or 'f64', not {float_mode!r}"
+        )
     unknown = set(full) - _FULL_KEYS
     if unknown:
         raise ConfigError(f"unknown simulator option(s): {', '.join(sorted(unknown))}")
@@ -125,13 +127,17 @@ def _as_array(x: Any, name: str) -> tuple[np.ndarray, str, str]:
         if t.dtype in (torch.bool, torch.float16, torch.float32, torch.float64):
             arr, elem, _ = _as_array(t.numpy(), name)
             return arr, elem, dt
-        raise DtypeError(f"{name}: dtype {dt} is not supported (expected bool, float16, bfloat16, float32 or float64)")
+        raise DtypeError(
+            f"{name}: dtype {dt} is not supported (expected bool, float16, bfloat16, float32 or float64)"
+        )
     a = np.asarray(x)
     if a.ndim != 2:
         raise ShapeError(f"{name}: expected a 2-D weight or mask, got shape {a.shape}")
     dt = str(a.dtype)
     if dt not in _ELEMS:
-        raise DtypeError(f"{name}: dtype {dt} is not supported (expected bool, float16, bfloat16, float32 or float64)")
+        raise DtypeError(
+            f"{name}: dtype {dt} is not supported (expected bool, float16, bfloat16, float32 or float64)"
+        )
     a = np.ascontiguousarray(a)
     view = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.itemsize]
     return (a if a.dtype == np.bool_ else a.view(view)), _ELEMS[dt], dt
@@ -157,7 +163,9 @@ def simulate_matrix(
     params = sim_params(mode, **options)
     arr, elem, dt = _as_array(mask_or_weight, name)
     if kind is None:
-        planned = json.loads(_native.plan_json(json.dumps([{"name": name, "shape": list(arr.shape), "dtype": dt}])))
+        planned = json.loads(
+            _native.plan_json(json.dumps([{"name": name, "shape": list(arr.shape), "dtype": dt}]))
+        )
         kind = planned["planned"][0]["kind"] if planned["planned"] else name
     return json.loads(_native.simulate_array_json(arr, elem, name, kind, dt, json.dumps(params)))
 
@@ -170,7 +178,9 @@ def _progress(total: int, enabled: bool, desc: str) -> Any:
     return tqdm(total=total, desc=desc, unit="matrix")
 
 
-def _select(planned: list[dict[str, Any]], tensors: list[dict[str, Any]], layers: str | None) -> list[str]:
+def _select(
+    planned: list[dict[str, Any]], tensors: list[dict[str, Any]], layers: str | None
+) -> list[str]:
     if layers is None:
         return [p["name"] for p in planned]
     try:
@@ -227,7 +237,10 @@ def simulate(
     else:
         tensors = _state_dict(model)
         path = type(model).__name__
-        metas = [{"name": k, "shape": list(v.shape), "dtype": str(getattr(v, "dtype", "?"))} for k, v in tensors.items()]
+        metas = [
+            {"name": k, "shape": list(v.shape), "dtype": str(getattr(v, "dtype", "?"))}
+            for k, v in tensors.items()
+        ]
         info = json.loads(_native.plan_json(json.dumps(metas)))
         names = _select(info["planned"], metas, layers)
         skipped = info["skipped"]
@@ -238,9 +251,14 @@ def simulate(
         try:
             for n in names:
                 arr, elem, dt = _as_array(tensors[n], n)
-                kind = kinds.get(n) or json.loads(
-                    _native.plan_json(json.dumps([{"name": n, "shape": list(arr.shape), "dtype": dt}]))
-                )["planned"][0]["kind"]
+                kind = (
+                    kinds.get(n)
+                    or json.loads(
+                        _native.plan_json(
+                            json.dumps([{"name": n, "shape": list(arr.shape), "dtype": dt}])
+                        )
+                    )["planned"][0]["kind"]
+                )
                 m = json.loads(_native.simulate_array_json(arr, elem, n, kind, dt, pjson))
                 if on_matrix is not None:
                     on_matrix(m)
@@ -250,7 +268,9 @@ def simulate(
         finally:
             if bar is not None:
                 bar.close()
-    matrices.sort(key=lambda m: (m["layer"] is None, m["layer"] or 0, _type_key(m["kind"]), m["name"]))
+    matrices.sort(
+        key=lambda m: (m["layer"] is None, m["layer"] or 0, _type_key(m["kind"]), m["name"])
+    )
     agg = json.loads(_native.summarize_json(json.dumps(matrices)))
     return {
         "mode": mode,
@@ -288,7 +308,9 @@ def _ordered(summary: Mapping[str, Any]) -> dict[str, Any]:
     return {k: summary[k] for k in sorted(summary, key=_type_key)}
 
 
-def dense_baseline(rows: int, cols: int, kind: str = "", *, pe_width: int = 64, pe_height: int = 64) -> int:
+def dense_baseline(
+    rows: int, cols: int, kind: str = "", *, pe_width: int = 64, pe_height: int = 64
+) -> int:
     """Dense-baseline cycles of the reference model for a ``rows x cols`` weight of projection
     type ``kind``: ``ceil(C^2 / (W*H))`` per matrix, summed over ``rows``-wide column chunks for
     ``down`` (e.g. LLaMA-7B: 4096 for q/k/v/o/gate/up, 10128 for down)."""
@@ -317,7 +339,11 @@ def format_report(report: Mapping[str, Any], per_matrix: bool | None = None) -> 
             ]
             if full:
                 f = m["full"]
-                row += [f"{f['decode']['speedup']:.3f}x", f"{f['prefill']['speedup']:.3f}x", f"{f['bandwidth_bound']:.3f}x"]
+                row += [
+                    f"{f['decode']['speedup']:.3f}x",
+                    f"{f['prefill']['speedup']:.3f}x",
+                    f"{f['bandwidth_bound']:.3f}x",
+                ]
             rows.append(row)
         head = ["matrix", "shape", "sparsity", "cycles", "dense", "speed-up", "G", "ratio"]
         if full:
@@ -336,9 +362,22 @@ def format_report(report: Mapping[str, Any], per_matrix: bool | None = None) -> 
             f"{s['avg_dense_columns']:.1f}",
         ]
         if full:
-            row += [f"{s['decode_speedup']:.3f}x", f"{s['prefill_speedup']:.3f}x", f"{s['bandwidth_bound']:.3f}x"]
+            row += [
+                f"{s['decode_speedup']:.3f}x",
+                f"{s['prefill_speedup']:.3f}x",
+                f"{s['bandwidth_bound']:.3f}x",
+            ]
         rows.append(row)
-    head = ["type", "matrices", "sparsity", "avg cycles", "dense cycles", "speed-up", "avg FLOPs", "avg G"]
+    head = [
+        "type",
+        "matrices",
+        "sparsity",
+        "avg cycles",
+        "dense cycles",
+        "speed-up",
+        "avg FLOPs",
+        "avg G",
+    ]
     if full:
         head += ["decode", "prefill", "bw bound"]
     parts.append(format_table(head, rows))
@@ -354,7 +393,9 @@ def format_report(report: Mapping[str, Any], per_matrix: bool | None = None) -> 
         )
     parts.append(line)
     if report.get("skipped"):
-        parts.append(f"skipped {len(report['skipped'])} tensor(s) (not 2-D or not a block weight; see JSON)")
+        parts.append(
+            f"skipped {len(report['skipped'])} tensor(s) (not 2-D or not a block weight; see JSON)"
+        )
     return "\n\n".join(parts)
 
 
@@ -395,4 +436,3 @@ def plot_report(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-

@@ -17,14 +17,34 @@ def register(sub: argparse._SubParsersAction) -> None:
         "adds a corrected model (DRAM traffic, format metadata, decode and prefill). See docs/simulator.md.",
     )
     p.add_argument("model", help="Hugging Face model directory or safetensors file")
-    p.add_argument("--mode", choices=("reference", "full"), default="reference", help="cycle model (default: reference)")
-    p.add_argument("--plot", metavar="PNG", help="write a PNG of per-layer speed-ups per projection type")
-    p.add_argument("--layers", metavar="PATTERN", help="regular expression: simulate only 2-D tensors whose name matches")
-    p.add_argument("--per-matrix", action="store_true", help="print the per-matrix table (default: only for small models)")
+    p.add_argument(
+        "--mode",
+        choices=("reference", "full"),
+        default="reference",
+        help="cycle model (default: reference)",
+    )
+    p.add_argument(
+        "--plot", metavar="PNG", help="write a PNG of per-layer speed-ups per projection type"
+    )
+    p.add_argument(
+        "--layers",
+        metavar="PATTERN",
+        help="regular expression: simulate only 2-D tensors whose name matches",
+    )
+    p.add_argument(
+        "--per-matrix",
+        action="store_true",
+        help="print the per-matrix table (default: only for small models)",
+    )
     g = p.add_argument_group("PE array and reference model")
     g.add_argument("--pe-width", type=int, default=64, help="PE array width (default 64)")
     g.add_argument("--pe-height", type=int, default=64, help="PE array height (default 64)")
-    g.add_argument("--start-ratio", type=float, default=0.5, help="first threshold ratio of the search (default 0.5)")
+    g.add_argument(
+        "--start-ratio",
+        type=float,
+        default=0.5,
+        help="first threshold ratio of the search (default 0.5)",
+    )
     g.add_argument(
         "--ref-float",
         choices=("f32", "f64"),
@@ -37,8 +57,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--value-bits", type=int, help="bits per weight value (default 16)")
     f.add_argument("--act-bits", type=int, help="bits per activation (default 16)")
     f.add_argument("--index-bits", type=int, help="bits per CSR column index (default 32)")
-    f.add_argument("--format", choices=("bitmask", "csr", "2:4"), help="weight storage format (default bitmask)")
-    f.add_argument("--prefill-tokens", type=int, help="tokens of the prefill step (default 2048); decode is 1")
+    f.add_argument(
+        "--format",
+        choices=("bitmask", "csr", "2:4"),
+        help="weight storage format (default bitmask)",
+    )
+    f.add_argument(
+        "--prefill-tokens", type=int, help="tokens of the prefill step (default 2048); decode is 1"
+    )
     f.add_argument("--weight-buffer-kb", type=float, help="on-chip weight buffer (default 106)")
     f.add_argument("--index-buffer-kb", type=float, help="on-chip index buffer (default 20)")
     f.add_argument("--input-buffer-kb", type=float, help="on-chip input buffer (default 53)")

@@ -57,7 +57,12 @@ impl SimSource {
     }
 
     /// Simulates the named 2-D tensors (in parallel); a JSON list of matrix reports.
-    fn simulate_json(&self, py: Python<'_>, names: Vec<String>, params_json: &str) -> PyResult<String> {
+    fn simulate_json(
+        &self,
+        py: Python<'_>,
+        names: Vec<String>,
+        params_json: &str,
+    ) -> PyResult<String> {
         let src = self.inner.as_ref();
         run(py, move || {
             let p = params(params_json)?;
@@ -74,7 +79,9 @@ fn array_bytes<'py>(arr: &Bound<'py, PyAny>) -> PyResult<(Vec<usize>, ArrayBytes
                 if !a.is_c_contiguous() {
                     return Err(to_py(
                         arr.py(),
-                        Error::shape("the array must be C-contiguous (use numpy.ascontiguousarray)"),
+                        Error::shape(
+                            "the array must be C-contiguous (use numpy.ascontiguousarray)",
+                        ),
                     ));
                 }
                 return Ok((a.shape().to_vec(), ArrayBytes::$variant(a)));
@@ -161,7 +168,9 @@ fn plan_json(py: Python<'_>, tensors_json: &str) -> PyResult<String> {
         let ts: Vec<TensorMeta> = serde_json::from_str(tensors_json)
             .map_err(|e| Error::format(format!("tensor list: {e}")))?;
         let (planned, skipped) = plan(&ts);
-        Ok(to_json!(&serde_json::json!({"planned": planned, "skipped": skipped})))
+        Ok(to_json!(
+            &serde_json::json!({"planned": planned, "skipped": skipped})
+        ))
     })
 }
 
@@ -172,15 +181,19 @@ fn summarize_json(py: Python<'_>, matrices_json: &str) -> PyResult<String> {
         let ms: Vec<MatrixReport> = serde_json::from_str(matrices_json)
             .map_err(|e| Error::format(format!("matrix reports: {e}")))?;
         let (summary, totals) = summarize(&ms);
-        Ok(to_json!(&serde_json::json!({"summary": summary, "totals": totals})))
+        Ok(to_json!(
+            &serde_json::json!({"summary": summary, "totals": totals})
+        ))
     })
 }
 
 /// The default simulator parameters as JSON.
 #[pyfunction]
 fn default_params_json() -> String {
-    let mut p = SimParams::default();
-    p.full = Some(Default::default());
+    let p = SimParams {
+        full: Some(Default::default()),
+        ..Default::default()
+    };
     to_json!(&p)
 }
 
@@ -188,9 +201,17 @@ fn default_params_json() -> String {
 /// chunks of width `rows` when `chunk` and `cols > rows`.
 #[pyfunction]
 #[pyo3(signature = (rows, cols, chunk=false, pe_width=64, pe_height=64))]
-fn dense_baseline_cycles(rows: usize, cols: usize, chunk: bool, pe_width: u64, pe_height: u64) -> PyResult<u64> {
+fn dense_baseline_cycles(
+    rows: usize,
+    cols: usize,
+    chunk: bool,
+    pe_width: u64,
+    pe_height: u64,
+) -> PyResult<u64> {
     if pe_width == 0 || pe_height == 0 {
-        return Err(PyErr::new::<pyo3::exceptions::PyValueError, _>("the PE array must be at least 1 x 1"));
+        return Err(PyErr::new::<pyo3::exceptions::PyValueError, _>(
+            "the PE array must be at least 1 x 1",
+        ));
     }
     let p = RefParams {
         pe_width,

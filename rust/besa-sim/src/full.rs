@@ -196,7 +196,13 @@ fn traffic(rows: u64, cols: u64, weight_bytes: u64, t: u64, p: &FullParams) -> u
 }
 
 /// Best compute cycles for `t` tokens: over the dense-column prefix `g` and PE split `wd`.
-fn best_compute(rows: u64, sorted_deg: &[u32], kept: u64, t: u64, p: &FullParams) -> (u64, u64, u64) {
+fn best_compute(
+    rows: u64,
+    sorted_deg: &[u32],
+    kept: u64,
+    t: u64,
+    p: &FullParams,
+) -> (u64, u64, u64) {
     let (w, h) = (p.pe_width, p.pe_height);
     let mut best = (u64::MAX, 0, 0);
     let mut d = 0u64;
@@ -324,11 +330,17 @@ mod tests {
     #[test]
     fn compute_charges_rows_times_dense_columns() {
         // All 16 columns dense, 8 rows, 1 token, 4x4 PEs: 128 MACs over 16 PEs = 8 cycles.
-        let (c, _, _) = best_compute(8, &[8; 16], 128, 1, &FullParams {
-            pe_width: 4,
-            pe_height: 4,
-            ..FullParams::default()
-        });
+        let (c, _, _) = best_compute(
+            8,
+            &[8; 16],
+            128,
+            1,
+            &FullParams {
+                pe_width: 4,
+                pe_height: 4,
+                ..FullParams::default()
+            },
+        );
         assert_eq!(c, 8);
     }
 }

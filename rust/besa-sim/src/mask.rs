@@ -77,8 +77,7 @@ impl Elem {
             Elem::Half => u16::from_le_bytes([b[0], b[1]]) & 0x7fff != 0,
             Elem::F32 => u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff != 0,
             Elem::F64 => {
-                u64::from_le_bytes(b[..8].try_into().expect("8 bytes")) & 0x7fff_ffff_ffff_ffff
-                    != 0
+                u64::from_le_bytes(b[..8].try_into().expect("8 bytes")) & 0x7fff_ffff_ffff_ffff != 0
             }
         }
     }
@@ -98,7 +97,12 @@ pub struct MaskView<'a> {
 
 impl<'a> MaskView<'a> {
     /// A full C-contiguous matrix over `data`; the byte length must match the shape.
-    pub fn new(data: impl Into<Cow<'a, [u8]>>, elem: Elem, rows: usize, cols: usize) -> Result<Self> {
+    pub fn new(
+        data: impl Into<Cow<'a, [u8]>>,
+        elem: Elem,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self> {
         let data = data.into();
         let need = rows
             .checked_mul(cols)
@@ -212,9 +216,8 @@ impl<'a> MaskView<'a> {
         (0..self.rows).into_par_iter().all(|i| {
             let row = self.row_bytes(i);
             let s = self.elem.size();
-            row.chunks(m * s).all(|g| {
-                g.chunks_exact(s).filter(|b| self.elem.kept_at(b)).count() <= n
-            })
+            row.chunks(m * s)
+                .all(|g| g.chunks_exact(s).filter(|b| self.elem.kept_at(b)).count() <= n)
         })
     }
 }

@@ -29,6 +29,9 @@ pub trait MatrixSource: Send + Sync {
     fn tensors(&self) -> Vec<TensorMeta>;
     /// The keep-mask of a 2-D tensor (a view of the stored bytes, or a decoded buffer).
     fn mask(&self, name: &str) -> Result<MaskView<'_>>;
+    /// Called when a matrix is done: a memory-mapped source drops its pages from the process
+    /// (they stay in the page cache) so resident memory stays bounded by the matrices in flight.
+    fn release(&self, _name: &str) {}
 }
 
 /// Opens a model for simulation: the single place that decides how a path is read.
@@ -72,14 +75,38 @@ impl MatrixSource for SafetensorsSource {
             )));
         }
         let elem = Elem::from_dtype(t.entry.dtype, &what)?;
-        MaskView::new(
-            self.model.data(t),
-            elem,
-            t.entry.shape[0],
-            t.entry.shape[1],
-        )
-        .map_err(|e| e.context(&what))
+        MaskView::new(self.model.data(t), elem, t.entry.shape[0], t.entry.shape[1])
+            .map_err(|e| e.context(&what))
     }
+    fn release(&self, name: &str) {
+        if let Some(t) = self.model.find(name) {
+            release_pages(self.model.data(t));
+        }
+    }
+}
+
+/// Drops the pages of a memory-mapped, read-only file range from this process's page tables.
+/// Harmless for such a map (a later read faults the same bytes back in from the page cache);
+/// it only keeps the resident set from growing to the size of the model.
+fn release_pages(bytes: &[u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let page = if page > 0 { page as usize } else { 4096 };
+        let start = bytes.as_ptr() as usize;
+        let first = start.div_ceil(page) * page;
+        let end = (start + bytes.len()) / page * page;
+        if end > first {
+            // SAFETY: [first, end) lies inside the mapping (whole pages of `bytes`); the map is
+            // a read-only file map, so MADV_DONTNEED cannot change the bytes any borrower sees.
+            unsafe {
+                libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = bytes;
 }
 
 /// The projection type of a tensor name (`q`, `k`, `v`, `o`, `gate`, `up`, `down`, `qkv`,
@@ -156,7 +183,10 @@ pub fn plan(tensors: &[TensorMeta]) -> (Vec<Planned>, Vec<Skipped>) {
         if t.shape.len() != 2 {
             skipped.push(Skipped {
                 name: t.name.clone(),
-                reason: format!("{}-D tensor (only 2-D weights are simulated)", t.shape.len()),
+                reason: format!(
+                    "{}-D tensor (only 2-D weights are simulated)",
+                    t.shape.len()
+                ),
             });
         } else if any_block && !in_block(t) {
             skipped.push(Skipped {
@@ -288,7 +318,10 @@ pub fn simulate_names(
         .map(|name| {
             let view = source.mask(name)?;
             let dtype = metas.get(name).map(|m| m.dtype.as_str()).unwrap_or("?");
-            Ok(simulate_view(&view, name, &projection_type(name), dtype, p))
+            let report = simulate_view(&view, name, &projection_type(name), dtype, p);
+            drop(view);
+            source.release(name);
+            Ok(report)
         })
         .collect()
 }
@@ -455,7 +488,12 @@ pub fn simulate_path(path: &Path, p: &SimParams) -> Result<Report> {
     let matrices = simulate_names(source.as_ref(), &names, p)?;
     let (summary, totals) = summarize(&matrices);
     Ok(Report {
-        mode: if p.full.is_some() { "full" } else { "reference" }.to_string(),
+        mode: if p.full.is_some() {
+            "full"
+        } else {
+            "reference"
+        }
+        .to_string(),
         path: source.describe(),
         params: p.clone(),
         matrices,
@@ -481,8 +519,14 @@ mod tests {
             ("transformer.h.2.mlp.c_proj.weight", "down"),
             ("gpt_neox.layers.1.attention.query_key_value.weight", "qkv"),
             ("gpt_neox.layers.1.attention.dense.weight", "o"),
-            ("model.layers.1.block_sparse_moe.experts.3.w2.weight", "down"),
-            ("model.layers.1.block_sparse_moe.gate.weight", "block_sparse_moe.gate"),
+            (
+                "model.layers.1.block_sparse_moe.experts.3.w2.weight",
+                "down",
+            ),
+            (
+                "model.layers.1.block_sparse_moe.gate.weight",
+                "block_sparse_moe.gate",
+            ),
         ] {
             assert_eq!(projection_type(name), t, "{name}");
         }
