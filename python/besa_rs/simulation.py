@@ -405,6 +405,7 @@ def plot_report(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from ._io import atomic_path
 
@@ -427,6 +428,7 @@ def plot_report(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None
         ax = axes[0][k]
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("speed-up vs dense")
         ax.set_title(titles[k])
         ax.grid(alpha=0.3)
