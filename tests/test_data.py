@@ -47,7 +47,9 @@ def test_wikitext2_protocol_from_local_files():
     rows = data.dataset_rows("wikitext2", "test", DATASETS)
     raw = (DATASETS / "wikitext-2-raw" / "wiki.test.raw").read_text()
     assert "".join(rows) == raw  # rows are the raw file's lines, as datasets gives them
-    assert data.load_text("wikitext2", data_dir=DATASETS) == "\n\n".join(raw.splitlines(keepends=True))
+    assert data.load_text("wikitext2", data_dir=DATASETS) == "\n\n".join(
+        raw.splitlines(keepends=True)
+    )
 
 
 def test_ptb_protocol_from_local_files():

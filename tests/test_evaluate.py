@@ -27,12 +27,16 @@ def _hand_ppl(model, ids: torch.Tensor, seqlen: int, windows: int) -> float:
 
 def test_perplexity_matches_hand_computation(tiny_llama, tiny_tokenizer, tiny_text):
     ids = besa_rs.data.tokenize(tiny_tokenizer, tiny_text)
-    res = besa_rs.evaluate_perplexity(tiny_llama, tiny_tokenizer, tiny_text, seqlen=32, progress=False)
+    res = besa_rs.evaluate_perplexity(
+        tiny_llama, tiny_tokenizer, tiny_text, seqlen=32, progress=False
+    )
     windows = ids.numel() // 32
     assert res["windows"] == windows and res["tokens"] == windows * 32 and res["seqlen"] == 32
     assert res["perplexity"] == pytest.approx(_hand_ppl(tiny_llama, ids, 32, windows), rel=1e-5)
     # max_windows and pre-tokenized input; batching gives the same number
-    r2 = besa_rs.evaluate_perplexity(tiny_llama, None, ids, seqlen=32, max_windows=2, batch_size=2, progress=False)
+    r2 = besa_rs.evaluate_perplexity(
+        tiny_llama, None, ids, seqlen=32, max_windows=2, batch_size=2, progress=False
+    )
     assert r2["windows"] == 2
     assert r2["perplexity"] == pytest.approx(_hand_ppl(tiny_llama, ids, 32, 2), rel=1e-5)
 
@@ -50,14 +54,28 @@ def test_nan_model_is_a_numerical_error(tiny_llama, tiny_tokenizer, tiny_text):
     with torch.no_grad():
         tiny_llama.model.norm.weight.fill_(float("nan"))
     with pytest.raises(besa_rs.NumericalError):
-        besa_rs.evaluate_perplexity(tiny_llama, tiny_tokenizer, tiny_text, seqlen=32, progress=False)
+        besa_rs.evaluate_perplexity(
+            tiny_llama, tiny_tokenizer, tiny_text, seqlen=32, progress=False
+        )
 
 
 def test_cli_eval_on_model_directory(tiny_llama_dir, tiny_text, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text(tiny_text)
     out = tmp_path / "e.json"
-    rc = cli(["eval", str(tiny_llama_dir), "--text", str(text), "--seqlen", "32", "--quiet", "--json", str(out)])
+    rc = cli(
+        [
+            "eval",
+            str(tiny_llama_dir),
+            "--text",
+            str(text),
+            "--seqlen",
+            "32",
+            "--quiet",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     assert set(res) >= {"perplexity", "tokens", "seqlen", "windows"} and res["seqlen"] == 32
@@ -79,6 +97,8 @@ def test_default_model_perplexity_on_sotu_test():
     2048 tokens; here 2 windows of 512 tokens keep the test short."""
     model = besa_rs.load_model("smollm2-135m")
     tok = besa_rs.load_tokenizer("smollm2-135m")
-    res = besa_rs.evaluate_perplexity(model, tok, besa_rs.sotu_split()[1], seqlen=512, max_windows=2, progress=False)
+    res = besa_rs.evaluate_perplexity(
+        model, tok, besa_rs.sotu_split()[1], seqlen=512, max_windows=2, progress=False
+    )
     assert res["tokens"] == 1024
     assert 10 < res["perplexity"] < 60

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -13,8 +14,6 @@ from safetensors.torch import save_file
 import besa_rs
 from besa_rs.cli import main as cli
 from conftest import FIXTURES
-
-import sys
 
 sys.path.insert(0, str(FIXTURES))
 import make_corrupt  # noqa: E402
@@ -27,7 +26,13 @@ def test_spec_byte_exact_vector_is_read(tmp_path):
     f.write_bytes(b"\x40" + b"\0" * 7 + header + struct.pack("<6f", *range(6)))
     rep = besa_rs.inspect(f)
     (t,) = rep["tensors"]
-    assert (t["name"], t["dtype"], t["shape"], t["numel"], t["nbytes"]) == ("attn.0", "F32", [1, 2, 3], 6, 24)
+    assert (t["name"], t["dtype"], t["shape"], t["numel"], t["nbytes"]) == (
+        "attn.0",
+        "F32",
+        [1, 2, 3],
+        6,
+        24,
+    )
     assert t["zeros"] == 1 and t["sparsity"] == pytest.approx(1 / 6)
     assert rep["totals"]["file_bytes"] == 8 + 64 + 24
 
@@ -39,7 +44,10 @@ def test_zero_fraction_per_dtype(tmp_path, dtype):
     w[torch.rand(33, 70, generator=g) < 0.37] = 0
     w[0, :5] = -0.0  # negative zeros count as zeros
     f = tmp_path / "m.safetensors"
-    save_file({"model.layers.0.mlp.up_proj.weight": w, "model.norm.weight": torch.ones(70, dtype=dtype)}, f)
+    save_file(
+        {"model.layers.0.mlp.up_proj.weight": w, "model.norm.weight": torch.ones(70, dtype=dtype)},
+        f,
+    )
     rep = besa_rs.inspect(f)
     by = {t["name"]: t for t in rep["tensors"]}
     t = by["model.layers.0.mlp.up_proj.weight"]
@@ -68,8 +76,10 @@ def test_model_directory_single_and_sharded(tmp_path, tiny_llama):
     assert len(r2["files"]) > 1
     names1 = sorted(t["name"] for t in r1["tensors"])
     assert names1 == sorted(t["name"] for t in r2["tensors"])
-    assert r1["totals"]["numel"] == r2["totals"]["numel"] == sum(
-        p.numel() for n, p in tiny_llama.state_dict().items() if n != "lm_head.weight"
+    assert (
+        r1["totals"]["numel"]
+        == r2["totals"]["numel"]
+        == sum(p.numel() for n, p in tiny_llama.state_dict().items() if n != "lm_head.weight")
     )
 
 
