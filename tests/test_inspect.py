@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import struct
-import sys
 
 import numpy as np
 import pytest
@@ -15,8 +15,15 @@ import besa_rs
 from besa_rs.cli import main as cli
 from conftest import FIXTURES
 
-sys.path.insert(0, str(FIXTURES))
-import make_corrupt  # noqa: E402
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location("make_corrupt", FIXTURES / "make_corrupt.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+make_corrupt = _load_generator()
 
 
 def test_spec_byte_exact_vector_is_read(tmp_path):

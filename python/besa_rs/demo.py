@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer(path)
     model = load_model(path)
     t0 = time.perf_counter()
-    res = evaluate_perplexity(model, tok, test_text, seqlen=args.seqlen, max_windows=args.eval_windows)
+    res = evaluate_perplexity(
+        model, tok, test_text, seqlen=args.seqlen, max_windows=args.eval_windows
+    )
     res["seconds"] = time.perf_counter() - t0
     summary["dense"] = res
     print(
