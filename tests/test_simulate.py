@@ -274,6 +274,17 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "only with --mode full" in err
 
 
+def test_hf_directory_dense_model(tiny_llama_dir: Path) -> None:
+    """A real save_pretrained directory (tied embeddings, GQA k/v wider than tall): no zeros,
+    so no speed-up; k/v are not chunked, down is."""
+    rep = besa_rs.simulate(tiny_llama_dir)
+    kinds = {m["kind"] for m in rep["matrices"]}
+    assert kinds == {"q", "k", "v", "o", "gate", "up", "down"}
+    for m in rep["matrices"]:
+        assert m["speedup"] == pytest.approx(1.0)
+        assert len(m["chunks"]) == (2 if m["kind"] == "down" else 1)
+
+
 @pytest.mark.slow
 def test_real_model_if_available() -> None:
     """The default real model (spec/data.md), when the lead's resolver finds it locally."""
@@ -282,6 +293,7 @@ def test_real_model_if_available() -> None:
         path = models.resolve_model("smollm2-135m")
     except Exception as e:  # not downloaded / no network
         pytest.skip(f"real model not available: {e}")
-    rep = besa_rs.simulate(path)
+    rep = besa_rs.simulate(path, "full")
     assert len(rep["matrices"]) > 0
     assert all(0.0 < m["speedup"] <= 1.01 for m in rep["matrices"])  # dense model: no gain
+    assert all(m["full"]["decode"]["speedup"] <= 1.01 for m in rep["matrices"])

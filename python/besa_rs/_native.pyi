@@ -4,18 +4,26 @@ Each section belongs to one binding module of ``rust/besa-py/src``.
 """
 
 import os
+from typing import final
 
 __version__: str
 # Keep in sync with the functions below (stubtest checks it).
 __all__ = [
     "__version__",
     "inspect_json",
+    "SimSource",
+    "default_params_json",
+    "dense_baseline_cycles",
+    "plan_json",
+    "simulate_array_json",
+    "summarize_json",
 ]
 
 # --- inspect.rs ---
 def inspect_json(path: str | os.PathLike[str]) -> str: ...
 
 # --- sim.rs ---
+@final
 class SimSource:
     """A model opened for simulation (safetensors file or directory, memory-mapped)."""
 
