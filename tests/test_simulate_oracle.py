@@ -363,3 +363,25 @@ def test_worked_figure_4096() -> None:
     assert 3000 <= r["cycles"] <= 3100
     assert r["dense_cycles"] == 4096
     assert (r["cycles"], r["flops"]) == numpy_port(keep)
+
+
+@pytest.mark.parametrize(
+    "rows,cols,dense",
+    [
+        (230, 260, [0, 200]),  # step 0 merges ids 0 and 200
+        (230, 260, [200]),  # h[0] = 200
+        (210, 260, list(range(0, 250))),  # h[i] = i, 200 among them, G > 200
+        (210, 260, list(range(3, 250, 1))),  # G > 200, shifted
+        (150, 260, [5, 100, 200, 201, 259]),  # R < 200 < C: row labels out of range
+        (260, 150, [0, 1, 149]),  # C < 200 < R: id 200 is only a row
+        (260, 210, list(range(0, 210, 2))),
+    ],
+)
+def test_chosen_dense_columns(rows: int, cols: int, dense: list[int]) -> None:
+    """Dense columns placed on the ids that trigger the relabel quirk."""
+    rng = np.random.default_rng(rows * cols)
+    keep = rng.random((rows, cols)) < 0.1
+    keep[:, dense] = rng.random((rows, len(dense))) < 0.95
+    assert_same(keep)
+    if len(dense) < 10:
+        assert_same(keep, f32=False)
