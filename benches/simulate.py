@@ -25,8 +25,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import besa_rs  # noqa: E402
 from test_simulate_oracle import numpy_port  # noqa: E402
+
+import besa_rs  # noqa: E402
 
 HIDDEN, INTER, LAYERS = 4096, 11008, 32
 SHAPES = {

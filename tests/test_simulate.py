@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import besa_rs
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
+from test_simulate_oracle import oracle_matrix
+
+import besa_rs
 from besa_rs.cli import main
 from besa_rs.errors import ConfigError, DtypeError, FormatError, MissingFileError, ShapeError
 from besa_rs.simulation import dense_baseline
-from safetensors.numpy import save_file
-from test_simulate_oracle import oracle_matrix
 
 TYPES = {
     "q": "self_attn.q_proj",
