@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from test_simulate_oracle import numpy_port  # noqa: E402
 
 import besa_rs  # noqa: E402
+from besa_rs.simulation import format_report  # noqa: E402
 
 HIDDEN, INTER, LAYERS = 4096, 11008, 32
 SHAPES = {
@@ -145,7 +146,7 @@ def bench_model(root: Path) -> None:
         f"(+{(peak_anon[0] - base_anon) / 1024:.0f} MB); peak RSS during the run, mapped file pages included: "
         f"{status_kb('VmHWM') / 1024:.0f} MB"
     )
-    print(besa_rs.simulation.format_report(rep, per_matrix=False))
+    print(format_report(rep, per_matrix=False))
 
 
 def main() -> None:
