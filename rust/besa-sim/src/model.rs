@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::full::{ratio, simulate_full, FullParams, FullResult};
 use crate::mask::{Elem, MaskView};
-use crate::reference::{simulate_matrix, ChunkResult, RefParams};
+use crate::reference::{simulate_matrix_with_degrees, ChunkResult, RefParams};
 
 /// A tensor as listed by a source.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -260,16 +260,13 @@ pub fn simulate_view(
     p: &SimParams,
 ) -> MatrixReport {
     let chunk = p.chunk_kinds.iter().any(|k| k == kind);
-    let chunks = simulate_matrix(view, chunk, &p.reference);
+    let deg = view.column_degrees();
+    let chunks = simulate_matrix_with_degrees(view, &deg, chunk, &p.reference);
     let kept: u64 = chunks.iter().map(|c| c.best.e).sum();
     let numel = (view.rows() * view.cols()) as u64;
     let cycles: u64 = chunks.iter().map(|c| c.cycles).sum();
     let dense_cycles: u64 = chunks.iter().map(|c| c.dense_cycles).sum();
-    let full = p.full.as_ref().map(|fp| {
-        // Degrees again (cheap next to nothing else here; keeps the reference path simple).
-        let deg = view.column_degrees();
-        simulate_full(view, &deg, fp)
-    });
+    let full = p.full.as_ref().map(|fp| simulate_full(view, &deg, fp));
     MatrixReport {
         name: name.to_string(),
         kind: kind.to_string(),

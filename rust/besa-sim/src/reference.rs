@@ -119,7 +119,17 @@ pub fn chunks(rows: usize, cols: usize, chunk: bool) -> Vec<[usize; 2]> {
 
 /// The reference cycles of a whole matrix (summing its chunks when `chunk`).
 pub fn simulate_matrix(view: &MaskView<'_>, chunk: bool, p: &RefParams) -> Vec<ChunkResult> {
-    let deg = view.column_degrees();
+    simulate_matrix_with_degrees(view, &view.column_degrees(), chunk, p)
+}
+
+/// [`simulate_matrix`] given the column degrees of the whole view.
+pub fn simulate_matrix_with_degrees(
+    view: &MaskView<'_>,
+    deg: &[u32],
+    chunk: bool,
+    p: &RefParams,
+) -> Vec<ChunkResult> {
+    assert_eq!(deg.len(), view.cols(), "one degree per column");
     chunks(view.rows(), view.cols(), chunk)
         .into_iter()
         .map(|[b, e]| {
