@@ -275,10 +275,14 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "only with --mode full" in err
 
 
-def test_hf_directory_dense_model(tiny_llama_dir: Path) -> None:
+def test_hf_directory_dense_model(tiny_llama_dir: Path, tiny_llama) -> None:
     """A real save_pretrained directory (tied embeddings, GQA k/v wider than tall): no zeros,
-    so no speed-up; k/v are not chunked, down is."""
+    so no speed-up; k/v are not chunked, down is. The nn.Module gives the same report."""
     rep = besa_rs.simulate(tiny_llama_dir)
+    from_module = besa_rs.simulate(tiny_llama)
+    assert [(m["name"], m["cycles"]) for m in from_module["matrices"]] == [
+        (m["name"], m["cycles"]) for m in rep["matrices"]
+    ]
     kinds = {m["kind"] for m in rep["matrices"]}
     assert kinds == {"q", "k", "v", "o", "gate", "up", "down"}
     for m in rep["matrices"]:
