@@ -79,5 +79,7 @@ __all__ = [
     "load_text",
     "load_tokenizer",
     "resolve_model",
+    "simulate",
+    "simulate_matrix",
     "sotu_split",
 ]
