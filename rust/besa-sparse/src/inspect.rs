@@ -100,7 +100,13 @@ pub fn inspect_model(model: &Model) -> InspectReport {
                 numel,
                 nbytes: t.entry.nbytes() as u64,
                 zeros,
-                sparsity: zeros.map(|z| if numel == 0 { 0.0 } else { z as f64 / numel as f64 }),
+                sparsity: zeros.map(|z| {
+                    if numel == 0 {
+                        0.0
+                    } else {
+                        z as f64 / numel as f64
+                    }
+                }),
                 file: model.files()[t.file]
                     .path()
                     .file_name()
