@@ -34,6 +34,10 @@ _LAZY: dict[str, str] = {
     "resolve_model": "models",
     "load_text": "data",
     "sotu_split": "data",
+    "pack": "packing",
+    "unpack": "packing",
+    "load_packed": "packing",
+    "from_packed": "packing",
 }
 
 if TYPE_CHECKING:
@@ -41,6 +45,7 @@ if TYPE_CHECKING:
     from .evaluate import evaluate_perplexity
     from .inspection import inspect
     from .models import load_model, load_tokenizer, resolve_model
+    from .packing import from_packed, load_packed, pack, unpack
 
 
 def __getattr__(name: str) -> Any:

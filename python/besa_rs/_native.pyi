@@ -9,3 +9,34 @@ __version__: str
 
 # --- inspect.rs ---
 def inspect_json(path: str | os.PathLike[str]) -> str: ...
+
+# --- sparse.rs ---
+import numpy as np
+import numpy.typing as npt
+
+def pack_json(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    format: str = "bitmask",
+    min_sparsity: float = 0.25,
+    shard_size: int = 5_000_000_000,
+    overwrite: bool = False,
+    force_24: bool = False,
+    tensors: list[str] | None = None,
+    sync: bool = True,
+) -> str: ...
+def unpack_json(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    shard_size: int = 5_000_000_000,
+    overwrite: bool = False,
+    sync: bool = True,
+) -> str: ...
+
+class PackedReader:
+    def __init__(self, path: str | os.PathLike[str]) -> None: ...
+    def tensors(self) -> list[tuple[str, str, list[int], str | None, int]]: ...
+    def declared_format(self) -> str | None: ...
+    def is_packed(self) -> bool: ...
+    def read_into(self, name: str, out: npt.NDArray[np.uint8]) -> None: ...
+    def packed_info_json(self) -> str: ...
