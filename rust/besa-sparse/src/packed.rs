@@ -424,6 +424,16 @@ impl PackedModel {
                         rows + 1
                     )));
                 }
+                // CSR stores nothing for empty rows, so a tiny file could claim a huge dense
+                // matrix: refuse shapes the stored bytes do not justify (a 1 : 65536 ratio is
+                // far beyond any real all-zero weight).
+                let stored = (idx.nbytes() + vals.nbytes()) as u128;
+                let dense = numel as u128 * dtype_itemsize(dtype) as u128;
+                if dense > (stored * 65536).max(1 << 20) {
+                    return Err(err(format!(
+                        "shape [{rows}, {cols}] ({dense} dense bytes) is not justified by {stored} stored bytes"
+                    )));
+                }
                 let ci = e(p.extra.expect("csr"));
                 if ci.dtype != Dtype::I32 || ci.shape != [p.nnz] {
                     return Err(err(format!(
