@@ -74,5 +74,12 @@ __all__ = [
     "NumericalError",
     "ShapeError",
     "__version__",
-    *_LAZY,
+    # lazy (see _LAZY)
+    "evaluate_perplexity",
+    "inspect",
+    "load_model",
+    "load_text",
+    "load_tokenizer",
+    "resolve_model",
+    "sotu_split",
 ]

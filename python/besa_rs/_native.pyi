@@ -5,15 +5,23 @@ Each section belongs to one binding module of ``rust/besa-py/src``.
 
 import os
 
+import numpy as np
+import numpy.typing as npt
+
 __version__: str
+# Keep in sync with the functions below (stubtest checks it).
+__all__ = [
+    "__version__",
+    "inspect_json",
+    "pack_json",
+    "unpack_json",
+    "PackedReader",
+]
 
 # --- inspect.rs ---
 def inspect_json(path: str | os.PathLike[str]) -> str: ...
 
 # --- sparse.rs ---
-import numpy as np
-import numpy.typing as npt
-
 def pack_json(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],

@@ -31,7 +31,13 @@ def format_report(report: dict[str, Any], per_tensor: bool = True) -> str:
         ]
         parts.append(format_table(["tensor", "dtype", "shape", "size", "zeros"], rows))
     rows = [
-        [g["kind"], g["tensors"], f"{g['numel']:,}", human_bytes(g["nbytes"]), f"{100 * g['sparsity']:.2f}%"]
+        [
+            g["kind"],
+            g["tensors"],
+            f"{g['numel']:,}",
+            human_bytes(g["nbytes"]),
+            f"{100 * g['sparsity']:.2f}%",
+        ]
         for g in report["groups"]
     ]
     parts.append(format_table(["layer type", "tensors", "params", "size", "zeros"], rows))

@@ -107,7 +107,7 @@ impl StFile {
             Error::format(format!(
                 "{}: invalid safetensors file: {}",
                 path.display(),
-                describe(&e, file_len, declared, &mmap[8..8 + declared as usize])
+                describe(&e, &mmap[8..8 + declared as usize], file_len, declared)
             ))
         })?;
         let mut tensors: Vec<TensorEntry> = metadata
@@ -155,52 +155,52 @@ impl StFile {
     }
 }
 
-/// Names the first tensor of a (parsable) header whose entry is inconsistent with its dtype,
-/// shape, or the data buffer of `data_len` bytes.
-fn offending_tensor(header: &[u8], data_len: u64) -> Option<String> {
+/// Names the first tensor whose byte length disagrees with dtype x shape, or whose range runs
+/// past the data buffer (the `safetensors` crate reports these without a name).
+fn find_bad_tensor(header: &[u8], data_len: u64) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(header).ok()?;
-    let mut entries: Vec<(String, u64, u64, Option<u64>)> = Vec::new();
     for (name, info) in v.as_object()? {
         if name == "__metadata__" {
             continue;
         }
-        let offs = info.get("data_offsets")?.as_array()?;
-        let (b, e) = (offs.first()?.as_u64()?, offs.get(1)?.as_u64()?);
-        let numel = info
+        let dtype = info.get("dtype")?.as_str()?;
+        let itemsize = parse_dtype(dtype).ok().map(dtype_itemsize)? as u128;
+        let numel: u128 = info
             .get("shape")?
             .as_array()?
             .iter()
-            .try_fold(1u64, |acc, d| d.as_u64().and_then(|d| acc.checked_mul(d)));
-        let itemsize = info
-            .get("dtype")
-            .and_then(|d| d.as_str())
-            .and_then(|d| parse_dtype(d).ok())
-            .map(|d| d.bitsize() as u64);
-        let want = numel.zip(itemsize).and_then(|(n, b)| n.checked_mul(b)).map(|b| b / 8);
-        entries.push((name.clone(), b, e, want));
-    }
-    entries.sort_by_key(|x| (x.1, x.2));
-    let mut pos = 0u64;
-    for (name, b, e, want) in entries {
-        if want.is_none_or(|w| e.checked_sub(b) != Some(w)) {
-            return Some(format!("tensor {name:?}: data_offsets [{b}, {e}] disagree with its dtype and shape"));
-        }
+            .map(|d| d.as_u64().map(u128::from))
+            .try_fold(1u128, |acc, d| d.map(|d| acc.saturating_mul(d)))?;
+        let off = info.get("data_offsets")?.as_array()?;
+        let (b, e) = (off.first()?.as_u64()?, off.get(1)?.as_u64()?);
         if e > data_len {
-            return Some(format!("tensor {name:?}: data_offsets [{b}, {e}] run past the end of the data ({data_len} bytes): truncated file"));
+            return Some(format!(
+                "tensor {name:?} has data_offsets [{b}, {e}] beyond the {data_len}-byte data buffer"
+            ));
         }
-        if b != pos {
-            return Some(format!("tensor {name:?}: data_offsets [{b}, {e}] overlap another tensor or leave a hole"));
+        if (e.saturating_sub(b)) as u128 != numel.saturating_mul(itemsize) {
+            return Some(format!(
+                "tensor {name:?} ({dtype}, shape {}) needs {} bytes but data_offsets [{b}, {e}] hold {}",
+                info.get("shape")?,
+                numel.saturating_mul(itemsize),
+                e.saturating_sub(b)
+            ));
         }
-        pos = e;
     }
     None
 }
 
-fn describe(e: &safetensors::SafeTensorError, file_len: u64, declared: u64, header: &[u8]) -> String {
+fn describe(
+    e: &safetensors::SafeTensorError,
+    header: &[u8],
+    file_len: u64,
+    declared: u64,
+) -> String {
     use safetensors::SafeTensorError as E;
-    if matches!(e, E::MetadataIncompleteBuffer | E::TensorInvalidInfo | E::InvalidOffset(_) | E::ValidationOverflow) {
-        if let Some(m) = offending_tensor(header, file_len - 8 - declared) {
-            return m;
+    let data_len = file_len - 8 - declared;
+    if matches!(e, E::TensorInvalidInfo | E::MetadataIncompleteBuffer) {
+        if let Some(msg) = find_bad_tensor(header, data_len) {
+            return msg;
         }
     }
     match e {
