@@ -17,12 +17,12 @@ M = "model.layers.0.mlp.up_proj"
 
 # fixture -> (exception, regex that must match the message (file and tensor named))
 CASES = {
-    "truncated": (FormatError, r"model\.safetensors.*\"x\.weight\".*truncated"),
+    "truncated": (FormatError, r"model\.safetensors.*\"x\.weight\".*beyond the 27-byte data buffer"),
     "header_larger_than_file": (FormatError, r"model\.safetensors.*header length 10000 is larger than the file"),
     "header_over_100mb": (FormatError, r"model\.safetensors.*exceeds the 100 MB limit"),
     "overlapping_offsets": (FormatError, r"model\.safetensors.*\"b\.weight\".*overlap"),
     "out_of_range_offsets": (FormatError, r"model\.safetensors.*\"b\.weight\""),
-    "dtype_shape_disagree": (FormatError, r"model\.safetensors.*\"a\.weight\".*dtype and shape"),
+    "dtype_shape_disagree": (FormatError, r"model\.safetensors.*\"a\.weight\".*needs 12 bytes"),
     "popcount_vs_compressed": (FormatError, rf"model\.safetensors.*{M}.*popcount 5 disagrees with compressed length 4"),
     "popcount_vs_row_offsets": (FormatError, rf"model\.safetensors.*{M}.*row_offsets\[2\] = 4"),
     "bitmask_width": (FormatError, rf"model\.safetensors.*{M}.*bitmask is U8 \[3, 3\]"),
