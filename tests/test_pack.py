@@ -328,3 +328,33 @@ def test_from_packed_builds_the_model(tmp_path):
     ids = torch.arange(10).unsqueeze(0)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, m2(ids).logits)
+
+
+@pytest.mark.slow
+def test_default_model_packs_unpacks_bit_exactly_and_same_perplexity(tmp_path):
+    """smollm2-135m, block linears magnitude-pruned to 50% per row: pack -> unpack is bit-exact,
+    from_packed reloads to the same perplexity."""
+    from besa_rs.evaluate import evaluate_perplexity
+    from besa_rs.models import load_model, load_tokenizer, resolve_model
+
+    src = resolve_model("smollm2-135m")
+    model = load_model(src, dtype="float32")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".layers." in name and p.dim() == 2:
+                idx = p.abs().argsort(dim=1)[:, : p.shape[1] // 2]
+                p.scatter_(1, idx, 0.0)
+    model.save_pretrained(tmp_path / "pruned", safe_serialization=True)
+    r = pack(tmp_path / "pruned", tmp_path / "p", sync=False)
+    assert r["totals"]["packed"] == 30 * 7
+    dense = sum(f.stat().st_size for f in (tmp_path / "pruned").glob("*.safetensors"))
+    packed = sum(f.stat().st_size for f in (tmp_path / "p").glob("*.safetensors"))
+    assert packed <= r["totals"]["ideal_bytes"] * 1.01 and packed < dense
+    unpack(tmp_path / "p", tmp_path / "u", sync=False)
+    assert_roundtrip(tmp_path / "pruned", tmp_path / "u", {t["name"] for t in r["tensors"] if t["action"] == "packed"})
+    tok = load_tokenizer(src)
+    text = "The state of the union is strong. " * 40
+    ppl_a = evaluate_perplexity(model, tok, text, seqlen=128, max_windows=2, progress=False)["perplexity"]
+    m2 = from_packed(tmp_path / "p")
+    ppl_b = evaluate_perplexity(m2, tok, text, seqlen=128, max_windows=2, progress=False)["perplexity"]
+    assert ppl_a == ppl_b

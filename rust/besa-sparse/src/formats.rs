@@ -700,3 +700,179 @@ pub fn bitmask_of_dense(dtype: Dtype, data: &[u8], rows: usize, cols: usize) -> 
         });
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn f32s(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn worked_example_of_the_spec() {
+        let w: Vec<f32> = [
+            [1.5, -2., 0., 0., 0., 0., 0., 0., 0., 3.],
+            [0.; 10],
+            [0., 4., 0., 0., 0., 0., 0., 0., 5., 0.],
+        ]
+        .concat();
+        let data = f32s(&w);
+        let counts = row_nnz(Dtype::F32, &data, 3, 10).unwrap();
+        assert_eq!(counts, [3, 0, 2]);
+        assert_eq!(prefix_offsets(&counts), (vec![0, 3, 3], 5));
+        let mut mask = vec![0u8; 6];
+        let mut vals = vec![0u8; 20];
+        bitmask_encode(Dtype::F32, &data, 3, 10, &counts, &mut mask, &mut vals).unwrap();
+        assert_eq!(mask, [3, 2, 0, 0, 2, 1]);
+        assert_eq!(vals, f32s(&[1.5, -2., 3., 4., 5.]));
+        let mut out = vec![0xffu8; data.len()];
+        let c2 = bitmask_row_counts(&mask, 3, 10).unwrap();
+        bitmask_decode(4, &mask, &vals, 3, 10, &c2, &mut out).unwrap();
+        assert_eq!(out, data);
+        assert_eq!(packed_size(PackFormat::Bitmask, 3, 10, 5, 4), 16 + 20 + 6 + 24);
+    }
+
+    #[test]
+    fn signed_zero_is_zero_and_nan_is_kept() {
+        let data = f32s(&[-0.0, f32::NAN, 0.0, 1.0]);
+        let counts = row_nnz(Dtype::F32, &data, 1, 4).unwrap();
+        assert_eq!(counts, [2]);
+        let (mut m, mut v) = (vec![0u8; 1], vec![0u8; 8]);
+        bitmask_encode(Dtype::F32, &data, 1, 4, &counts, &mut m, &mut v).unwrap();
+        let mut out = vec![0u8; 16];
+        bitmask_decode(4, &m, &v, 1, 4, &counts, &mut out).unwrap();
+        let mut want = data.clone();
+        canonical_zeros(Dtype::F32, &mut want).unwrap();
+        assert_eq!(out, want);
+        assert_eq!(&out[..4], &[0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn padding_bits_refused() {
+        assert!(bitmask_row_counts(&[0b1000_0000], 1, 7).is_err());
+        assert_eq!(bitmask_row_counts(&[0b0100_0000], 1, 7).unwrap(), [1]);
+        assert!(bitmask_row_counts(&[0, 0], 1, 7).is_err());
+    }
+
+    #[test]
+    fn two_four_selection_and_check() {
+        let data = f32s(&[1., 0., 3., 0., 5., -6., 7., 0.]);
+        assert_eq!(check_24(Dtype::F32, &data, 1, 8).unwrap(), (Some(Not24 { row: 0, col: 4, kept: 3 }), 1));
+        let (mut m, mut v) = (vec![0u8; 1], vec![0u8; 16]);
+        encode_24(Dtype::F32, &data, 1, 8, &mut m, &mut v).unwrap();
+        assert_eq!(m, [0b0110_0101]);
+        assert_eq!(v, f32s(&[1., 3., -6., 7.]));
+        check_24_bitmask(&m, 1, 8).unwrap();
+        assert!(check_24_bitmask(&[0b1110_0101], 1, 8).is_err());
+        // fewer than 2 kept: zero fillers (stored +0), first zero positions
+        let data = f32s(&[0., -0.0, 0., 2.]);
+        let (mut m, mut v) = (vec![0u8; 1], vec![0u8; 8]);
+        encode_24(Dtype::F32, &data, 1, 4, &mut m, &mut v).unwrap();
+        assert_eq!(m, [0b1001]);
+        assert_eq!(v, f32s(&[0., 2.]));
+    }
+
+    #[test]
+    fn csr_checks() {
+        let crow: Vec<u8> = [0i64, 2, 3].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let col = |v: &[i32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        assert_eq!(csr_check(&crow, &col(&[1, 3, 0]), 2, 5, 3).unwrap(), [2, 1]);
+        assert!(csr_check(&crow, &col(&[3, 1, 0]), 2, 5, 3).is_err());
+        assert!(csr_check(&crow, &col(&[1, 1, 0]), 2, 5, 3).is_err());
+        assert!(csr_check(&crow, &col(&[1, 5, 0]), 2, 5, 3).is_err());
+        assert!(csr_check(&crow, &col(&[1, 2]), 2, 5, 2).is_err());
+    }
+
+    fn matrix() -> impl Strategy<Value = (usize, usize, usize, Vec<u8>)> {
+        (0usize..12, 0usize..40, prop::sample::select(vec![2usize, 4, 8]), 0u8..=10).prop_flat_map(
+            |(r, c, n, density)| {
+                let elem = prop_oneof![
+                    (10 - density as u32) => Just(vec![0u8; 8]),
+                    1 => Just({ let mut z = vec![0u8; 8]; z[7] = 0x80; z }),
+                    (density as u32) => prop::collection::vec(any::<u8>(), 8),
+                ];
+                (Just(r), Just(c), Just(n), prop::collection::vec(elem, r * c)).prop_map(
+                    move |(r, c, n, els)| {
+                        let bytes = els
+                            .into_iter()
+                            .flat_map(|mut e| {
+                                // keep the sign byte at the element's last byte
+                                let sign = e[7];
+                                e.truncate(n);
+                                e[n - 1] = (e[n - 1] & 0x7f) | (sign & 0x80);
+                                e
+                            })
+                            .collect();
+                        (r, c, n, bytes)
+                    },
+                )
+            },
+        )
+    }
+
+    fn dtype_of(n: usize) -> Dtype {
+        match n {
+            2 => Dtype::BF16,
+            4 => Dtype::F32,
+            _ => Dtype::F64,
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn bitmask_and_csr_roundtrip((r, c, n, data) in matrix()) {
+            let dt = dtype_of(n);
+            let mut want = data.clone();
+            canonical_zeros(dt, &mut want).unwrap();
+            let counts = row_nnz(dt, &data, r, c).unwrap();
+            let nnz: u64 = counts.iter().sum();
+            let (mut m, mut v) = (vec![0u8; r * c.div_ceil(8)], vec![0u8; nnz as usize * n]);
+            bitmask_encode(dt, &data, r, c, &counts, &mut m, &mut v).unwrap();
+            prop_assert_eq!(&bitmask_of_dense(dt, &data, r, c).unwrap(), &m);
+            let c2 = bitmask_row_counts(&m, r, c).unwrap();
+            prop_assert_eq!(&c2, &counts);
+            let mut out = vec![0xaa; data.len()];
+            bitmask_decode(n, &m, &v, r, c, &c2, &mut out).unwrap();
+            prop_assert_eq!(&out, &want);
+
+            let (mut crow, mut col, mut vals) = (vec![0u8; (r + 1) * 8], vec![0u8; nnz as usize * 4], vec![0u8; nnz as usize * n]);
+            csr_encode(dt, &data, r, c, &counts, &mut crow, &mut col, &mut vals).unwrap();
+            prop_assert_eq!(&vals, &v);
+            let c3 = csr_check(&crow, &col, r, c, nnz as usize).unwrap();
+            let mut out = vec![0x55; data.len()];
+            csr_decode(n, &col, &vals, r, c, &c3, &mut out).unwrap();
+            prop_assert_eq!(&out, &want);
+        }
+
+        #[test]
+        fn two_four_roundtrip_of_24_matrices((r, c, n, mut data) in matrix()) {
+            let c4 = c - c % 4;
+            data.truncate(r * c4 * n);
+            let dt = dtype_of(n);
+            // zero the last two of every group -> 2:4
+            for g in data.chunks_mut(4 * n) { g[2 * n..].fill(0); }
+            prop_assert_eq!(check_24(dt, &data, r, c4).unwrap().0, None);
+            let (mut m, mut v) = (vec![0u8; r * c4.div_ceil(8)], vec![0u8; r * c4 / 2 * n]);
+            encode_24(dt, &data, r, c4, &mut m, &mut v).unwrap();
+            check_24_bitmask(&m, r, c4).unwrap();
+            let mut out = vec![1u8; data.len()];
+            bitmask_decode(n, &m, &v, r, c4, &vec![(c4 / 2) as u64; r], &mut out).unwrap();
+            let mut want = data.clone();
+            canonical_zeros(dt, &mut want).unwrap();
+            prop_assert_eq!(out, want);
+        }
+
+        #[test]
+        fn decoders_never_panic_on_garbage(mask in prop::collection::vec(any::<u8>(), 0..40), r in 0usize..6, c in 0usize..40, nv in 0usize..64) {
+            if let Ok(counts) = bitmask_row_counts(&mask, r, c) {
+                let total: u64 = counts.iter().sum();
+                let vals = vec![7u8; nv * 2];
+                let mut out = vec![0u8; r * c * 2];
+                let res = bitmask_decode(2, &mask, &vals, r, c, &counts, &mut out);
+                prop_assert_eq!(res.is_ok(), total as usize == nv);
+            }
+        }
+    }
+}
