@@ -61,7 +61,9 @@ def size_section(tmp: Path) -> None:
 
     src = resolve_model("smollm2-135m")
     print(f"== size: smollm2-135m ({src}), block linears magnitude-pruned to 50% per row")
-    print(f"{'dtype':6} {'dense file':>12} {'packed file':>12} {'ideal':>12} {'packed/ideal':>12} {'packed/dense':>12}")
+    print(
+        f"{'dtype':6} {'dense file':>12} {'packed file':>12} {'ideal':>12} {'packed/ideal':>12} {'packed/dense':>12}"
+    )
     for dtype in ("float32", "bfloat16"):
         model = load_model(src, dtype=dtype)
         prune_rows_(model, 0.5)
@@ -71,7 +73,9 @@ def size_section(tmp: Path) -> None:
         dense = dir_size(d)
         packed = dir_size(tmp / f"packed-{dtype}")
         ideal = r["totals"]["ideal_bytes"]
-        print(f"{dtype:6} {dense:12,} {packed:12,} {ideal:12,} {packed / ideal:12.4f} {packed / dense:12.4f}")
+        print(
+            f"{dtype:6} {dense:12,} {packed:12,} {ideal:12,} {packed / ideal:12.4f} {packed / dense:12.4f}"
+        )
         shutil.rmtree(tmp / f"packed-{dtype}")
         shutil.rmtree(d)
 
@@ -91,7 +95,9 @@ def synth_checkpoint(d: Path, layers: int) -> int:
         fn = f"model-{i + 1:05d}-of-{layers:05d}.safetensors"
         save_file(tensors, d / fn, metadata={"format": "pt"})
         wm.update(dict.fromkeys(tensors, fn))
-    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": wm}))
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": wm})
+    )
     (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
     return total
 
@@ -118,7 +124,9 @@ def numpy_pack(src: Path, dst: Path) -> None:
                 counts = mask.sum(dim=1)
                 out[f"{m}.shape"] = torch.tensor(list(w.shape))
                 out[f"{m}.compressed"] = w[mask]
-                out[f"{m}.bitmask"] = torch.from_numpy(np.packbits(mask.numpy(), axis=-1, bitorder="little"))
+                out[f"{m}.bitmask"] = torch.from_numpy(
+                    np.packbits(mask.numpy(), axis=-1, bitorder="little")
+                )
                 out[f"{m}.row_offsets"] = torch.cumsum(counts, 0) - counts
         save_file(out, dst / p.name, metadata={"format": "pt"})
 
@@ -136,7 +144,9 @@ def numpy_unpack(src: Path, dst: Path) -> None:
         out = {}
         for m, d in parts.items():
             shape = d["shape"].tolist()
-            mask = np.unpackbits(d["bitmask"].numpy(), axis=-1, count=shape[-1], bitorder="little").astype(bool)
+            mask = np.unpackbits(
+                d["bitmask"].numpy(), axis=-1, count=shape[-1], bitorder="little"
+            ).astype(bool)
             w = torch.zeros(shape, dtype=d["compressed"].dtype)
             w[torch.from_numpy(mask)] = d["compressed"]
             out[f"{m}.weight"] = w
@@ -156,8 +166,10 @@ def timed(fn, repeat: int, cleanup) -> float:
 def throughput_section(tmp: Path, layers: int, repeat: int) -> None:
     src = tmp / "synth"
     n = synth_checkpoint(src, layers)
-    print(f"\n== throughput: synthetic bf16 checkpoint, {layers} x 7 matrices of 7B shapes, random 50% "
-          f"({n / 1e9:.2f} GB of tensors; {os.cpu_count()} CPUs; page cache warm; no fsync anywhere)")
+    print(
+        f"\n== throughput: synthetic bf16 checkpoint, {layers} x 7 matrices of 7B shapes, random 50% "
+        f"({n / 1e9:.2f} GB of tensors; {os.cpu_count()} CPUs; page cache warm; no fsync anywhere)"
+    )
     for p in src.glob("*"):
         p.read_bytes()  # warm the page cache
     outs = {k: tmp / k for k in ("copy", "rs-pack", "np-pack", "rs-unpack", "np-unpack")}
@@ -166,17 +178,35 @@ def throughput_section(tmp: Path, layers: int, repeat: int) -> None:
         return lambda: shutil.rmtree(outs[k], ignore_errors=True)
 
     t_copy = timed(lambda: copy_baseline(src, outs["copy"]), repeat, rm("copy"))
-    t_rs = timed(lambda: pack(src, outs["rs-pack"], min_sparsity=0.0, sync=False, shard_size="50GB"), repeat, rm("rs-pack"))
+    t_rs = timed(
+        lambda: pack(src, outs["rs-pack"], min_sparsity=0.0, sync=False, shard_size="50GB"),
+        repeat,
+        rm("rs-pack"),
+    )
     t_np = timed(lambda: numpy_pack(src, outs["np-pack"]), max(1, repeat - 1), rm("np-pack"))
     # unpack: the packed directory as input (its size is the input size)
     packed_n = dir_size(outs["rs-pack"])
-    t_rsu = timed(lambda: unpack(outs["rs-pack"], outs["rs-unpack"], sync=False, shard_size="50GB"), repeat, rm("rs-unpack"))
-    t_npu = timed(lambda: numpy_unpack(outs["np-pack"], outs["np-unpack"]), max(1, repeat - 1), rm("np-unpack"))
-    t_copy_p = timed(lambda: copy_baseline(outs["rs-pack"], tmp / "copy-p"), repeat, lambda: shutil.rmtree(tmp / "copy-p", ignore_errors=True))
+    t_rsu = timed(
+        lambda: unpack(outs["rs-pack"], outs["rs-unpack"], sync=False, shard_size="50GB"),
+        repeat,
+        rm("rs-unpack"),
+    )
+    t_npu = timed(
+        lambda: numpy_unpack(outs["np-pack"], outs["np-unpack"]),
+        max(1, repeat - 1),
+        rm("np-unpack"),
+    )
+    t_copy_p = timed(
+        lambda: copy_baseline(outs["rs-pack"], tmp / "copy-p"),
+        repeat,
+        lambda: shutil.rmtree(tmp / "copy-p", ignore_errors=True),
+    )
 
     # the two implementations agree
     a, b = load_packed(outs["rs-unpack"]), load_packed(outs["np-unpack"])
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "rust and numpy unpack differ"
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (
+        "rust and numpy unpack differ"
+    )
     del a, b
 
     def row(what, t, nbytes, base_copy, base_np):
@@ -186,7 +216,9 @@ def throughput_section(tmp: Path, layers: int, repeat: int) -> None:
     print(f"{'':8} {'besa-rs':>10} {'input':>13}")
     print(row("pack", t_rs, n, t_copy, t_np))
     print(row("unpack", t_rsu, packed_n, t_copy_p, t_npu))
-    print(f"targets: >= 5x faster than numpy/torch, <= 3x the copy time. packed size {packed_n / n:.4f} of dense")
+    print(
+        f"targets: >= 5x faster than numpy/torch, <= 3x the copy time. packed size {packed_n / n:.4f} of dense"
+    )
 
 
 def fuzz_section(tmp: Path, seconds: float) -> None:
@@ -195,7 +227,10 @@ def fuzz_section(tmp: Path, seconds: float) -> None:
     g = torch.Generator().manual_seed(1)
     w = torch.randn(24, 40, generator=g)
     w[torch.rand(24, 40, generator=g) < 0.5] = 0
-    save_file({"model.layers.0.mlp.up_proj.weight": w, "model.norm.weight": torch.ones(40)}, src / "model.safetensors")
+    save_file(
+        {"model.layers.0.mlp.up_proj.weight": w, "model.norm.weight": torch.ones(40)},
+        src / "model.safetensors",
+    )
     fmts = ("bitmask", "2:4", "csr")
     bases = []
     for f in fmts:
@@ -229,13 +264,19 @@ def fuzz_section(tmp: Path, seconds: float) -> None:
             ok += 1
         except BesaError:
             errors += 1
-    print(f"\n== fuzz (reader, random byte mutations of packed files): {cases} cases in {seconds:.0f} s: "
-          f"{errors} BesaError, {ok} loaded (mutations that kept the file valid), 0 crashes")
+    print(
+        f"\n== fuzz (reader, random byte mutations of packed files): {cases} cases in {seconds:.0f} s: "
+        f"{errors} BesaError, {ok} loaded (mutations that kept the file valid), 0 crashes"
+    )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=4, help="synthetic layers (32 = a full 7B, 13 GB)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--layers", type=int, default=4, help="synthetic layers (32 = a full 7B, 13 GB)"
+    )
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--fuzz-seconds", type=float, default=20)
     ap.add_argument("--skip-model", action="store_true", help="skip the smollm2 size section")

@@ -32,7 +32,9 @@ def raw(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
-def write_model(root: Path, tensors: dict[str, torch.Tensor], config: dict | None = None, shards: int = 1) -> Path:
+def write_model(
+    root: Path, tensors: dict[str, torch.Tensor], config: dict | None = None, shards: int = 1
+) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     names = list(tensors)
     if shards == 1:
@@ -45,7 +47,9 @@ def write_model(root: Path, tensors: dict[str, torch.Tensor], config: dict | Non
             fn = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
             save_file({n: tensors[n] for n in part}, root / fn, metadata={"format": "pt"})
             wm.update(dict.fromkeys(part, fn))
-        (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+        (root / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": wm})
+        )
     (root / "config.json").write_text(json.dumps(config or {"model_type": "llama"}))
     (root / "tokenizer.json").write_text('{"t": 1}')
     (root / "generation_config.json").write_text('{"g": 1}')
@@ -83,10 +87,26 @@ def test_worked_example_of_the_spec(tmp_path):
     pack(src, tmp_path / "p", min_sparsity=0.0)
     got = np_load(tmp_path / "p" / "model.safetensors")
     m = LIN[: -len(".weight")]
-    assert sorted(got) == sorted(f"{m}.{s}" for s in ("shape", "compressed", "bitmask", "row_offsets"))
-    assert got[f"{m}.bitmask"].dtype == np.uint8 and got[f"{m}.bitmask"].tolist() == [[3, 2], [0, 0], [2, 1]]
-    assert got[f"{m}.row_offsets"].dtype == np.int64 and got[f"{m}.row_offsets"].tolist() == [0, 3, 3]
-    assert got[f"{m}.compressed"].dtype == np.float32 and got[f"{m}.compressed"].tolist() == [1.5, -2, 3, 4, 5]
+    assert sorted(got) == sorted(
+        f"{m}.{s}" for s in ("shape", "compressed", "bitmask", "row_offsets")
+    )
+    assert got[f"{m}.bitmask"].dtype == np.uint8 and got[f"{m}.bitmask"].tolist() == [
+        [3, 2],
+        [0, 0],
+        [2, 1],
+    ]
+    assert got[f"{m}.row_offsets"].dtype == np.int64 and got[f"{m}.row_offsets"].tolist() == [
+        0,
+        3,
+        3,
+    ]
+    assert got[f"{m}.compressed"].dtype == np.float32 and got[f"{m}.compressed"].tolist() == [
+        1.5,
+        -2,
+        3,
+        4,
+        5,
+    ]
     assert got[f"{m}.shape"].dtype == np.int64 and got[f"{m}.shape"].tolist() == [3, 10]
     cfg = json.loads((tmp_path / "p" / "config.json").read_text())
     sc = cfg["quantization_config"]["sparsity_config"]
@@ -128,9 +148,16 @@ def test_pack_unpack_roundtrip_is_bit_exact(tmp_path, fmt, dtype):
     src = write_model(tmp_path / "m", model_tensors(dtype), shards=2)
     r = pack(src, tmp_path / "p", fmt)
     acts = {t["name"]: t["action"] for t in r["tensors"]}
-    assert acts["model.layers.0.self_attn.q_proj.weight"] == ("packed" if fmt == "bitmask" else "copied")  # CSR at d=0.5 is not smaller
+    assert acts["model.layers.0.self_attn.q_proj.weight"] == (
+        "packed" if fmt == "bitmask" else "copied"
+    )  # CSR at d=0.5 is not smaller
     assert acts["model.layers.0.mlp.down_proj.weight"] == "copied"  # below --min-sparsity
-    assert acts["lm_head.weight"] == acts["model.embed_tokens.weight"] == acts["model.norm.weight"] == "copied"
+    assert (
+        acts["lm_head.weight"]
+        == acts["model.embed_tokens.weight"]
+        == acts["model.norm.weight"]
+        == "copied"
+    )
     assert acts["model.layers.0.self_attn.q_proj.bias"] == "copied"
     assert acts["model.layers.1.mlp.up_proj.weight"] == "packed"
     assert (tmp_path / "p" / "tokenizer.json").read_text() == '{"t": 1}'
@@ -184,9 +211,12 @@ def test_two_four(tmp_path):
     got = np_load(tmp_path / "p" / "model.safetensors")
     m = LIN[: -len(".weight")]
     assert got[f"{m}.shape"].shape == (2, 1) and got[f"{m}.compressed"].shape == (8, 8)
-    assert json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"]["sparsity_config"][
-        "sparsity_structure"
-    ] == "2:4"
+    assert (
+        json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"][
+            "sparsity_config"
+        ]["sparsity_structure"]
+        == "2:4"
+    )
     unpack(tmp_path / "p", tmp_path / "u")
     assert_roundtrip(src, tmp_path / "u")
 
@@ -216,7 +246,13 @@ def test_csr_loads_as_scipy_and_torch(tmp_path):
     a = scipy.sparse.csr_array((vals, col, crow), shape=tuple(got[f"{m}.shape"]))
     a.check_format(full_check=True)
     np.testing.assert_array_equal(a.toarray(), w.numpy())
-    t = torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(col).long(), torch.from_numpy(vals), (30, 50), check_invariants=True)
+    t = torch.sparse_csr_tensor(
+        torch.from_numpy(crow),
+        torch.from_numpy(col).long(),
+        torch.from_numpy(vals),
+        (30, 50),
+        check_invariants=True,
+    )
     assert torch.equal(t.to_dense(), w)
     sp = load_packed_sparse(tmp_path / "p", layout="scipy")[LIN]
     np.testing.assert_array_equal(sp.toarray(), w.numpy())
@@ -256,7 +292,9 @@ def test_packed_integrity_checked(tmp_path):
         load_packed(tmp_path / "p")
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     rows=st.integers(0, 20),
     cols=st.integers(0, 37),
@@ -285,7 +323,11 @@ def test_roundtrip_property(tmp_path_factory, rows, cols, density, dtype, fmt, s
 
 
 def test_parse_size():
-    assert parse_size("5GB") == 5_000_000_000 and parse_size("2MiB") == 2 * 2**20 and parse_size(7) == 7
+    assert (
+        parse_size("5GB") == 5_000_000_000
+        and parse_size("2MiB") == 2 * 2**20
+        and parse_size(7) == 7
+    )
     with pytest.raises(ConfigError):
         parse_size("5 parsecs")
 
@@ -296,7 +338,9 @@ def test_cli_pack_unpack_inspect(tmp_path, capsys):
     assert "packed" in capsys.readouterr().out
     assert cli.main(["pack", str(src), "--out", str(tmp_path / "p")]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert cli.main(["unpack", str(tmp_path / "p"), "--out", str(tmp_path / "u"), "--json", "-"]) == 0
+    assert (
+        cli.main(["unpack", str(tmp_path / "p"), "--out", str(tmp_path / "u"), "--json", "-"]) == 0
+    )
     rep = json.loads(capsys.readouterr().out)
     assert rep["totals"]["packed"] == 4
     assert_roundtrip(src, tmp_path / "u")
@@ -312,8 +356,13 @@ def test_from_packed_builds_the_model(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
@@ -351,10 +400,18 @@ def test_default_model_packs_unpacks_bit_exactly_and_same_perplexity(tmp_path):
     packed = sum(f.stat().st_size for f in (tmp_path / "p").glob("*.safetensors"))
     assert packed <= r["totals"]["ideal_bytes"] * 1.01 and packed < dense
     unpack(tmp_path / "p", tmp_path / "u", sync=False)
-    assert_roundtrip(tmp_path / "pruned", tmp_path / "u", {t["name"] for t in r["tensors"] if t["action"] == "packed"})
+    assert_roundtrip(
+        tmp_path / "pruned",
+        tmp_path / "u",
+        {t["name"] for t in r["tensors"] if t["action"] == "packed"},
+    )
     tok = load_tokenizer(src)
     text = "The state of the union is strong. " * 40
-    ppl_a = evaluate_perplexity(model, tok, text, seqlen=128, max_windows=2, progress=False)["perplexity"]
+    ppl_a = evaluate_perplexity(model, tok, text, seqlen=128, max_windows=2, progress=False)[
+        "perplexity"
+    ]
     m2 = from_packed(tmp_path / "p")
-    ppl_b = evaluate_perplexity(m2, tok, text, seqlen=128, max_windows=2, progress=False)["perplexity"]
+    ppl_b = evaluate_perplexity(m2, tok, text, seqlen=128, max_windows=2, progress=False)[
+        "perplexity"
+    ]
     assert ppl_a == ppl_b

@@ -17,20 +17,32 @@ M = "model.layers.0.mlp.up_proj"
 
 # fixture -> (exception, regex that must match the message (file and tensor named))
 CASES = {
-    "truncated": (FormatError, r"model\.safetensors.*\"x\.weight\".*beyond the 27-byte data buffer"),
-    "header_larger_than_file": (FormatError, r"model\.safetensors.*header length 10000 is larger than the file"),
+    "truncated": (
+        FormatError,
+        r"model\.safetensors.*\"x\.weight\".*beyond the 27-byte data buffer",
+    ),
+    "header_larger_than_file": (
+        FormatError,
+        r"model\.safetensors.*header length 10000 is larger than the file",
+    ),
     "header_over_100mb": (FormatError, r"model\.safetensors.*exceeds the 100 MB limit"),
     "overlapping_offsets": (FormatError, r"model\.safetensors.*\"b\.weight\".*overlap"),
     "out_of_range_offsets": (FormatError, r"model\.safetensors.*\"b\.weight\""),
     "dtype_shape_disagree": (FormatError, r"model\.safetensors.*\"a\.weight\".*needs 12 bytes"),
-    "popcount_vs_compressed": (FormatError, rf"model\.safetensors.*{M}.*popcount 5 disagrees with compressed length 4"),
+    "popcount_vs_compressed": (
+        FormatError,
+        rf"model\.safetensors.*{M}.*popcount 5 disagrees with compressed length 4",
+    ),
     "popcount_vs_row_offsets": (FormatError, rf"model\.safetensors.*{M}.*row_offsets\[2\] = 4"),
     "bitmask_width": (FormatError, rf"model\.safetensors.*{M}.*bitmask is U8 \[3, 3\]"),
     "bitmask_padding_bits": (FormatError, rf"model\.safetensors.*{M}.*beyond column 10"),
     "negative_shape": (FormatError, rf"model\.safetensors.*{M}.*invalid dimensions"),
     "bitmask_missing_parts": (FormatError, rf"model\.safetensors.*{M}\.bitmask.*no sibling"),
     "unknown_format": (FormatError, r"config\.json.*unknown sparsity format \"os\.system\""),
-    "format_disagrees_with_config": (FormatError, rf"model\.safetensors.*{M}.*config\.json declares"),
+    "format_disagrees_with_config": (
+        FormatError,
+        rf"model\.safetensors.*{M}.*config\.json declares",
+    ),
     "two_four_group": (FormatError, rf"model\.safetensors.*{M}.*group of 4"),
     "csr_unsorted_columns": (FormatError, rf"model\.safetensors.*{M}.*row 0 .*sorted"),
     "csr_column_out_of_range": (FormatError, rf"model\.safetensors.*{M}.*out of range"),
@@ -58,7 +70,9 @@ def test_hostile_fixture(name, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("name", ["truncated", "unknown_format", "bitmask_width", "header_over_100mb"])
+@pytest.mark.parametrize(
+    "name", ["truncated", "unknown_format", "bitmask_width", "header_over_100mb"]
+)
 def test_inspect_refuses_hostile(name):
     with pytest.raises(FormatError):
         inspect(HOSTILE / name)

@@ -24,7 +24,11 @@ def _weights(dtype, two_four=False):
         w = torch.randn(24 + 8 * i, 40, generator=g)
         if two_four:
             idx = torch.rand(w.shape[0], 10, 4, generator=g).argsort(-1)[..., :2]
-            mask = torch.zeros(w.shape[0], 10, 4, dtype=torch.bool).scatter_(-1, idx, True).reshape(w.shape)
+            mask = (
+                torch.zeros(w.shape[0], 10, 4, dtype=torch.bool)
+                .scatter_(-1, idx, True)
+                .reshape(w.shape)
+            )
         else:
             mask = torch.rand(w.shape, generator=g) < 0.45
             mask[3] = False  # an empty row
@@ -47,7 +51,9 @@ def _model_dir(tmp_path, tensors):
 def test_compressed_tensors_decodes_besa_files(tmp_path, dtype, fmt):
     d, full = _model_dir(tmp_path, _weights(dtype, two_four=fmt == "2:4"))
     pack(d, tmp_path / "p", fmt)
-    cfg = json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"]["sparsity_config"]
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"][
+        "sparsity_config"
+    ]
     comp = (
         BitmaskCompressor(config=BitmaskConfig(**cfg))
         if fmt == "bitmask"
@@ -64,13 +70,21 @@ def test_compressed_tensors_decodes_besa_files(tmp_path, dtype, fmt):
 def test_besa_reads_compressed_tensors_files(tmp_path, dtype, fmt):
     tensors = _weights(dtype, two_four=fmt == "2:4")
     config = BitmaskConfig() if fmt == "bitmask" else Sparse24BitMaskConfig()
-    comp = BitmaskCompressor(config=config) if fmt == "bitmask" else Sparse24BitMaskCompressor(config=config)
+    comp = (
+        BitmaskCompressor(config=config)
+        if fmt == "bitmask"
+        else Sparse24BitMaskCompressor(config=config)
+    )
     state = dict(tensors)
     state["model.norm.weight"] = torch.ones(40, dtype=dtype)
     compressed = comp.compress(state, compression_targets={n[: -len(".weight")] for n in NAMES})
     d = tmp_path / "ct"
     d.mkdir()
-    save_file({k: v.contiguous() for k, v in compressed.items()}, d / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in compressed.items()},
+        d / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     qc = {"quant_method": "compressed-tensors", "sparsity_config": config.model_dump()}
     (d / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": qc}))
     sd = load_packed(d)

@@ -82,4 +82,8 @@ __all__ = [
     "load_tokenizer",
     "resolve_model",
     "sotu_split",
+    "pack",
+    "unpack",
+    "load_packed",
+    "from_packed",
 ]

@@ -4,10 +4,10 @@ Each section belongs to one binding module of ``rust/besa-py/src``.
 """
 
 import os
+from typing import final
 
 import numpy as np
 import numpy.typing as npt
-from typing import final
 
 __version__: str
 # Keep in sync with the functions below (stubtest checks it).

@@ -56,7 +56,19 @@ def format_report(report: dict[str, Any], per_tensor: bool = True) -> str:
             for p in report["packed"]
         ]
         parts.append(
-            format_table(["packed tensor", "format", "dtype", "dense shape", "nnz", "zeros", "dense", "packed"], rows)
+            format_table(
+                [
+                    "packed tensor",
+                    "format",
+                    "dtype",
+                    "dense shape",
+                    "nnz",
+                    "zeros",
+                    "dense",
+                    "packed",
+                ],
+                rows,
+            )
         )
     t = report["totals"]
     parts.append(

@@ -92,7 +92,9 @@ def pack(
             )
         )
     if not hasattr(model_or_path, "save_pretrained"):
-        raise ConfigError("pack() takes a model directory, a safetensors file or a transformers model")
+        raise ConfigError(
+            "pack() takes a model directory, a safetensors file or a transformers model"
+        )
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".besa-pack-", dir=out_path.parent) as tmp:
@@ -123,7 +125,11 @@ def unpack(
     """Decodes a packed checkpoint back into a plain Hugging Face checkpoint at ``out``."""
     return json.loads(
         _native.unpack_json(
-            os.fspath(path), os.fspath(out), shard_size=parse_size(shard_size), overwrite=overwrite, sync=sync
+            os.fspath(path),
+            os.fspath(out),
+            shard_size=parse_size(shard_size),
+            overwrite=overwrite,
+            sync=sync,
         )
     )
 
@@ -262,7 +268,20 @@ def format_report(report: dict[str, Any], per_tensor: bool = True) -> str:
             for t in report["tensors"]
         ]
         parts.append(
-            format_table(["tensor", "action", "format", "dtype", "shape", "zeros", "dense", "stored", "ratio"], rows)
+            format_table(
+                [
+                    "tensor",
+                    "action",
+                    "format",
+                    "dtype",
+                    "shape",
+                    "zeros",
+                    "dense",
+                    "stored",
+                    "ratio",
+                ],
+                rows,
+            )
         )
     tt = report["totals"]
     parts.append(

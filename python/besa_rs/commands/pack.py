@@ -20,11 +20,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "byte-compatible with compressed-tensors <= 0.14.",
     )
     p.add_argument("model", help="model directory or safetensors file")
-    p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
-    p.add_argument("--format", default="bitmask", choices=["bitmask", "2:4", "csr"], help="default: bitmask")
+    p.add_argument(
+        "--out", required=True, help="output directory (refused if it exists, unless --overwrite)"
+    )
+    p.add_argument(
+        "--format", default="bitmask", choices=["bitmask", "2:4", "csr"], help="default: bitmask"
+    )
     p.add_argument("--shard-size", default="5GB", help="max tensor bytes per file (default 5GB)")
     p.add_argument(
-        "--min-sparsity", type=float, default=0.25, help="pack only tensors with at least this zero fraction"
+        "--min-sparsity",
+        type=float,
+        default=0.25,
+        help="pack only tensors with at least this zero fraction",
     )
     p.add_argument(
         "--force-24",

@@ -16,7 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "to the input of pack (-0.0 weights come back as +0.0). Checksums are verified.",
     )
     p.add_argument("path", help="packed checkpoint directory")
-    p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
+    p.add_argument(
+        "--out", required=True, help="output directory (refused if it exists, unless --overwrite)"
+    )
     p.add_argument("--shard-size", default="5GB", help="max tensor bytes per file (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--summary", action="store_true", help="only the totals, no per-tensor table")

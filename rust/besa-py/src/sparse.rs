@@ -66,6 +66,9 @@ fn unpack_json(
     })
 }
 
+/// (name, dtype, shape, format or None, nbytes) of a logical tensor.
+type TensorRow = (String, String, Vec<usize>, Option<String>, usize);
+
 /// A checkpoint (packed or plain) opened for reading dense tensors.
 #[pyclass(frozen, module = "besa_rs._native")]
 struct PackedReader {
@@ -81,7 +84,7 @@ impl PackedReader {
     }
 
     /// Logical tensors: list of (name, dtype, shape, format or None, nbytes).
-    fn tensors(&self) -> Vec<(String, String, Vec<usize>, Option<String>, usize)> {
+    fn tensors(&self) -> Vec<TensorRow> {
         self.inner
             .tensors()
             .iter()
@@ -115,13 +118,19 @@ impl PackedReader {
                 py,
                 Error::new(
                     besa_sparse::ErrorKind::NotFound,
-                    format!("{}: no tensor {name:?}", self.inner.model().root().display()),
+                    format!(
+                        "{}: no tensor {name:?}",
+                        self.inner.model().root().display()
+                    ),
                 ),
             )
         })?;
         let mut rw = out.readwrite();
         let slice = rw.as_slice_mut().map_err(|e| {
-            to_py(py, Error::shape(format!("output buffer for {name:?} is not contiguous: {e}")))
+            to_py(
+                py,
+                Error::shape(format!("output buffer for {name:?} is not contiguous: {e}")),
+            )
         })?;
         let inner = &self.inner;
         run(py, move || inner.read_into(t, slice))

@@ -131,10 +131,7 @@ fn rows_per_task(cols: usize, itemsize: usize) -> usize {
 }
 
 /// Splits `buf` into consecutive mutable pieces of the given lengths.
-fn split_lengths<'a, T>(
-    mut buf: &'a mut [T],
-    lens: impl Iterator<Item = usize>,
-) -> Vec<&'a mut [T]> {
+fn split_lengths<T>(mut buf: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
     let mut out = Vec::new();
     for l in lens {
         let (a, b) = std::mem::take(&mut buf).split_at_mut(l);
@@ -505,6 +502,7 @@ pub fn check_24_bitmask(bitmask: &[u8], rows: usize, cols: usize) -> Result<()> 
 // ---------------------------------------------------------------------------------------------
 // CSR.
 
+#[allow(clippy::too_many_arguments)]
 /// Encodes CSR from per-row counts: `crow` (rows+1 I64 LE bytes), `col` (nnz I32 LE),
 /// `values` (nnz * itemsize).
 pub fn csr_encode(
@@ -731,7 +729,10 @@ mod tests {
         let c2 = bitmask_row_counts(&mask, 3, 10).unwrap();
         bitmask_decode(4, &mask, &vals, 3, 10, &c2, &mut out).unwrap();
         assert_eq!(out, data);
-        assert_eq!(packed_size(PackFormat::Bitmask, 3, 10, 5, 4), 16 + 20 + 6 + 24);
+        assert_eq!(
+            packed_size(PackFormat::Bitmask, 3, 10, 5, 4),
+            16 + 20 + 6 + 24
+        );
     }
 
     #[test]
@@ -759,7 +760,17 @@ mod tests {
     #[test]
     fn two_four_selection_and_check() {
         let data = f32s(&[1., 0., 3., 0., 5., -6., 7., 0.]);
-        assert_eq!(check_24(Dtype::F32, &data, 1, 8).unwrap(), (Some(Not24 { row: 0, col: 4, kept: 3 }), 1));
+        assert_eq!(
+            check_24(Dtype::F32, &data, 1, 8).unwrap(),
+            (
+                Some(Not24 {
+                    row: 0,
+                    col: 4,
+                    kept: 3
+                }),
+                1
+            )
+        );
         let (mut m, mut v) = (vec![0u8; 1], vec![0u8; 16]);
         encode_24(Dtype::F32, &data, 1, 8, &mut m, &mut v).unwrap();
         assert_eq!(m, [0b0110_0101]);
@@ -786,15 +797,25 @@ mod tests {
     }
 
     fn matrix() -> impl Strategy<Value = (usize, usize, usize, Vec<u8>)> {
-        (0usize..12, 0usize..40, prop::sample::select(vec![2usize, 4, 8]), 0u8..=10).prop_flat_map(
-            |(r, c, n, density)| {
+        (
+            0usize..12,
+            0usize..40,
+            prop::sample::select(vec![2usize, 4, 8]),
+            0u8..=10,
+        )
+            .prop_flat_map(|(r, c, n, density)| {
                 let elem = prop_oneof![
                     (10 - density as u32) => Just(vec![0u8; 8]),
                     1 => Just({ let mut z = vec![0u8; 8]; z[7] = 0x80; z }),
                     (density as u32) => prop::collection::vec(any::<u8>(), 8),
                 ];
-                (Just(r), Just(c), Just(n), prop::collection::vec(elem, r * c)).prop_map(
-                    move |(r, c, n, els)| {
+                (
+                    Just(r),
+                    Just(c),
+                    Just(n),
+                    prop::collection::vec(elem, r * c),
+                )
+                    .prop_map(move |(r, c, n, els)| {
                         let bytes = els
                             .into_iter()
                             .flat_map(|mut e| {
@@ -806,10 +827,8 @@ mod tests {
                             })
                             .collect();
                         (r, c, n, bytes)
-                    },
-                )
-            },
-        )
+                    })
+            })
     }
 
     fn dtype_of(n: usize) -> Dtype {

@@ -98,8 +98,11 @@ pub fn inspect(path: &Path) -> Result<InspectReport> {
             .map(|f| f.name())
             .unwrap_or("dense");
         report.format = format!("safetensors (packed: {fmt})");
-        let zeros_of: BTreeMap<&str, Option<u64>> =
-            report.tensors.iter().map(|t| (t.name.as_str(), t.zeros)).collect();
+        let zeros_of: BTreeMap<&str, Option<u64>> = report
+            .tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.zeros))
+            .collect();
         let (mut lin_numel, mut lin_zeros) = (0u64, 0u64);
         for t in pm.tensors() {
             if t.shape.len() != 2 || !in_numbered_block(&t.name) {

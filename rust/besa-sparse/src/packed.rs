@@ -338,7 +338,7 @@ impl PackedModel {
             )));
         }
         let dims = read_i64s(model.files()[p.shape.0].data(shape_e));
-        if dims.iter().any(|&d| d < 0 || d > (1i64 << 40)) {
+        if dims.iter().any(|d| !(0..=(1i64 << 40)).contains(d)) {
             return Err(err(format!("\"shape\" holds invalid dimensions {dims:?}")));
         }
         let (rows, cols) = (dims[0] as usize, dims[1] as usize);

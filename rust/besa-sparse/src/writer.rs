@@ -43,10 +43,13 @@ impl PlannedTensor {
 /// Serialises a safetensors header for `tensors` in the given order, offsets tiling the buffer
 /// from 0, with `metadata` (sorted keys) first when given; padded with spaces to a multiple of 8.
 /// Returns the header bytes (without the 8-byte length) and each tensor's data offsets.
+/// Header bytes and the data offsets of each tensor.
+pub type Header = (Vec<u8>, Vec<(usize, usize)>);
+
 pub fn header_bytes(
     tensors: &[PlannedTensor],
     metadata: Option<&BTreeMap<String, String>>,
-) -> Result<(Vec<u8>, Vec<(usize, usize)>)> {
+) -> Result<Header> {
     let mut seen = std::collections::HashSet::new();
     let mut offsets = Vec::with_capacity(tensors.len());
     let mut infos = Vec::with_capacity(tensors.len());
