@@ -36,6 +36,10 @@ _LAZY: dict[str, str] = {
     "sotu_split": "data",
     "simulate": "simulation",
     "simulate_matrix": "simulation",
+    "pack": "packing",
+    "unpack": "packing",
+    "load_packed": "packing",
+    "from_packed": "packing",
 }
 
 if TYPE_CHECKING:
@@ -44,6 +48,7 @@ if TYPE_CHECKING:
     from .inspection import inspect
     from .models import load_model, load_tokenizer, resolve_model
     from .simulation import simulate, simulate_matrix
+    from .packing import from_packed, load_packed, pack, unpack
 
 
 def __getattr__(name: str) -> Any:
@@ -82,4 +87,8 @@ __all__ = [
     "simulate",
     "simulate_matrix",
     "sotu_split",
+    "pack",
+    "unpack",
+    "load_packed",
+    "from_packed",
 ]
