@@ -63,13 +63,16 @@ def pack_json(
     force_24: bool = False,
     tensors: list[str] | None = None,
     sync: bool = True,
+) -> str: ...
 def unpack_json(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
     shard_size: int = 5_000_000_000,
     overwrite: bool = False,
     sync: bool = True,
+) -> str: ...
 
+@final
 class PackedReader:
     def __new__(cls, path: str | os.PathLike[str]) -> PackedReader: ...
     def tensors(self) -> list[tuple[str, str, list[int], str | None, int]]: ...
