@@ -32,7 +32,7 @@ demo: build
 	$(PY) -m besa_rs.demo
 
 test-rust:
-	cargo test --workspace -q
+	cargo test --workspace --release -q
 
 test-python: build
 	$(PY) -m pytest -q

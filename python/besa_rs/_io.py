@@ -14,6 +14,17 @@ from typing import Any
 from .errors import ConfigError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def public_mode(path: Path, directory: bool = False) -> None:
+    """Gives a temporary file/dir (created 0600/0700) the permissions a plain open/mkdir would."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -36,6 +47,7 @@ def atomic_path(final: str | os.PathLike[str], suffix: str = "") -> Iterator[Pat
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    public_mode(tmp_path)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
@@ -67,9 +79,12 @@ def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False) -> Iterat
     ``overwrite`` it is replaced only after the new directory is complete."""
     final = Path(final)
     if final.exists() and not overwrite:
-        raise ConfigError(f"output directory {final} already exists (pass --overwrite to replace it)")
+        raise ConfigError(
+            f"output directory {final} already exists (pass --overwrite to replace it)"
+        )
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    public_mode(tmp, directory=True)
     try:
         yield tmp
         for p in tmp.rglob("*"):

