@@ -34,9 +34,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benches"))
 
 import ste_mask as bench  # noqa: E402
+from ste_reference import reference_ste, relative_error  # noqa: E402
+
 from besa_rs import ste  # noqa: E402
 from besa_rs.ste import _ext  # noqa: E402
-from ste_reference import reference_ste, relative_error  # noqa: E402
 
 LINES: list[str] = []
 RESULTS: dict = {"checks": [], "failures": [], "bench": []}

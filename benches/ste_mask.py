@@ -37,8 +37,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from besa_rs import ste  # noqa: E402
 from ste_reference import reference_ste  # noqa: E402
+
+from besa_rs import ste  # noqa: E402
 
 VARIANTS_CPU = ("reference", "fused-torch")
 VARIANTS_GPU = ("reference", "fused-torch", "fused-cuda")

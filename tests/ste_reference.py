@@ -9,6 +9,7 @@ the candidates' prune counts.
 from __future__ import annotations
 
 import torch
+
 from besa_rs.ste import candidate_prune_counts
 
 

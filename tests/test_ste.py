@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import zlib
 
-import besa_rs
 import pytest
 import torch
+from ste_reference import assert_close_rel, reference_masks, reference_ste
+
+import besa_rs
 from besa_rs import ste
 from besa_rs.errors import ConfigError, DtypeError, ShapeError
-from ste_reference import assert_close_rel, reference_masks, reference_ste
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

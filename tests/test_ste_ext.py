@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+
 from besa_rs import ste
 from besa_rs.ste import _ext
 
