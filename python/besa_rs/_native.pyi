@@ -52,6 +52,7 @@ def default_params_json() -> str: ...
 def dense_baseline_cycles(
     rows: int, cols: int, chunk: bool = False, pe_width: int = 64, pe_height: int = 64
 ) -> int: ...
+
 # --- sparse.rs ---
 def pack_json(
     src: str | os.PathLike[str],
