@@ -223,32 +223,115 @@ pub fn bitmask_encode(
         .collect();
     let vals = split_lengths(values, task_lens.into_iter());
     data.par_chunks(rpt * cols * n)
+        .zip(counts.par_chunks(rpt))
         .zip(bitmask.par_chunks_mut(rpt * wb))
         .zip(vals.into_par_iter())
-        .for_each(|((d, m), v)| dispatch!(n, encode_rows::<N>(d, cols, m, v)));
+        .for_each(|(((d, c), m), v)| dispatch!(n, encode_rows::<N>(d, cols, c, m, v)));
     Ok(())
 }
 
-fn encode_rows<const N: usize>(data: &[u8], cols: usize, mask: &mut [u8], values: &mut [u8]) {
-    let wb = bitmask_row_bytes(cols);
-    let mut k = 0usize;
-    for (row, mrow) in data.chunks_exact(cols * N).zip(mask.chunks_exact_mut(wb)) {
-        for (grp, mb) in row.chunks(8 * N).zip(mrow.iter_mut()) {
-            let mut bits = 0u8;
-            for (j, e) in grp.chunks_exact(N).enumerate() {
-                bits |= ((key::<N>(e) != 0) as u8) << j;
+/// Machine words of each item size, for branchless kernels.
+trait Word: Copy {
+    fn load(b: &[u8]) -> Self;
+    fn store(self, b: &mut [u8]);
+    fn nonzero(self) -> bool;
+    /// `self` when `bit` is 1, zero when 0 (no branch).
+    fn keep_if(self, bit: u8) -> Self;
+}
+
+macro_rules! word {
+    ($t:ty, $n:expr, $mag:expr) => {
+        impl Word for $t {
+            #[inline(always)]
+            fn load(b: &[u8]) -> Self {
+                <$t>::from_le_bytes(b[..$n].try_into().expect("item"))
             }
-            *mb = bits;
-            let mut b = bits;
-            while b != 0 {
-                let j = b.trailing_zeros() as usize;
-                values[k..k + N].copy_from_slice(&grp[j * N..j * N + N]);
-                k += N;
-                b &= b - 1;
+            #[inline(always)]
+            fn store(self, b: &mut [u8]) {
+                b[..$n].copy_from_slice(&self.to_le_bytes());
+            }
+            #[inline(always)]
+            fn nonzero(self) -> bool {
+                self & $mag != 0
+            }
+            #[inline(always)]
+            fn keep_if(self, bit: u8) -> Self {
+                self & (0 as $t).wrapping_sub(bit as $t)
             }
         }
+    };
+}
+word!(u8, 1, 0x7f);
+word!(u16, 2, 0x7fff);
+word!(u32, 4, 0x7fff_ffff);
+word!(u64, 8, u64::MAX >> 1);
+
+fn encode_rows<const N: usize>(
+    data: &[u8],
+    cols: usize,
+    counts: &[u64],
+    mask: &mut [u8],
+    values: &mut [u8],
+) {
+    match N {
+        2 => encode_rows_w::<u16>(data, cols, counts, mask, values),
+        4 => encode_rows_w::<u32>(data, cols, counts, mask, values),
+        8 => encode_rows_w::<u64>(data, cols, counts, mask, values),
+        _ => encode_rows_w::<u8>(data, cols, counts, mask, values),
     }
-    debug_assert_eq!(k, values.len());
+}
+
+/// Row by row: while a later kept value exists in this task's slice, every element is stored
+/// at the write cursor and the cursor advances only for kept ones (no unpredictable branch; a
+/// dropped element is overwritten later). The task's last non-empty row uses a bit loop so
+/// nothing is written past the slice.
+fn encode_rows_w<W: Word>(
+    data: &[u8],
+    cols: usize,
+    counts: &[u64],
+    mask: &mut [u8],
+    values: &mut [u8],
+) {
+    let n = std::mem::size_of::<W>();
+    let wb = bitmask_row_bytes(cols);
+    let mut k = 0usize; // in elements
+    let len = values.len() / n;
+    for ((row, mrow), &cnt) in data
+        .chunks_exact(cols * n)
+        .zip(mask.chunks_exact_mut(wb))
+        .zip(counts)
+    {
+        let row_end = k + cnt as usize;
+        if row_end < len {
+            for (grp, mb) in row.chunks(8 * n).zip(mrow.iter_mut()) {
+                let mut bits = 0u8;
+                for (j, e) in grp.chunks_exact(n).enumerate() {
+                    let v = W::load(e);
+                    let keep = v.nonzero();
+                    v.store(&mut values[k * n..]);
+                    k += keep as usize;
+                    bits |= (keep as u8) << j;
+                }
+                *mb = bits;
+            }
+        } else {
+            for (grp, mb) in row.chunks(8 * n).zip(mrow.iter_mut()) {
+                let mut bits = 0u8;
+                for (j, e) in grp.chunks_exact(n).enumerate() {
+                    bits |= (W::load(e).nonzero() as u8) << j;
+                }
+                *mb = bits;
+                let mut b = bits;
+                while b != 0 {
+                    let j = b.trailing_zeros() as usize;
+                    values[k * n..k * n + n].copy_from_slice(&grp[j * n..j * n + n]);
+                    k += 1;
+                    b &= b - 1;
+                }
+            }
+        }
+        debug_assert_eq!(k, row_end);
+    }
 }
 
 /// Checks a bitmask of `rows x ceil(cols/8)` bytes (padding bits of each row must be clear)
@@ -325,18 +408,36 @@ pub fn bitmask_decode(
 }
 
 fn decode_rows<const N: usize>(out: &mut [u8], cols: usize, mask: &[u8], values: &[u8]) {
+    match N {
+        2 => decode_rows_w::<u16>(out, cols, mask, values),
+        4 => decode_rows_w::<u32>(out, cols, mask, values),
+        8 => decode_rows_w::<u64>(out, cols, mask, values),
+        _ => decode_rows_w::<u8>(out, cols, mask, values),
+    }
+}
+
+/// Branchless: every output element is written, from the value at the read cursor (clamped to
+/// the slice) when its bit is set, else zero; the cursor advances by the bit.
+fn decode_rows_w<W: Word>(out: &mut [u8], cols: usize, mask: &[u8], values: &[u8]) {
+    let n = std::mem::size_of::<W>();
     let wb = bitmask_row_bytes(cols);
-    out.fill(0);
+    let len = values.len() / n;
+    if len == 0 {
+        out.fill(0);
+        return;
+    }
+    let last = len - 1;
+    let vp = values.as_ptr() as *const W;
     let mut k = 0usize;
-    for (orow, mrow) in out.chunks_exact_mut(cols * N).zip(mask.chunks_exact(wb)) {
-        for (grp, &mb) in orow.chunks_mut(8 * N).zip(mrow.iter()) {
-            let mut b = mb;
-            while b != 0 {
-                let j = b.trailing_zeros() as usize;
-                grp[j * N..j * N + N].copy_from_slice(&values[k..k + N]);
-                k += N;
-                b &= b - 1;
-            }
+    for (orow, mrow) in out.chunks_exact_mut(cols * n).zip(mask.chunks_exact(wb)) {
+        let op = orow.as_mut_ptr() as *mut W;
+        for j in 0..cols {
+            let bit = (mrow[j >> 3] >> (j & 7)) & 1;
+            // SAFETY: k.min(last) < len = values.len() / n, and j < cols, so both accesses
+            // stay inside `values` and this row of `out`; unaligned reads/writes are used.
+            let v = unsafe { vp.add(k.min(last)).read_unaligned() };
+            unsafe { op.add(j).write_unaligned(v.keep_if(bit)) };
+            k += bit as usize;
         }
     }
 }

@@ -18,7 +18,9 @@ fn every_corrupt_fixture_is_a_format_error_naming_the_file() {
         let path = entry.unwrap().path();
         let err = inspect(&path).expect_err(&path.display().to_string());
         assert_eq!(err.kind, ErrorKind::Format, "{}: {}", path.display(), err);
-        assert!(err.message.contains(path.file_name().unwrap().to_str().unwrap()));
+        assert!(err
+            .message
+            .contains(path.file_name().unwrap().to_str().unwrap()));
         assert!(!err.message.contains('\n'));
         n += 1;
     }
