@@ -54,6 +54,7 @@ fn main() {
         let copy = data.clone();
         let t_copy = t.elapsed().as_secs_f64();
         drop(copy);
+        println!("crc32 {:.2} GB/s (one thread)", crc_speed(&data));
         println!(
             "{gb:.2} GB bf16: count {:.2} GB/s, encode {:.2} GB/s, decode {:.2} GB/s, memcpy {:.2} GB/s",
             gb / t_count,
@@ -62,4 +63,12 @@ fn main() {
             gb / t_copy
         );
     }
+}
+
+fn crc_speed(data: &[u8]) -> f64 {
+    let t = Instant::now();
+    let mut h = crc32fast::Hasher::new();
+    h.update(data);
+    std::hint::black_box(h.finalize());
+    data.len() as f64 / 1e9 / t.elapsed().as_secs_f64()
 }
