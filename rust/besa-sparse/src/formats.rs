@@ -155,6 +155,14 @@ pub fn row_nnz(dtype: Dtype, data: &[u8], rows: usize, cols: usize) -> Result<Ve
 }
 
 fn row_nnz_n<const N: usize>(data: &[u8], _rows: usize, cols: usize) -> Vec<u64> {
+    #[cfg(target_arch = "x86_64")]
+    if N == 2 && simd16::available() {
+        return data
+            .par_chunks(cols * N)
+            // SAFETY: the CPU has SSSE3 and POPCNT (checked just above).
+            .map(|row| unsafe { simd16::count_row(row) })
+            .collect();
+    }
     data.par_chunks(cols * N)
         .map(|row| row.chunks_exact(N).filter(|e| key::<N>(e) != 0).count() as u64)
         .collect()
@@ -555,6 +563,26 @@ mod simd16 {
             }
         }
         debug_assert_eq!(k, len);
+    }
+
+    /// Non-zero 16-bit items of one row.
+    #[target_feature(enable = "ssse3,popcnt")]
+    pub unsafe fn count_row(row: &[u8]) -> u64 {
+        let magnitude = _mm_set1_epi16(0x7fff);
+        let zero = _mm_setzero_si128();
+        let mut zeros = 0u64;
+        let chunks = row.chunks_exact(16);
+        let tail = chunks.remainder();
+        for c in chunks {
+            let v = _mm_loadu_si128(c.as_ptr() as *const __m128i);
+            let z = _mm_cmpeq_epi16(_mm_and_si128(v, magnitude), zero);
+            zeros += (_mm_movemask_epi8(z) as u32).count_ones() as u64 / 2;
+        }
+        let tail_kept = tail
+            .chunks_exact(2)
+            .filter(|e| u16::from_le_bytes([e[0], e[1]]) & 0x7fff != 0)
+            .count() as u64;
+        (row.len() - tail.len()) as u64 / 2 - zeros + tail_kept
     }
 
     /// Same contract as `decode_rows_w::<u16>`: every output item is written.
