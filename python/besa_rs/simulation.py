@@ -26,7 +26,8 @@ from .errors import ConfigError, DtypeError, ShapeError
 #: Display order of projection types (others follow alphabetically).
 TYPE_ORDER: tuple[str, ...] = ("q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down")
 
-_FULL_KEYS = {
+#: Parameters of the full model (``--mode full``), in CLI help order.
+FULL_KEYS: tuple[str, ...] = (
     "clock_mhz",
     "bandwidth_gbs",
     "value_bits",
@@ -38,7 +39,7 @@ _FULL_KEYS = {
     "index_buffer_kb",
     "input_buffer_kb",
     "output_buffer_kb",
-}
+)
 
 
 def sim_params(
@@ -62,7 +63,7 @@ def sim_params(
         raise ConfigError(
             f"float_mode must be 'f32' (the authors' torch code) or 'f64', not {float_mode!r}"
         )
-    unknown = set(full) - _FULL_KEYS
+    unknown = set(full) - set(FULL_KEYS)
     if unknown:
         raise ConfigError(f"unknown simulator option(s): {', '.join(sorted(unknown))}")
     if mode == "reference" and any(v is not None for v in full.values()):

@@ -73,26 +73,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-_FULL = (
-    "clock_mhz",
-    "bandwidth_gbs",
-    "value_bits",
-    "act_bits",
-    "index_bits",
-    "format",
-    "prefill_tokens",
-    "weight_buffer_kb",
-    "index_buffer_kb",
-    "input_buffer_kb",
-    "output_buffer_kb",
-)
-
-
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
-    from ..simulation import format_report, plot_report, simulate
+    from ..simulation import FULL_KEYS, format_report, plot_report, simulate
 
-    full = {k: getattr(args, k) for k in _FULL if getattr(args, k) is not None}
+    full = {k: getattr(args, k) for k in FULL_KEYS if getattr(args, k) is not None}
     if args.mode == "reference" and full:
         flags = ", ".join("--" + k.replace("_", "-") for k in full)
         raise ConfigError(f"{flags}: only with --mode full")
