@@ -211,11 +211,17 @@ def throughput_section(tmp: Path, layers: int, repeat: int) -> None:
 
     def row(what, t, nbytes, base_copy, base_np):
         gbs = nbytes / t / 1e9
-        return f"{what:8} {t:8.2f} s {gbs:8.2f} GB/s   copy {base_copy:6.2f} s (x{t / base_copy:4.2f} of copy)   numpy/torch {base_np:7.2f} s ({base_np / t:5.1f}x faster)"
+        return (
+            f"{what:7} {t:7.2f} s {gbs:6.2f} GB/s in | copy of the input {base_copy:6.2f} s "
+            f"(besa-rs = {t / base_copy:4.2f}x copy) | numpy/torch {base_np:7.2f} s (besa-rs {base_np / t:5.1f}x faster)"
+        )
 
-    print(f"{'':8} {'besa-rs':>10} {'input':>13}")
     print(row("pack", t_rs, n, t_copy, t_np))
     print(row("unpack", t_rsu, packed_n, t_copy_p, t_npu))
+    print(
+        f"unpack writes the dense bytes: vs a copy of the dense ({n / 1e9:.2f} GB) {t_copy:.2f} s, "
+        f"besa-rs = {t_rsu / t_copy:.2f}x copy"
+    )
     print(
         f"targets: >= 5x faster than numpy/torch, <= 3x the copy time. packed size {packed_n / n:.4f} of dense"
     )

@@ -155,6 +155,14 @@ pub fn row_nnz(dtype: Dtype, data: &[u8], rows: usize, cols: usize) -> Result<Ve
 }
 
 fn row_nnz_n<const N: usize>(data: &[u8], _rows: usize, cols: usize) -> Vec<u64> {
+    #[cfg(target_arch = "x86_64")]
+    if N == 2 && simd16::available() {
+        return data
+            .par_chunks(cols * N)
+            // SAFETY: the CPU has SSSE3 and POPCNT (checked just above).
+            .map(|row| unsafe { simd16::count_row(row) })
+            .collect();
+    }
     data.par_chunks(cols * N)
         .map(|row| row.chunks_exact(N).filter(|e| key::<N>(e) != 0).count() as u64)
         .collect()
@@ -223,32 +231,121 @@ pub fn bitmask_encode(
         .collect();
     let vals = split_lengths(values, task_lens.into_iter());
     data.par_chunks(rpt * cols * n)
+        .zip(counts.par_chunks(rpt))
         .zip(bitmask.par_chunks_mut(rpt * wb))
         .zip(vals.into_par_iter())
-        .for_each(|((d, m), v)| dispatch!(n, encode_rows::<N>(d, cols, m, v)));
+        .for_each(|(((d, c), m), v)| dispatch!(n, encode_rows::<N>(d, cols, c, m, v)));
     Ok(())
 }
 
-fn encode_rows<const N: usize>(data: &[u8], cols: usize, mask: &mut [u8], values: &mut [u8]) {
-    let wb = bitmask_row_bytes(cols);
-    let mut k = 0usize;
-    for (row, mrow) in data.chunks_exact(cols * N).zip(mask.chunks_exact_mut(wb)) {
-        for (grp, mb) in row.chunks(8 * N).zip(mrow.iter_mut()) {
-            let mut bits = 0u8;
-            for (j, e) in grp.chunks_exact(N).enumerate() {
-                bits |= ((key::<N>(e) != 0) as u8) << j;
+/// Machine words of each item size, for branchless kernels.
+trait Word: Copy {
+    fn load(b: &[u8]) -> Self;
+    fn store(self, b: &mut [u8]);
+    fn nonzero(self) -> bool;
+    /// `self` when `bit` is 1, zero when 0 (no branch).
+    fn keep_if(self, bit: u8) -> Self;
+}
+
+macro_rules! word {
+    ($t:ty, $n:expr, $mag:expr) => {
+        impl Word for $t {
+            #[inline(always)]
+            fn load(b: &[u8]) -> Self {
+                <$t>::from_le_bytes(b[..$n].try_into().expect("item"))
             }
-            *mb = bits;
-            let mut b = bits;
-            while b != 0 {
-                let j = b.trailing_zeros() as usize;
-                values[k..k + N].copy_from_slice(&grp[j * N..j * N + N]);
-                k += N;
-                b &= b - 1;
+            #[inline(always)]
+            fn store(self, b: &mut [u8]) {
+                b[..$n].copy_from_slice(&self.to_le_bytes());
+            }
+            #[inline(always)]
+            fn nonzero(self) -> bool {
+                self & $mag != 0
+            }
+            #[inline(always)]
+            fn keep_if(self, bit: u8) -> Self {
+                self & (0 as $t).wrapping_sub(bit as $t)
             }
         }
+    };
+}
+word!(u8, 1, 0x7f);
+word!(u16, 2, 0x7fff);
+word!(u32, 4, 0x7fff_ffff);
+word!(u64, 8, u64::MAX >> 1);
+
+fn encode_rows<const N: usize>(
+    data: &[u8],
+    cols: usize,
+    counts: &[u64],
+    mask: &mut [u8],
+    values: &mut [u8],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if N == 2 && simd16::available() {
+        // SAFETY: the CPU has SSSE3 and POPCNT (checked just above).
+        unsafe { simd16::encode_rows(data, cols, counts, mask, values) };
+        return;
     }
-    debug_assert_eq!(k, values.len());
+    match N {
+        2 => encode_rows_w::<u16>(data, cols, counts, mask, values),
+        4 => encode_rows_w::<u32>(data, cols, counts, mask, values),
+        8 => encode_rows_w::<u64>(data, cols, counts, mask, values),
+        _ => encode_rows_w::<u8>(data, cols, counts, mask, values),
+    }
+}
+
+/// Row by row: while a later kept value exists in this task's slice, every element is stored
+/// at the write cursor and the cursor advances only for kept ones (no unpredictable branch; a
+/// dropped element is overwritten later). The task's last non-empty row uses a bit loop so
+/// nothing is written past the slice.
+fn encode_rows_w<W: Word>(
+    data: &[u8],
+    cols: usize,
+    counts: &[u64],
+    mask: &mut [u8],
+    values: &mut [u8],
+) {
+    let n = std::mem::size_of::<W>();
+    let wb = bitmask_row_bytes(cols);
+    let mut k = 0usize; // in elements
+    let len = values.len() / n;
+    for ((row, mrow), &cnt) in data
+        .chunks_exact(cols * n)
+        .zip(mask.chunks_exact_mut(wb))
+        .zip(counts)
+    {
+        let row_end = k + cnt as usize;
+        if row_end < len {
+            for (grp, mb) in row.chunks(8 * n).zip(mrow.iter_mut()) {
+                let mut bits = 0u8;
+                for (j, e) in grp.chunks_exact(n).enumerate() {
+                    let v = W::load(e);
+                    let keep = v.nonzero();
+                    v.store(&mut values[k * n..]);
+                    k += keep as usize;
+                    bits |= (keep as u8) << j;
+                }
+                *mb = bits;
+            }
+        } else {
+            for (grp, mb) in row.chunks(8 * n).zip(mrow.iter_mut()) {
+                let mut bits = 0u8;
+                for (j, e) in grp.chunks_exact(n).enumerate() {
+                    bits |= (W::load(e).nonzero() as u8) << j;
+                }
+                *mb = bits;
+                let mut b = bits;
+                while b != 0 {
+                    let j = b.trailing_zeros() as usize;
+                    values[k * n..k * n + n].copy_from_slice(&grp[j * n..j * n + n]);
+                    k += 1;
+                    b &= b - 1;
+                }
+            }
+        }
+        debug_assert_eq!(k, row_end);
+    }
 }
 
 /// Checks a bitmask of `rows x ceil(cols/8)` bytes (padding bits of each row must be clear)
@@ -325,17 +422,207 @@ pub fn bitmask_decode(
 }
 
 fn decode_rows<const N: usize>(out: &mut [u8], cols: usize, mask: &[u8], values: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if N == 2 && simd16::available() {
+        // SAFETY: the CPU has SSSE3 and POPCNT (checked just above).
+        unsafe { simd16::decode_rows(out, cols, mask, values) };
+        return;
+    }
+    match N {
+        2 => decode_rows_w::<u16>(out, cols, mask, values),
+        4 => decode_rows_w::<u32>(out, cols, mask, values),
+        8 => decode_rows_w::<u64>(out, cols, mask, values),
+        _ => decode_rows_w::<u8>(out, cols, mask, values),
+    }
+}
+
+/// Branchless: every output element is written, from the value at the read cursor (clamped to
+/// the slice) when its bit is set, else zero; the cursor advances by the bit.
+fn decode_rows_w<W: Word>(out: &mut [u8], cols: usize, mask: &[u8], values: &[u8]) {
+    let n = std::mem::size_of::<W>();
     let wb = bitmask_row_bytes(cols);
-    out.fill(0);
+    let len = values.len() / n;
+    if len == 0 {
+        out.fill(0);
+        return;
+    }
+    let last = len - 1;
+    let vp = values.as_ptr() as *const W;
     let mut k = 0usize;
-    for (orow, mrow) in out.chunks_exact_mut(cols * N).zip(mask.chunks_exact(wb)) {
-        for (grp, &mb) in orow.chunks_mut(8 * N).zip(mrow.iter()) {
-            let mut b = mb;
-            while b != 0 {
-                let j = b.trailing_zeros() as usize;
-                grp[j * N..j * N + N].copy_from_slice(&values[k..k + N]);
-                k += N;
-                b &= b - 1;
+    for (orow, mrow) in out.chunks_exact_mut(cols * n).zip(mask.chunks_exact(wb)) {
+        let op = orow.as_mut_ptr() as *mut W;
+        for j in 0..cols {
+            let bit = (mrow[j >> 3] >> (j & 7)) & 1;
+            // SAFETY: k.min(last) < len = values.len() / n, and j < cols, so both accesses
+            // stay inside `values` and this row of `out`; unaligned reads/writes are used.
+            let v = unsafe { vp.add(k.min(last)).read_unaligned() };
+            unsafe { op.add(j).write_unaligned(v.keep_if(bit)) };
+            k += bit as usize;
+        }
+    }
+}
+
+/// SSSE3 kernels for 16-bit items (F16/BF16): 8 items per mask byte; a 256-entry shuffle table
+/// compresses the kept items of a 16-byte load (encode) or expands packed items into their
+/// positions with zeros elsewhere (decode).
+#[cfg(target_arch = "x86_64")]
+mod simd16 {
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    use super::bitmask_row_bytes;
+
+    struct Tables {
+        compress: [[u8; 16]; 256],
+        expand: [[u8; 16]; 256],
+    }
+
+    fn tables() -> &'static Tables {
+        static T: OnceLock<Tables> = OnceLock::new();
+        T.get_or_init(|| {
+            let mut compress = [[0x80u8; 16]; 256];
+            let mut expand = [[0x80u8; 16]; 256];
+            for (m, (c, e)) in compress.iter_mut().zip(expand.iter_mut()).enumerate() {
+                let mut k = 0usize;
+                for j in 0..8 {
+                    if (m >> j) & 1 == 1 {
+                        c[2 * k] = 2 * j as u8;
+                        c[2 * k + 1] = 2 * j as u8 + 1;
+                        e[2 * j] = 2 * k as u8;
+                        e[2 * j + 1] = 2 * k as u8 + 1;
+                        k += 1;
+                    }
+                }
+            }
+            Tables { compress, expand }
+        })
+    }
+
+    pub fn available() -> bool {
+        static A: OnceLock<bool> = OnceLock::new();
+        *A.get_or_init(|| is_x86_feature_detected!("ssse3") && is_x86_feature_detected!("popcnt"))
+    }
+
+    /// Same contract as `encode_rows_w::<u16>`. A 16-byte store at slot k is only done when
+    /// slots k..k+8 are inside `values`; its lanes past the kept count are overwritten by later
+    /// stores (slots are filled in increasing order), so the result is exact.
+    #[target_feature(enable = "ssse3,popcnt")]
+    pub unsafe fn encode_rows(
+        data: &[u8],
+        cols: usize,
+        counts: &[u64],
+        mask: &mut [u8],
+        values: &mut [u8],
+    ) {
+        let t = tables();
+        let wb = bitmask_row_bytes(cols);
+        let len = values.len() / 2;
+        let full = cols / 8;
+        let magnitude = _mm_set1_epi16(0x7fff);
+        let zero = _mm_setzero_si128();
+        let mut k = 0usize;
+        for ((row, mrow), &_cnt) in data
+            .chunks_exact(cols * 2)
+            .zip(mask.chunks_exact_mut(wb))
+            .zip(counts)
+        {
+            for g in 0..full {
+                let grp = &row[g * 16..g * 16 + 16];
+                let v = _mm_loadu_si128(grp.as_ptr() as *const __m128i);
+                let z = _mm_cmpeq_epi16(_mm_and_si128(v, magnitude), zero);
+                let zm = (_mm_movemask_epi8(_mm_packs_epi16(z, z)) & 0xff) as u8;
+                let m = !zm;
+                mrow[g] = m;
+                if k + 8 <= len {
+                    let sh = _mm_loadu_si128(t.compress[m as usize].as_ptr() as *const __m128i);
+                    let dst = values[k * 2..k * 2 + 16].as_mut_ptr() as *mut __m128i;
+                    _mm_storeu_si128(dst, _mm_shuffle_epi8(v, sh));
+                } else {
+                    let mut b = m;
+                    let mut kk = k;
+                    while b != 0 {
+                        let j = b.trailing_zeros() as usize;
+                        values[kk * 2..kk * 2 + 2].copy_from_slice(&grp[2 * j..2 * j + 2]);
+                        kk += 1;
+                        b &= b - 1;
+                    }
+                }
+                k += m.count_ones() as usize;
+            }
+            if cols % 8 != 0 {
+                let grp = &row[full * 16..];
+                let mut bits = 0u8;
+                for (j, e) in grp.chunks_exact(2).enumerate() {
+                    if u16::from_le_bytes([e[0], e[1]]) & 0x7fff != 0 {
+                        bits |= 1 << j;
+                        values[k * 2..k * 2 + 2].copy_from_slice(e);
+                        k += 1;
+                    }
+                }
+                mrow[full] = bits;
+            }
+        }
+        debug_assert_eq!(k, len);
+    }
+
+    /// Non-zero 16-bit items of one row.
+    #[target_feature(enable = "ssse3,popcnt")]
+    pub unsafe fn count_row(row: &[u8]) -> u64 {
+        let magnitude = _mm_set1_epi16(0x7fff);
+        let zero = _mm_setzero_si128();
+        let mut zeros = 0u64;
+        let chunks = row.chunks_exact(16);
+        let tail = chunks.remainder();
+        for c in chunks {
+            let v = _mm_loadu_si128(c.as_ptr() as *const __m128i);
+            let z = _mm_cmpeq_epi16(_mm_and_si128(v, magnitude), zero);
+            zeros += (_mm_movemask_epi8(z) as u32).count_ones() as u64 / 2;
+        }
+        let tail_kept = tail
+            .chunks_exact(2)
+            .filter(|e| u16::from_le_bytes([e[0], e[1]]) & 0x7fff != 0)
+            .count() as u64;
+        (row.len() - tail.len()) as u64 / 2 - zeros + tail_kept
+    }
+
+    /// Same contract as `decode_rows_w::<u16>`: every output item is written.
+    #[target_feature(enable = "ssse3,popcnt")]
+    pub unsafe fn decode_rows(out: &mut [u8], cols: usize, mask: &[u8], values: &[u8]) {
+        let t = tables();
+        let wb = bitmask_row_bytes(cols);
+        let len = values.len() / 2;
+        let full = cols / 8;
+        let mut k = 0usize;
+        for (orow, mrow) in out.chunks_exact_mut(cols * 2).zip(mask.chunks_exact(wb)) {
+            for g in 0..full {
+                let m = mrow[g];
+                let dst = &mut orow[g * 16..g * 16 + 16];
+                if k + 8 <= len {
+                    let v = _mm_loadu_si128(values[k * 2..k * 2 + 16].as_ptr() as *const __m128i);
+                    let sh = _mm_loadu_si128(t.expand[m as usize].as_ptr() as *const __m128i);
+                    _mm_storeu_si128(dst.as_mut_ptr() as *mut __m128i, _mm_shuffle_epi8(v, sh));
+                    k += m.count_ones() as usize;
+                } else {
+                    for (j, o) in dst.chunks_exact_mut(2).enumerate() {
+                        if (m >> j) & 1 == 1 {
+                            o.copy_from_slice(&values[k * 2..k * 2 + 2]);
+                            k += 1;
+                        } else {
+                            o.fill(0);
+                        }
+                    }
+                }
+            }
+            if cols % 8 != 0 {
+                let m = mrow[full];
+                for (j, o) in orow[full * 16..].chunks_exact_mut(2).enumerate() {
+                    if (m >> j) & 1 == 1 {
+                        o.copy_from_slice(&values[k * 2..k * 2 + 2]);
+                        k += 1;
+                    } else {
+                        o.fill(0);
+                    }
+                }
             }
         }
     }

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::formats::{self, bitmask_row_bytes, PackFormat};
 use crate::inspect::in_numbered_block;
 use crate::model::{read_json, INDEX_NAME};
-use crate::packed::{parallel_copy, PackedModel, Storage, META_CRC_PREFIX, META_FORMAT};
+use crate::packed::{PackedModel, Storage, META_CRC_PREFIX, META_FORMAT};
 use crate::st::{dtype_itemsize, dtype_name};
 use crate::writer::{align_order, plan_shards, shard_name, AtomicDir, PlannedTensor, ShardWriter};
 
@@ -497,7 +497,7 @@ pub fn pack(src: &Path, out: &Path, opts: &PackOptions) -> Result<Report> {
             match &jobs[g] {
                 Job::Copy { src_idx } => {
                     let t = &tensors[*src_idx];
-                    parallel_copy(data_of(*src_idx), w.tensor_mut(&t.name)?);
+                    w.write_tensor(&t.name, data_of(*src_idx))?;
                 }
                 Job::Pack {
                     src_idx,
@@ -648,45 +648,51 @@ fn encode_into(
         PackFormat::Bitmask => {
             let names = [n("shape"), n("compressed"), n("bitmask"), n("row_offsets")];
             let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
-            let mut bufs = w.tensors_mut(&refs)?;
-            let [shape, vals, mask, ro] = &mut bufs[..] else {
-                unreachable!()
-            };
-            shape.copy_from_slice(&shape_bytes);
-            formats::bitmask_encode(dtype, data, rows, cols, counts, mask, vals)?;
-            let (offs, _) = formats::prefix_offsets(counts);
-            for (c, o) in ro.chunks_exact_mut(8).zip(&offs) {
-                c.copy_from_slice(&(*o as i64).to_le_bytes());
-            }
-            for b in [&**shape, &**vals, &**mask, &**ro] {
-                h.update(b);
-            }
+            w.fill_tensors(&refs, |bufs| {
+                let [shape, vals, mask, ro] = bufs else {
+                    unreachable!()
+                };
+                shape.copy_from_slice(&shape_bytes);
+                formats::bitmask_encode(dtype, data, rows, cols, counts, mask, vals)?;
+                let (offs, _) = formats::prefix_offsets(counts);
+                for (c, o) in ro.chunks_exact_mut(8).zip(&offs) {
+                    c.copy_from_slice(&(*o as i64).to_le_bytes());
+                }
+                for b in [&**shape, &**vals, &**mask, &**ro] {
+                    h.update(b);
+                }
+                Ok(())
+            })?;
         }
         PackFormat::TwoFour => {
             let names = [n("shape"), n("compressed"), n("bitmask")];
             let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
-            let mut bufs = w.tensors_mut(&refs)?;
-            let [shape, vals, mask] = &mut bufs[..] else {
-                unreachable!()
-            };
-            shape.copy_from_slice(&shape_bytes);
-            formats::encode_24(dtype, data, rows, cols, mask, vals)?;
-            for b in [&**shape, &**vals, &**mask] {
-                h.update(b);
-            }
+            w.fill_tensors(&refs, |bufs| {
+                let [shape, vals, mask] = bufs else {
+                    unreachable!()
+                };
+                shape.copy_from_slice(&shape_bytes);
+                formats::encode_24(dtype, data, rows, cols, mask, vals)?;
+                for b in [&**shape, &**vals, &**mask] {
+                    h.update(b);
+                }
+                Ok(())
+            })?;
         }
         PackFormat::Csr => {
             let names = [n("shape"), n("crow_indices"), n("col_indices"), n("values")];
             let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
-            let mut bufs = w.tensors_mut(&refs)?;
-            let [shape, crow, col, vals] = &mut bufs[..] else {
-                unreachable!()
-            };
-            shape.copy_from_slice(&shape_bytes);
-            formats::csr_encode(dtype, data, rows, cols, counts, crow, col, vals)?;
-            for b in [&**shape, &**crow, &**col, &**vals] {
-                h.update(b);
-            }
+            w.fill_tensors(&refs, |bufs| {
+                let [shape, crow, col, vals] = bufs else {
+                    unreachable!()
+                };
+                shape.copy_from_slice(&shape_bytes);
+                formats::csr_encode(dtype, data, rows, cols, counts, crow, col, vals)?;
+                for b in [&**shape, &**crow, &**col, &**vals] {
+                    h.update(b);
+                }
+                Ok(())
+            })?;
         }
     }
     Ok(h.finalize())
@@ -748,7 +754,13 @@ pub fn unpack(src: &Path, out: &Path, opts: &UnpackOptions) -> Result<Report> {
         let mut w = ShardWriter::create(&dir.path().join(&name), &plan, Some(&md))?;
         for &i in group {
             let t = &tensors[i];
-            pm.read_into(t, w.tensor_mut(&t.name)?)?;
+            match &t.storage {
+                Storage::Dense(l) => w.write_tensor(&t.name, pm.part_data(*l))?,
+                Storage::Packed(_) => {
+                    let name = t.name.clone();
+                    w.fill_tensors(&[&name], |bufs| pm.read_into(t, &mut *bufs[0]))?
+                }
+            }
             weight_map.insert(t.name.clone(), name.clone());
             total += t.nbytes() as u64;
         }

@@ -1,17 +1,17 @@
 //! Writing safetensors files and sharded checkpoints, atomically.
 //!
 //! A file is planned first (names, dtypes, shapes, byte lengths), its header is serialised and
-//! validated with the `safetensors` crate, the file is created at its full size and memory
-//! mapped, and callers fill each tensor's bytes in place (so nothing larger than one tensor's
-//! encoder state is held in memory). Directories are built under a hidden temporary name next to
+//! validated with the `safetensors` crate, the file is created at its full size, and each
+//! tensor is written at its offset (from the input's memory map for copies, from one reusable
+//! buffer for encoded tensors, so memory stays at about the largest tensor). Directories are built under a hidden temporary name next to
 //! the destination and renamed into place only when complete.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
-use memmap2::MmapMut;
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
+use std::os::unix::fs::FileExt;
 
 use crate::error::{Error, Result};
 use crate::st::dtype_itemsize;
@@ -117,14 +117,17 @@ pub fn header_bytes(
     Ok((bytes, offsets))
 }
 
-/// A safetensors file being written in place through a memory map.
+/// A safetensors file being written: created at its final size with its header, then each
+/// tensor is written at its offset with positioned writes (`pwrite`), either straight from a
+/// caller's slice or from a reusable scratch buffer the caller fills (so memory stays at the
+/// largest packed tensor, and no page of the output is faulted through a memory map).
 pub struct ShardWriter {
     path: PathBuf,
     file: File,
-    mmap: Option<MmapMut>,
     data_start: usize,
     offsets: Vec<(usize, usize)>,
     index: BTreeMap<String, usize>,
+    scratch: Vec<u8>,
 }
 
 impl ShardWriter {
@@ -144,15 +147,13 @@ impl ShardWriter {
             .open(path)
             .map_err(|e| Error::io(path, e))?;
         file.set_len(total as u64).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the file was just created by us (create_new) inside a private temporary
-        // directory; nothing else maps or resizes it while we write.
-        let mut mmap = unsafe { MmapMut::map_mut(&file) }.map_err(|e| Error::io(path, e))?;
-        mmap[..8].copy_from_slice(&(header.len() as u64).to_le_bytes());
-        mmap[8..8 + header.len()].copy_from_slice(&header);
+        let mut head = (header.len() as u64).to_le_bytes().to_vec();
+        head.extend_from_slice(&header);
+        file.write_all_at(&head, 0)
+            .map_err(|e| Error::io(path, e))?;
         Ok(Self {
             path: path.to_path_buf(),
             file,
-            mmap: Some(mmap),
             data_start: 8 + header.len(),
             offsets,
             index: tensors
@@ -160,6 +161,7 @@ impl ShardWriter {
                 .enumerate()
                 .map(|(i, t)| (t.name.clone(), i))
                 .collect(),
+            scratch: Vec::new(),
         })
     }
 
@@ -167,48 +169,60 @@ impl ShardWriter {
         &self.path
     }
 
-    /// The (zero-initialised) bytes of tensor `name`, to be filled by the caller.
-    pub fn tensor_mut(&mut self, name: &str) -> Result<&mut [u8]> {
+    fn slot(&self, name: &str) -> Result<(usize, usize)> {
         let i = *self.index.get(name).ok_or_else(|| {
             Error::config(format!(
                 "tensor {name:?} is not planned in {}",
                 self.path.display()
             ))
         })?;
-        let (a, b) = self.offsets[i];
-        let start = self.data_start;
-        Ok(&mut self.mmap.as_mut().expect("open writer")[start + a..start + b])
+        Ok(self.offsets[i])
     }
 
-    /// Several tensors' buffers at once (distinct names), in the order asked.
-    pub fn tensors_mut(&mut self, names: &[&str]) -> Result<Vec<&mut [u8]>> {
-        let mut idx = Vec::with_capacity(names.len());
+    /// Writes the bytes of tensor `name` (exactly its planned length).
+    pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        let (a, b) = self.slot(name)?;
+        if data.len() != b - a {
+            return Err(Error::shape(format!(
+                "tensor {name:?}: {} bytes given, {} planned",
+                data.len(),
+                b - a
+            )));
+        }
+        self.file
+            .write_all_at(data, (self.data_start + a) as u64)
+            .map_err(|e| Error::io(&self.path, e))
+    }
+
+    /// Lends `f` one buffer per name (planned lengths, contents unspecified: `f` must write
+    /// every byte), then writes them to their offsets.
+    pub fn fill_tensors<R>(
+        &mut self,
+        names: &[&str],
+        f: impl FnOnce(&mut [&mut [u8]]) -> Result<R>,
+    ) -> Result<R> {
+        let mut slots = Vec::with_capacity(names.len());
         for n in names {
-            idx.push(*self.index.get(*n).ok_or_else(|| {
-                Error::config(format!(
-                    "tensor {n:?} is not planned in {}",
-                    self.path.display()
-                ))
-            })?);
+            slots.push(self.slot(n)?);
         }
-        let mut order: Vec<usize> = (0..idx.len()).collect();
-        order.sort_by_key(|&k| self.offsets[idx[k]].0);
-        let start = self.data_start;
-        let mut rest: &mut [u8] = &mut self.mmap.as_mut().expect("open writer")[start..];
-        let mut consumed = 0usize;
-        let mut out: Vec<Option<&mut [u8]>> = (0..idx.len()).map(|_| None).collect();
-        for k in order {
-            let (a, b) = self.offsets[idx[k]];
-            if a < consumed {
-                return Err(Error::config("tensors_mut: a name is asked twice"));
-            }
-            let (_, tail) = std::mem::take(&mut rest).split_at_mut(a - consumed);
-            let (mine, tail) = tail.split_at_mut(b - a);
-            out[k] = Some(mine);
+        let total: usize = slots.iter().map(|(a, b)| b - a).sum();
+        if self.scratch.len() < total {
+            self.scratch.resize(total, 0);
+        }
+        let mut rest: &mut [u8] = &mut self.scratch[..total];
+        let mut bufs: Vec<&mut [u8]> = Vec::with_capacity(names.len());
+        for (a, b) in &slots {
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(b - a);
+            bufs.push(mine);
             rest = tail;
-            consumed = b;
         }
-        Ok(out.into_iter().map(|x| x.expect("filled")).collect())
+        let r = f(&mut bufs)?;
+        for (buf, (a, _)) in bufs.iter().zip(&slots) {
+            self.file
+                .write_all_at(buf, (self.data_start + a) as u64)
+                .map_err(|e| Error::io(&self.path, e))?;
+        }
+        Ok(r)
     }
 
     /// Rewrites the header with new metadata values; the new header must have exactly the
@@ -226,17 +240,13 @@ impl ShardWriter {
                 self.path.display()
             )));
         }
-        self.mmap.as_mut().expect("open writer")[8..self.data_start].copy_from_slice(&header);
-        Ok(())
+        self.file
+            .write_all_at(&header, 8)
+            .map_err(|e| Error::io(&self.path, e))
     }
 
-    /// Flushes the map and (when `sync`) fsyncs the file.
-    pub fn finish(mut self, sync: bool) -> Result<()> {
-        let mmap = self.mmap.take().expect("open writer");
-        if sync {
-            mmap.flush().map_err(|e| Error::io(&self.path, e))?;
-        }
-        drop(mmap);
+    /// Closes the file, fsyncing it first when `sync`.
+    pub fn finish(self, sync: bool) -> Result<()> {
         if sync {
             self.file.sync_all().map_err(|e| Error::io(&self.path, e))?;
         }
@@ -263,7 +273,7 @@ pub fn write_file(
     }
     let mut w = ShardWriter::create(path, &plan, metadata)?;
     for (t, d) in tensors {
-        w.tensor_mut(&t.name)?.copy_from_slice(d);
+        w.write_tensor(&t.name, d)?;
     }
     w.finish(false)
 }
