@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 
 import besa_rs
 from besa_rs.cli import main
+from conftest import make_tiny_llama
 
 FORMATS = ["bitmask", "csr", "2:4"]
 

@@ -213,9 +213,9 @@ mod tests {
     use besa_sparse::pack::{pack, PackOptions};
     use safetensors::tensor::{Dtype, TensorView};
 
-    use crate::model::{open_source, simulate_path, SimParams};
     use super::*;
     use crate::full::FullParams;
+    use crate::model::{open_source, simulate_path, SimParams};
 
     /// A tiny "model" with F32 weights: rows pruned at random, some all-zero and all-dense
     /// rows, one 2:4 matrix with an all-zero row (fillers), one dense (unpruned) matrix.
@@ -232,7 +232,12 @@ mod tests {
         };
         let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         for (name, rows, cols, prune) in [
-            ("model.layers.0.self_attn.q_proj.weight", 16usize, 24usize, true),
+            (
+                "model.layers.0.self_attn.q_proj.weight",
+                16usize,
+                24usize,
+                true,
+            ),
             ("model.layers.0.mlp.down_proj.weight", 8, 40, true),
             ("model.layers.1.self_attn.o_proj.weight", 12, 12, false),
         ] {
@@ -265,7 +270,12 @@ mod tests {
         }
         let views: HashMap<String, TensorView<'_>> = bufs
             .iter()
-            .map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap()))
+            .map(|(n, s, b)| {
+                (
+                    n.clone(),
+                    TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+                )
+            })
             .collect();
         std::fs::create_dir_all(dir).unwrap();
         safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
@@ -287,9 +297,11 @@ mod tests {
             let src = open_source(&packed).unwrap();
             assert!(src.describe().ends_with(&format!("packed-{}", fmt.name())));
             let p = src.tensors();
-            assert!(p
-                .iter()
-                .any(|t| t.name == "model.layers.0.self_attn.q_proj.weight" && t.shape == [16, 24]));
+            assert!(
+                p.iter()
+                    .any(|t| t.name == "model.layers.0.self_attn.q_proj.weight"
+                        && t.shape == [16, 24])
+            );
             let pm = PackedModel::open(&packed).unwrap();
             assert!(pm.is_packed(), "{}", fmt.name());
             assert!(pm
@@ -348,6 +360,9 @@ mod tests {
             .iter()
             .filter_map(|t| src.mask(&t.name).err())
             .collect();
-        assert!(errs.iter().any(|e| e.kind == ErrorKind::Integrity), "{errs:?}");
+        assert!(
+            errs.iter().any(|e| e.kind == ErrorKind::Integrity),
+            "{errs:?}"
+        );
     }
 }
