@@ -115,3 +115,28 @@ def test_inspect_packed(dirs, fmt, tmp_path):
     j = tmp_path / "inspect.json"
     assert main(["inspect", str(packed), "--json", str(j)]) == 0
     assert json.loads(j.read_text())["packed"] == rep["packed"]
+
+
+def test_corrupt_packed_values_are_refused(dirs, tmp_path):
+    import shutil
+    import struct
+
+    from besa_rs.errors import IntegrityError
+
+    _, packed = dirs["bitmask"]
+    bad = tmp_path / "bad"
+    shutil.copytree(packed, bad)
+    part = "model.layers.0.self_attn.q_proj.compressed"
+    for f in sorted(bad.glob("*.safetensors")):
+        data = bytearray(f.read_bytes())
+        (hlen,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + hlen])
+        if part in header:
+            data[8 + hlen + header[part]["data_offsets"][0] + 1] ^= 0x55
+            f.write_bytes(bytes(data))
+            break
+    else:
+        raise AssertionError(f"{part} not found in {packed}")
+    with pytest.raises(IntegrityError, match="q_proj"):
+        besa_rs.simulate(bad)
+    assert main(["simulate", str(bad), "--quiet"]) != 0
