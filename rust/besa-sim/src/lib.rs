@@ -2,13 +2,15 @@
 //!
 //! - [`reference`]: the BESA authors' model, bit-for-bit (quirks included), fast;
 //! - [`full`]: a corrected, parameterised model (DRAM traffic, formats, decode/prefill);
-//! - [`model`]: every selected matrix of a saved model, read from the mmap, in parallel.
+//! - [`model`]: every selected matrix of a saved model, read from the mmap, in parallel;
+//! - [`packed_source`]: packed checkpoints (bitmask, 2:4, CSR) read from their stored index.
 //!
 //! See docs/simulator.md.
 
 pub mod full;
 pub mod mask;
 pub mod model;
+pub mod packed_source;
 pub mod reference;
 
 pub use mask::{Elem, MaskView};

@@ -4,12 +4,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use besa_sparse::st::dtype_name;
-use besa_sparse::{Error, Model, Result};
+use besa_sparse::{Error, Model, PackedModel, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::full::{ratio, simulate_full, FullParams, FullResult};
 use crate::mask::{Elem, MaskView};
+pub use crate::packed_source::PackedSource;
 use crate::reference::{simulate_matrix_with_degrees, ChunkResult, RefParams};
 
 /// A tensor as listed by a source.
@@ -34,10 +35,32 @@ pub trait MatrixSource: Send + Sync {
     fn release(&self, _name: &str) {}
 }
 
-/// Opens a model for simulation: the single place that decides how a path is read.
+/// Opens a model for simulation: the single place that decides how a path is read. A packed
+/// checkpoint (config.json declares a sparsity format, a file carries the besa-rs format tag,
+/// or a tensor is a packed part) is read through [`PackedSource`]; anything else through
+/// [`SafetensorsSource`].
 pub fn open_source(path: &Path) -> Result<Box<dyn MatrixSource>> {
-    Ok(Box::new(SafetensorsSource {
-        model: Model::open(path)?,
+    let model = Model::open(path)?;
+    if looks_packed(&model)? {
+        drop(model);
+        return Ok(Box::new(PackedSource {
+            model: PackedModel::open(path)?,
+        }));
+    }
+    Ok(Box::new(SafetensorsSource { model }))
+}
+
+/// Whether a checkpoint is (or claims to be) packed; cheap: config and headers only.
+fn looks_packed(model: &Model) -> Result<bool> {
+    let config_where = model.root().join("config.json").display().to_string();
+    if besa_sparse::packed::config_format(model.config(), &config_where)?.is_some() {
+        return Ok(true);
+    }
+    Ok(model.files().iter().any(|f| {
+        f.metadata().contains_key(besa_sparse::packed::META_FORMAT)
+            || f.tensors()
+                .iter()
+                .any(|t| t.name.ends_with(".bitmask") || t.name.ends_with(".crow_indices"))
     }))
 }
 
@@ -88,7 +111,7 @@ impl MatrixSource for SafetensorsSource {
 /// Drops the pages of a memory-mapped, read-only file range from this process's page tables.
 /// Harmless for such a map (a later read faults the same bytes back in from the page cache);
 /// it only keeps the resident set from growing to the size of the model.
-fn release_pages(bytes: &[u8]) {
+pub(crate) fn release_pages(bytes: &[u8]) {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: sysconf has no preconditions.

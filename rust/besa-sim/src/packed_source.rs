@@ -1,0 +1,368 @@
+//! Packed checkpoints (`besa-rs pack --format bitmask|2:4|csr`, or compressed-tensors
+//! sparse-bitmask / sparse-24-bitmask) as a [`MatrixSource`].
+//!
+//! A packed matrix's keep-mask comes from its stored index (bitmask or CSR column indices) and
+//! the stored kept values, never from a dense decode: every stored position is marked kept
+//! unless its stored value is zero (the zero fillers of 2:4, or explicit zeros some writers
+//! keep), so the mask equals `W != 0` of the unpacked matrix and simulating a packed checkpoint
+//! gives exactly the numbers of simulating its dense original. Tensors left dense in the
+//! checkpoint are read from their values, as in a plain checkpoint.
+
+use besa_sparse::formats::{self, bitmask_row_bytes, PackFormat};
+use besa_sparse::packed::{LogicalTensor, PackedParts, Storage};
+use besa_sparse::st::{dtype_itemsize, dtype_name};
+use besa_sparse::{Error, ErrorKind, PackedModel, Result};
+use rayon::prelude::*;
+
+use crate::mask::{Elem, MaskView};
+use crate::model::{release_pages, MatrixSource, TensorMeta};
+
+/// A packed checkpoint, read through besa-sparse's packed reader; tensors have their logical
+/// (dense) names, shapes and dtypes.
+pub struct PackedSource {
+    pub model: PackedModel,
+}
+
+/// Whether the little-endian float `e` is non-zero (`-0.0` is zero).
+#[inline]
+fn nonzero(e: &[u8]) -> bool {
+    let (last, rest) = e.split_last().expect("itemsize >= 1");
+    last & 0x7f != 0 || rest.iter().any(|&b| b != 0)
+}
+
+impl PackedSource {
+    fn where_(&self, t: &LogicalTensor) -> String {
+        format!("{}: tensor {:?}", self.describe(), t.name)
+    }
+
+    /// Checks a packed tensor (checksum, index structure) and returns its kept count per row.
+    fn row_counts(&self, t: &LogicalTensor, p: &PackedParts) -> Result<Vec<u64>> {
+        let m = &self.model;
+        if let Some(want) = p.crc32 {
+            let mut h = crc32fast::Hasher::new();
+            for l in p.parts() {
+                h.update(m.part_data(l));
+            }
+            let got = h.finalize();
+            if got != want {
+                return Err(Error::integrity(format!(
+                    "checksum mismatch (stored {want:08x}, data {got:08x}): the file is corrupt"
+                )));
+            }
+        }
+        let (rows, cols) = (p.rows, p.cols);
+        let counts = match p.format {
+            PackFormat::Bitmask => {
+                let counts = formats::bitmask_row_counts(m.part_data(p.index), rows, cols)?;
+                let offs = m.part_data(p.extra.expect("bitmask has row_offsets"));
+                let mut acc = 0u64;
+                for (r, (&c, o)) in counts.iter().zip(offs.chunks_exact(8)).enumerate() {
+                    let o = i64::from_le_bytes(o.try_into().expect("8 bytes"));
+                    if o != acc as i64 {
+                        return Err(Error::format(format!(
+                            "row_offsets[{r}] = {o} but the bitmask gives {acc}"
+                        )));
+                    }
+                    acc += c;
+                }
+                counts
+            }
+            PackFormat::TwoFour => {
+                formats::check_24_bitmask(m.part_data(p.index), rows, cols)?;
+                vec![(cols / 2) as u64; rows]
+            }
+            PackFormat::Csr => formats::csr_check(
+                m.part_data(p.index),
+                m.part_data(p.extra.expect("csr has col_indices")),
+                rows,
+                cols,
+                p.nnz,
+            )?,
+        };
+        let total: u64 = counts.iter().sum();
+        let n = dtype_itemsize(t.dtype);
+        let have = m.part_data(p.values).len() as u64;
+        if total != p.nnz as u64 || have != total * n as u64 {
+            return Err(Error::format(format!(
+                "the index keeps {total} values but {have} bytes of {n}-byte values are stored \
+                 ({} expected)",
+                p.nnz
+            )));
+        }
+        Ok(counts)
+    }
+
+    /// The keep-mask of a packed tensor, one byte per weight (1 = kept and non-zero).
+    fn packed_mask(&self, t: &LogicalTensor, p: &PackedParts) -> Result<Vec<u8>> {
+        let counts = self.row_counts(t, p)?;
+        let m = &self.model;
+        let (rows, cols) = (p.rows, p.cols);
+        let n = dtype_itemsize(t.dtype);
+        let values = m.part_data(p.values);
+        let index = m.part_data(p.index);
+        let cols_idx = p.extra.map(|l| m.part_data(l));
+        let mut starts = Vec::with_capacity(rows);
+        let mut acc = 0usize;
+        for &c in &counts {
+            starts.push(acc);
+            acc += c as usize;
+        }
+        let mut out = vec![0u8; rows * cols];
+        if cols == 0 {
+            return Ok(out);
+        }
+        let wb = bitmask_row_bytes(cols);
+        out.par_chunks_mut(cols)
+            .zip(starts.par_iter().zip(counts.par_iter()))
+            .enumerate()
+            .for_each(|(r, (row, (&start, &count)))| {
+                let vals = &values[start * n..(start + count as usize) * n];
+                let mut vals = vals.chunks_exact(n);
+                match p.format {
+                    PackFormat::Bitmask | PackFormat::TwoFour => {
+                        for (b, &byte) in index[r * wb..(r + 1) * wb].iter().enumerate() {
+                            let mut bits = byte;
+                            while bits != 0 {
+                                let j = 8 * b + bits.trailing_zeros() as usize;
+                                row[j] = nonzero(vals.next().expect("validated count")) as u8;
+                                bits &= bits - 1;
+                            }
+                        }
+                    }
+                    PackFormat::Csr => {
+                        let ci = cols_idx.expect("csr has col_indices");
+                        for c in ci[start * 4..(start + count as usize) * 4].chunks_exact(4) {
+                            let j = i32::from_le_bytes(c.try_into().expect("4 bytes")) as usize;
+                            row[j] = nonzero(vals.next().expect("validated count")) as u8;
+                        }
+                    }
+                }
+            });
+        Ok(out)
+    }
+}
+
+impl MatrixSource for PackedSource {
+    fn describe(&self) -> String {
+        self.model.model().root().display().to_string()
+    }
+    fn tensors(&self) -> Vec<TensorMeta> {
+        self.model
+            .tensors()
+            .iter()
+            .map(|t| TensorMeta {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                dtype: dtype_name(t.dtype),
+            })
+            .collect()
+    }
+    fn mask(&self, name: &str) -> Result<MaskView<'_>> {
+        let t = self.model.get(name).ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("{}: no tensor named {name:?}", self.describe()),
+            )
+        })?;
+        let what = format!("tensor {name:?}");
+        if t.shape.len() != 2 {
+            return Err(Error::shape(format!(
+                "{what} has shape {:?}; the simulator needs a 2-D weight",
+                t.shape
+            )));
+        }
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        match &t.storage {
+            Storage::Dense(l) => {
+                let elem = Elem::from_dtype(t.dtype, &what)?;
+                MaskView::new(self.model.part_data(*l), elem, rows, cols)
+                    .map_err(|e| e.context(&what))
+            }
+            Storage::Packed(p) => {
+                let mask = self.packed_mask(t, p).map_err(|e| {
+                    let kind = if e.kind == ErrorKind::Integrity {
+                        ErrorKind::Integrity
+                    } else {
+                        ErrorKind::Format
+                    };
+                    Error::new(kind, format!("{}: {}", self.where_(t), e.message))
+                })?;
+                MaskView::new(mask, Elem::Byte, rows, cols).map_err(|e| e.context(&what))
+            }
+        }
+    }
+    fn release(&self, name: &str) {
+        if let Some(t) = self.model.get(name) {
+            match &t.storage {
+                Storage::Dense(l) => release_pages(self.model.part_data(*l)),
+                Storage::Packed(p) => {
+                    for l in p.parts() {
+                        release_pages(self.model.part_data(l));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    use besa_sparse::pack::{pack, PackOptions};
+    use safetensors::tensor::{Dtype, TensorView};
+
+    use super::*;
+    use crate::full::FullParams;
+    use crate::model::{open_source, simulate_path, SimParams};
+
+    /// A tiny "model" with F32 weights: rows pruned at random, some all-zero and all-dense
+    /// rows, one 2:4 matrix with an all-zero row (fillers), one dense (unpruned) matrix.
+    fn write_model(dir: &Path, fmt: PackFormat) {
+        let two_four = fmt == PackFormat::TwoFour;
+        // CSR only pays off below ~50% density (it is copied through otherwise).
+        let keep_one_in = if fmt == PackFormat::Csr { 4 } else { 2 };
+        let mut seed = 12345u64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (name, rows, cols, prune) in [
+            (
+                "model.layers.0.self_attn.q_proj.weight",
+                16usize,
+                24usize,
+                true,
+            ),
+            ("model.layers.0.mlp.down_proj.weight", 8, 40, true),
+            ("model.layers.1.self_attn.o_proj.weight", 12, 12, false),
+        ] {
+            let mut w = vec![0f32; rows * cols];
+            for r in 0..rows {
+                for c in 0..cols {
+                    let v = (rnd() % 1000) as f32 / 100.0 + 0.5;
+                    let keep = if !prune || r == 1 {
+                        true
+                    } else if r == 0 {
+                        false
+                    } else if two_four {
+                        (c % 4) == (r % 3) || (c % 4) == 3
+                    } else {
+                        rnd() % keep_one_in == 0
+                    };
+                    w[r * cols + c] = if keep { v } else { 0.0 };
+                }
+            }
+            if two_four && prune {
+                // Row 1 dense in a 2:4 matrix is not allowed: make it 2:4 too.
+                for c in 0..cols {
+                    if c % 4 >= 2 {
+                        w[cols + c] = 0.0;
+                    }
+                }
+            }
+            let bytes = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+            bufs.push((name.to_string(), vec![rows, cols], bytes));
+        }
+        let views: HashMap<String, TensorView<'_>> = bufs
+            .iter()
+            .map(|(n, s, b)| {
+                (
+                    n.clone(),
+                    TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        std::fs::create_dir_all(dir).unwrap();
+        safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    }
+
+    #[test]
+    fn packed_checkpoints_simulate_like_their_dense_original() {
+        let tmp = tempfile::tempdir().unwrap();
+        for fmt in [PackFormat::Bitmask, PackFormat::Csr, PackFormat::TwoFour] {
+            let dense = tmp.path().join(format!("dense-{}", fmt.name()));
+            let packed = tmp.path().join(format!("packed-{}", fmt.name()));
+            write_model(&dense, fmt);
+            let opts = PackOptions {
+                format: fmt,
+                sync: false,
+                ..PackOptions::default()
+            };
+            pack(&dense, &packed, &opts).unwrap();
+            let src = open_source(&packed).unwrap();
+            assert!(src.describe().ends_with(&format!("packed-{}", fmt.name())));
+            let p = src.tensors();
+            assert!(
+                p.iter()
+                    .any(|t| t.name == "model.layers.0.self_attn.q_proj.weight"
+                        && t.shape == [16, 24])
+            );
+            let pm = PackedModel::open(&packed).unwrap();
+            assert!(pm.is_packed(), "{}", fmt.name());
+            assert!(pm
+                .get("model.layers.0.self_attn.q_proj.weight")
+                .unwrap()
+                .format()
+                .is_some());
+            assert!(pm
+                .get("model.layers.1.self_attn.o_proj.weight")
+                .unwrap()
+                .format()
+                .is_none());
+            for params in [
+                SimParams::default(),
+                SimParams {
+                    full: Some(FullParams::default()),
+                    ..SimParams::default()
+                },
+            ] {
+                let a = simulate_path(&dense, &params).unwrap();
+                let b = simulate_path(&packed, &params).unwrap();
+                assert_eq!(a.matrices.len(), 3);
+                assert_eq!(b.matrices.len(), 3);
+                for ma in &a.matrices {
+                    let mb = b.matrices.iter().find(|m| m.name == ma.name).unwrap();
+                    let ja = serde_json::to_value(ma).unwrap();
+                    let jb = serde_json::to_value(mb).unwrap();
+                    assert!(ja == jb, "{} {}: {ja} != {jb}", fmt.name(), ma.name);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn corrupt_packed_values_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dense = tmp.path().join("d");
+        let packed = tmp.path().join("p");
+        write_model(&dense, PackFormat::Bitmask);
+        let opts = PackOptions {
+            sync: false,
+            ..PackOptions::default()
+        };
+        pack(&dense, &packed, &opts).unwrap();
+        let f = packed.join("model.safetensors");
+        let mut bytes = std::fs::read(&f).unwrap();
+        let (hlen, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let info = meta
+            .info("model.layers.0.self_attn.q_proj.compressed")
+            .expect("q_proj is packed");
+        bytes[8 + hlen + info.data_offsets.0 + 1] ^= 0x55;
+        std::fs::write(&f, bytes).unwrap();
+        let src = open_source(&packed).unwrap();
+        let errs: Vec<_> = src
+            .tensors()
+            .iter()
+            .filter_map(|t| src.mask(&t.name).err())
+            .collect();
+        assert!(
+            errs.iter().any(|e| e.kind == ErrorKind::Integrity),
+            "{errs:?}"
+        );
+    }
+}
