@@ -8,7 +8,7 @@
 //! gives exactly the numbers of simulating its dense original. Tensors left dense in the
 //! checkpoint are read from their values, as in a plain checkpoint.
 
-use besa_sparse::formats::{self, bitmask_row_bytes, PackFormat};
+use besa_sparse::formats::{bitmask_row_bytes, PackFormat};
 use besa_sparse::packed::{LogicalTensor, PackedParts, Storage};
 use besa_sparse::st::{dtype_itemsize, dtype_name};
 use besa_sparse::{Error, ErrorKind, PackedModel, Result};
@@ -35,57 +35,19 @@ impl PackedSource {
         format!("{}: tensor {:?}", self.describe(), t.name)
     }
 
-    /// Checks a packed tensor (checksum, index structure) and returns its kept count per row.
+    /// Checks a packed tensor (checksum, index structure, value count; the structural checks
+    /// are besa-sparse's own) and returns its kept count per row.
     fn row_counts(&self, t: &LogicalTensor, p: &PackedParts) -> Result<Vec<u64>> {
         let m = &self.model;
-        if let Some(want) = p.crc32 {
-            let mut h = crc32fast::Hasher::new();
-            for l in p.parts() {
-                h.update(m.part_data(l));
-            }
-            let got = h.finalize();
-            if got != want {
-                return Err(Error::integrity(format!(
-                    "checksum mismatch (stored {want:08x}, data {got:08x}): the file is corrupt"
-                )));
-            }
-        }
-        let (rows, cols) = (p.rows, p.cols);
-        let counts = match p.format {
-            PackFormat::Bitmask => {
-                let counts = formats::bitmask_row_counts(m.part_data(p.index), rows, cols)?;
-                let offs = m.part_data(p.extra.expect("bitmask has row_offsets"));
-                let mut acc = 0u64;
-                for (r, (&c, o)) in counts.iter().zip(offs.chunks_exact(8)).enumerate() {
-                    let o = i64::from_le_bytes(o.try_into().expect("8 bytes"));
-                    if o != acc as i64 {
-                        return Err(Error::format(format!(
-                            "row_offsets[{r}] = {o} but the bitmask gives {acc}"
-                        )));
-                    }
-                    acc += c;
-                }
-                counts
-            }
-            PackFormat::TwoFour => {
-                formats::check_24_bitmask(m.part_data(p.index), rows, cols)?;
-                vec![(cols / 2) as u64; rows]
-            }
-            PackFormat::Csr => formats::csr_check(
-                m.part_data(p.index),
-                m.part_data(p.extra.expect("csr has col_indices")),
-                rows,
-                cols,
-                p.nnz,
-            )?,
-        };
+        let counts = m.validate(t, p)?;
         let total: u64 = counts.iter().sum();
         let n = dtype_itemsize(t.dtype);
         let have = m.part_data(p.values).len() as u64;
         if total != p.nnz as u64 || have != total * n as u64 {
             return Err(Error::format(format!(
-                "the index keeps {total} values but {have} bytes of {n}-byte values are stored \
-                 ({} expected)",
+                "{}: the index keeps {total} values but {have} bytes of {n}-byte values are \
+                 stored ({} expected)",
+                self.where_(t),
                 p.nnz
             )));
         }
@@ -179,14 +141,8 @@ impl MatrixSource for PackedSource {
                     .map_err(|e| e.context(&what))
             }
             Storage::Packed(p) => {
-                let mask = self.packed_mask(t, p).map_err(|e| {
-                    let kind = if e.kind == ErrorKind::Integrity {
-                        ErrorKind::Integrity
-                    } else {
-                        ErrorKind::Format
-                    };
-                    Error::new(kind, format!("{}: {}", self.where_(t), e.message))
-                })?;
+                // Errors of packed_mask already name the file and tensor.
+                let mask = self.packed_mask(t, p)?;
                 MaskView::new(mask, Elem::Byte, rows, cols).map_err(|e| e.context(&what))
             }
         }

@@ -485,7 +485,8 @@ impl PackedModel {
     }
 
     /// Verifies a packed tensor's checksum and bit-level structure; returns kept counts per row.
-    fn validate(&self, t: &LogicalTensor, p: &PackedParts) -> Result<Vec<u64>> {
+    /// Errors name the file and tensor.
+    pub fn validate(&self, t: &LogicalTensor, p: &PackedParts) -> Result<Vec<u64>> {
         let ctx = |e: Error| {
             let kind = e.kind;
             Error::new(
