@@ -34,6 +34,10 @@ _LAZY: dict[str, str] = {
     "resolve_model": "models",
     "load_text": "data",
     "sotu_split": "data",
+    "ste_mask": "ste",
+    "hard_mask": "ste",
+    "row_ranks": "ste",
+    "candidate_sparsities": "ste",
 }
 
 if TYPE_CHECKING:

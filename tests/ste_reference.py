@@ -1,0 +1,60 @@
+"""Straightforward reference of BESA's straight-through mask (the authors' formulation).
+
+Materialises the candidate-to-rank map, the per-rank pruning probabilities (a matmul), scatters
+them to columns with the sort indices and combines hard and soft masks with the STE trick. Only
+``floor(p_d * C)`` is shared with the library (``candidate_prune_counts``), as the definition of
+the candidates' prune counts.
+"""
+
+from __future__ import annotations
+
+import torch
+from besa_rs.ste import candidate_prune_counts
+
+
+def reference_masks(
+    importance_order: torch.Tensor,
+    logits: torch.Tensor,
+    candidates: torch.Tensor,
+    smoothing: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(hard, soft, alpha)``: float hard mask, soft mask ``[R, C]`` and alpha ``[G]``.
+
+    ``importance_order`` = sort indices of each row by ascending importance (stable).
+    """
+    rows, cols = importance_order.shape
+    groups, _ = logits.shape
+    k = rows // groups
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = torch.sigmoid(logits.to(acc)) if smoothing else logits.to(acc)
+    w = torch.softmax(x, dim=-1)
+    p = candidates.to(device=logits.device, dtype=acc)
+    alpha = (w * p).sum(-1)
+    n_prune = torch.floor(alpha.detach() * cols).clamp(0, cols).long()
+    t = candidate_prune_counts(candidates, cols).to(logits.device)
+    # candidate-to-rank map: 1 where candidate d prunes sorted position k
+    cmap = (torch.arange(cols, device=logits.device)[None, :] < t[:, None]).to(acc)  # [D, C]
+    prune_prob = w @ cmap  # [G, C], by sorted position
+    keep_prob = (1.0 - prune_prob).repeat_interleave(k, dim=0)  # [R, C]
+    soft = torch.zeros(rows, cols, dtype=acc, device=logits.device).scatter(
+        1, importance_order, keep_prob
+    )
+    n_rows = n_prune.repeat_interleave(k)
+    pruned_pos = torch.arange(cols, device=logits.device)[None, :] < n_rows[:, None]
+    hard = torch.zeros(rows, cols, dtype=acc, device=logits.device).scatter(
+        1, importance_order, (~pruned_pos).to(acc)
+    )
+    return hard, soft, alpha
+
+
+def reference_ste(
+    weight: torch.Tensor,
+    importance_order: torch.Tensor,
+    logits: torch.Tensor,
+    candidates: torch.Tensor,
+    smoothing: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(W * M, hard, soft)`` with ``M = hard - soft.detach() + soft``."""
+    hard, soft, _ = reference_masks(importance_order, logits, candidates, smoothing)
+    mask = hard - soft.detach() + soft
+    return weight * mask, hard, soft
