@@ -62,3 +62,34 @@ def tiny_model(
 def tiny_tokens(n: int = 4, seqlen: int = 32, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (n, seqlen), generator=g)
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer with the tiny models' vocabulary (ids < VOCAB)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for c in range(32, 127):
+        vocab[chr(c)] = len(vocab)
+    assert len(vocab) <= VOCAB
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+SAMPLE_TEXT = (
+    "Mr. Speaker, Mr. President, distinguished members of the Congress, honored guests, and fellow "
+    "citizens: the state of our union is strong, and we will keep it so by work, by thrift and by "
+    "the courage to meet the trials of a changing world. "
+)
+
+
+def save_tiny(path, arch: str = "llama", layers: int = 2, **kw):
+    """A tiny model directory (safetensors + tokenizer) that ``besa-rs prune`` can load."""
+    model = tiny_model(arch, layers=layers, **kw)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

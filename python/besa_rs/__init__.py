@@ -27,6 +27,8 @@ __version__ = "0.1.0"
 
 #: public name -> submodule that defines it
 _LAZY: dict[str, str] = {
+    "prune": "pruning",
+    "PruneConfig": "pruning",
     "inspect": "inspection",
     "evaluate_perplexity": "evaluate",
     "load_model": "models",
@@ -41,6 +43,7 @@ _LAZY: dict[str, str] = {
 }
 
 if TYPE_CHECKING:
+    from .pruning import PruneConfig, prune
     from .data import load_text, sotu_split
     from .evaluate import evaluate_perplexity
     from .inspection import inspect

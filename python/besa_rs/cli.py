@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from .errors import BesaError
 
 #: Subcommands, in help order. Each module has ``register(subparsers)``.
-COMMANDS: tuple[str, ...] = ("inspect", "eval")
+COMMANDS: tuple[str, ...] = ("inspect", "eval", "prune")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ the already pruned blocks before it, and its pruned outputs become the next bloc
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from .adapters import (
 from .baselines import check_nm, magnitude_mask, parse_structure, sparsegpt_prune, wanda_mask
 from .config import PruneConfig
 from .stats import gather_stats
+
+_TEST_DELAY = os.environ.get("BESA_RS_TEST_BLOCK_DELAY")
 
 
 @dataclass
@@ -282,6 +285,8 @@ def run_pruning(
             state.next_block = i + 1
             if checkpoint is not None:
                 checkpoint.save(adapter, state, last)
+                if _TEST_DELAY:  # lets the resume test kill a run between/inside blocks
+                    time.sleep(float(_TEST_DELAY))
     finally:
         if progress is not None:
             progress.close()
