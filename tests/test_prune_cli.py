@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import SAMPLE_TEXT, save_tiny  # noqa: E402
+from _tiny import SAMPLE_TEXT, save_tiny, single_thread  # noqa: E402, F401
 from besa_rs.cli import main  # noqa: E402
 
 
@@ -167,7 +167,7 @@ def test_nan_loss_stops_with_clear_error_and_writes_nothing(tmp_path, calib_file
 def _run_cli(args, env=None, **kw):
     return subprocess.Popen(
         [sys.executable, "-m", "besa_rs.cli", *args],
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         **kw,
@@ -183,7 +183,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path, calib_file):
 
     out = tmp_path / "out"
     state = Path(str(out) + ".checkpoint") / "state.json"
-    p = _run_cli(_args(model, out, calib_file, *common), env={"BESA_RS_TEST_BLOCK_DELAY": "30"})
+    p = _run_cli(_args(model, out, calib_file, *common), env={"BESA_RS_TEST_BLOCK_DELAY": "2"})
     deadline = time.time() + 600
     while time.time() < deadline and p.poll() is None:
         if state.is_file() and json.loads(state.read_text())["next_block"] >= 2:
