@@ -77,6 +77,11 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--cache-device", default=None, help="where activation caches live (default: --device)"
     )
+    p.add_argument(
+        "--cache-dtype",
+        default=None,
+        help="activation cache dtype (default: the model's; or float32)",
+    )
     p.add_argument("--dtype", default="float32", help="model dtype: float32 | float16 | bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -119,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         reconstruct=args.reconstruct,
         device=args.device,
         cache_device=args.cache_device,
+        cache_dtype=args.cache_dtype,
         num_blocks=args.blocks,
         progress=not args.quiet,
     ).validate()
