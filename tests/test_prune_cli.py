@@ -223,3 +223,23 @@ def test_resume_refuses_other_settings(tmp_path, calib_file, capsys):
     assert main(_args(model, tmp_path / "o2", calib_file, "--resume")) == 2
     assert "no checkpoint to resume" in capsys.readouterr().err
     del PruneConfig, Checkpointer
+
+
+def test_resume_after_the_last_block(tmp_path, calib_file):
+    """Killed after the last checkpoint but before the outputs: resume just writes them."""
+    from besa_rs.data import calibration_set
+    from besa_rs.models import load_model, load_tokenizer
+    from besa_rs.pruning import PruneConfig
+    from besa_rs.pruning.checkpoint import Checkpointer
+    from besa_rs.pruning.sequential import run_pruning
+
+    model_dir = save_tiny(tmp_path / "m", "llama", layers=2)
+    out = tmp_path / "o"
+    args = _args(model_dir, out, calib_file, "--method", "wanda")
+    cfg = PruneConfig(method="wanda", progress=False)
+    toks = calibration_set(load_tokenizer(model_dir), [str(calib_file)], 4, 32, seed=0)
+    ck = Checkpointer(Path(str(out) + ".checkpoint"), cfg, toks, resume=False)
+    run_pruning(load_model(model_dir), toks, cfg, checkpoint=ck)
+    assert main(args + ["--resume"]) == 0
+    rep = json.loads((out / "besa_report.json").read_text())
+    assert rep["resumed_from_block"] == 2 and len(rep["blocks"]) == 2
