@@ -43,11 +43,11 @@ _LAZY: dict[str, str] = {
 }
 
 if TYPE_CHECKING:
-    from .pruning import PruneConfig, prune
     from .data import load_text, sotu_split
     from .evaluate import evaluate_perplexity
     from .inspection import inspect
     from .models import load_model, load_tokenizer, resolve_model
+    from .pruning import PruneConfig, prune
 
 
 def __getattr__(name: str) -> Any:

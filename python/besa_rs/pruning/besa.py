@@ -186,7 +186,9 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
                 step += 1
                 if ctx.progress is not None:
                     ctx.progress.update(1)
-                    ctx.progress.set_postfix(loss=f"{lv:.4g}", s=f"{float(s.detach()):.3f}", refresh=False)
+                    ctx.progress.set_postfix(
+                        loss=f"{lv:.4g}", s=f"{float(s.detach()):.3f}", refresh=False
+                    )
                 del masked, out, y_hat, loss, rec, x, y
     finally:
         for p, r in requires.items():
