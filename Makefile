@@ -8,7 +8,7 @@ STAMP := $(VENV)/.deps-stamp
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: demo test build deps lint fmt test-rust test-python bench clean
+.PHONY: demo test build deps lint fmt test-rust test-python ste-ext clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -28,13 +28,18 @@ deps: $(STAMP)
 build: $(STAMP)
 	$(VENV)/bin/maturin develop --release --uv -q
 
+# Compile the fused CUDA extension of besa_rs.ste (no GPU needed: nvcc comes from the pinned
+# wheels), so a kernel that does not build fails the test command.
+ste-ext: build
+	$(PY) -m besa_rs.ste build
+
 demo: build
 	$(PY) -m besa_rs.demo
 
 test-rust:
-	cargo test --workspace -q
+	cargo test --workspace --release -q
 
-test-python: build
+test-python: build ste-ext
 	$(PY) -m pytest -q
 
 test: build test-rust test-python

@@ -9,6 +9,7 @@ the candidates' prune counts.
 from __future__ import annotations
 
 import torch
+
 from besa_rs.ste import candidate_prune_counts
 
 
@@ -58,3 +59,20 @@ def reference_ste(
     hard, soft, _ = reference_masks(importance_order, logits, candidates, smoothing)
     mask = hard - soft.detach() + soft
     return weight * mask, hard, soft
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``max |a - e| / (|e| + max|e|)``: relative to each value, floored at the tensor's scale.
+
+    Gradients of the logits are sums of many signed terms, so an entry near zero can only be
+    compared relative to the scale of the whole gradient.
+    """
+    a = actual.detach().double()
+    e = expected.detach().double()
+    scale = e.abs().max().clamp_min(1e-30)
+    return float(((a - e).abs() / (e.abs() + scale)).max())
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
+    err = relative_error(actual, expected)
+    assert err <= rtol, f"relative error {err:.3e} > {rtol:.0e}"

@@ -7,6 +7,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _tiny import single_thread, tiny_model, tiny_tokens  # noqa: E402, F401
+
 from besa_rs.errors import ModelError  # noqa: E402
 from besa_rs.pruning.adapters import block_output, capture_block_inputs, get_adapter, to_device  # noqa: E402
 

@@ -6,6 +6,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _tiny import single_thread, tiny_model, tiny_tokens  # noqa: E402, F401
+
 from besa_rs.errors import ConfigError, ShapeError  # noqa: E402
 from besa_rs.pruning.adapters import get_adapter  # noqa: E402
 from besa_rs.pruning.baselines import (  # noqa: E402

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import besa_rs  # noqa: E402
 from _tiny import single_thread, tiny_model, tiny_tokens  # noqa: E402, F401
+
+import besa_rs  # noqa: E402
 from besa_rs.errors import ConfigError, DataError, NumericalError, ShapeError  # noqa: E402
 from besa_rs.pruning import PruneConfig  # noqa: E402
 from besa_rs.pruning.besa import corrected_prune_counts, relative_reconstruction  # noqa: E402

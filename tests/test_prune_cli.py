@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _tiny import SAMPLE_TEXT, save_tiny, single_thread  # noqa: E402, F401
+
 from besa_rs.cli import main  # noqa: E402
 
 

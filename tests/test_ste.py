@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import zlib
 
-import besa_rs
 import pytest
 import torch
+from ste_reference import assert_close_rel, reference_masks, reference_ste
+
+import besa_rs
 from besa_rs import ste
 from besa_rs.errors import ConfigError, DtypeError, ShapeError
-from ste_reference import reference_masks, reference_ste
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -40,13 +41,7 @@ def _case(rows, cols, groups, step, dtype, device, seed=0, ties=False, scale=3.0
 
 
 def _close(actual, expected, rtol=1e-5):
-    """``|a - e| <= rtol * (|e| + max|e|)``: relative to each value, floored at the scale."""
-    actual = actual.double()
-    expected = expected.double()
-    scale = expected.abs().max().clamp_min(1e-30)
-    err = (actual - expected).abs()
-    bound = rtol * (expected.abs() + scale)
-    assert bool((err <= bound).all()), f"max err {err.max().item():.3e}, scale {scale.item():.3e}"
+    assert_close_rel(actual, expected, rtol)
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,6 +269,8 @@ def test_bad_inputs():
         ste.ste_mask(w, r.float(), lg, c)
     with pytest.raises(DtypeError, match="weight"):
         ste.ste_mask(w.to(torch.int32), r, lg, c)
+    with pytest.raises(ShapeError, match="empty"):
+        ste.ste_mask(w, r, torch.zeros(4, 0), torch.zeros(0))
     with pytest.raises(ShapeError, match="importance"):
         ste.row_ranks(torch.rand(3))
 

@@ -36,6 +36,12 @@ _LAZY: dict[str, str] = {
     "resolve_model": "models",
     "load_text": "data",
     "sotu_split": "data",
+    "simulate": "simulation",
+    "simulate_matrix": "simulation",
+    "pack": "packing",
+    "unpack": "packing",
+    "load_packed": "packing",
+    "from_packed": "packing",
     "ste_mask": "ste",
     "hard_mask": "ste",
     "row_ranks": "ste",
@@ -47,7 +53,10 @@ if TYPE_CHECKING:
     from .evaluate import evaluate_perplexity
     from .inspection import inspect
     from .models import load_model, load_tokenizer, resolve_model
+    from .packing import from_packed, load_packed, pack, unpack
     from .pruning import PruneConfig, prune
+    from .simulation import simulate, simulate_matrix
+    from .ste import candidate_sparsities, hard_mask, row_ranks, ste_mask
 
 
 def __getattr__(name: str) -> Any:
@@ -83,5 +92,17 @@ __all__ = [
     "load_text",
     "load_tokenizer",
     "resolve_model",
+    "simulate",
+    "simulate_matrix",
     "sotu_split",
+    "pack",
+    "unpack",
+    "load_packed",
+    "from_packed",
+    "ste_mask",
+    "prune",
+    "PruneConfig",
+    "hard_mask",
+    "row_ranks",
+    "candidate_sparsities",
 ]

@@ -125,7 +125,7 @@ def _rows_from_hub(name: str, split: str) -> list[str]:
         import datasets  # type: ignore[import-not-found]
     except ImportError:
         datasets = None
-    if datasets is None:
+    if datasets is None or not hasattr(datasets, "load_dataset"):
         raise MissingFileError(
             f"{name} {split} split not found locally: pass --data-dir DIR (or set BESA_RS_DATA) "
             f"holding {' or '.join(_LOCAL_FILES[name][split])}, or install 'datasets' with hub access"

@@ -41,6 +41,35 @@ def format_report(report: dict[str, Any], per_tensor: bool = True) -> str:
         for g in report["groups"]
     ]
     parts.append(format_table(["layer type", "tensors", "params", "size", "zeros"], rows))
+    if report.get("packed"):
+        rows = [
+            [
+                p["name"],
+                p["format"],
+                p["dtype"],
+                "x".join(map(str, p["shape"])),
+                f"{p['nnz']:,}",
+                f"{100 * p['sparsity']:.2f}%",
+                human_bytes(p["dense_bytes"]),
+                human_bytes(p["packed_bytes"]),
+            ]
+            for p in report["packed"]
+        ]
+        parts.append(
+            format_table(
+                [
+                    "packed tensor",
+                    "format",
+                    "dtype",
+                    "dense shape",
+                    "nnz",
+                    "zeros",
+                    "dense",
+                    "packed",
+                ],
+                rows,
+            )
+        )
     t = report["totals"]
     parts.append(
         f"total: {t['tensors']} tensors, {t['numel']:,} params, {human_bytes(t['nbytes'])} of tensors "

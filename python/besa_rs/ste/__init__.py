@@ -136,6 +136,8 @@ def row_ranks(importance: torch.Tensor) -> torch.Tensor:
 def _check_candidates(candidates: torch.Tensor, d: int) -> None:
     if candidates.dim() != 1:
         raise ShapeError(f"candidates must be 1-D [D], got shape {tuple(candidates.shape)}")
+    if candidates.shape[0] == 0:
+        raise ShapeError("candidates is empty: at least one candidate sparsity is needed")
     if d >= 0 and candidates.shape[0] != d:
         raise ShapeError(f"candidates has {candidates.shape[0]} values but logits have D = {d}")
     if not candidates.is_floating_point():
@@ -270,9 +272,11 @@ class _MaskFn(torch.autograd.Function):
         if ctx.use_ext and need_logits:
             ext = _ext.load()
             assert ext is not None
+            # soft mode returns fp32 for a half weight: the kernel wants one dtype
+            w_in = weight if weight.dtype == grad.dtype else weight.to(grad.dtype)
             hist, gw = ext.backward(
                 grad,
-                weight,
+                w_in,
                 ranks,
                 n_rows,
                 t_sorted,
@@ -311,6 +315,7 @@ def _apply(
     weight = weight.contiguous()
     ranks = ranks.contiguous()
     plan = _Plan(ranks, logits, candidates, smoothing, k)
+    assert plan.w is not None
     w_sorted = plan.w.index_select(1, plan.order)
     plan.w = None  # ctx keeps the plan: hold no autograd-tracked tensor in it
     use_ext = backend(ranks.device) == "cuda-ext"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -40,7 +41,6 @@ def _wheel_cuda_roots() -> list[Path]:
     """``nvidia/cu*`` folders of the pip-installed CUDA toolkit wheels."""
     roots = []
     import site
-    import sys
 
     paths = [*sys.path, *site.getsitepackages()]
     for p in paths:
@@ -78,7 +78,11 @@ def _assemble_cuda_home(root: Path) -> Path:
 
 
 def find_cuda_home() -> Path | None:
-    """A usable CUDA toolkit root (``bin/nvcc`` and ``include/cuda_runtime.h``), or None."""
+    """A usable CUDA toolkit root (``bin/nvcc`` and ``include/cuda_runtime.h``), or None.
+
+    Order: ``$CUDA_HOME``/``$CUDA_PATH``, the ``nvidia-cuda-nvcc`` wheels installed with torch
+    (same CUDA version as torch), an ``nvcc`` on ``PATH``, ``/usr/local/cuda``.
+    """
 
     def ok(p: Path) -> bool:
         return (p / "bin" / "nvcc").exists() and (p / "include" / "cuda_runtime.h").exists()
@@ -86,6 +90,10 @@ def find_cuda_home() -> Path | None:
     env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if env and ok(Path(env)) and (Path(env) / "lib64").exists():
         return Path(env)
+    # the pip wheels pinned next to torch match its CUDA version; a system toolkit may not
+    for root in _wheel_cuda_roots():
+        if ok(root):
+            return _assemble_cuda_home(root)
     nvcc = shutil.which("nvcc")
     if nvcc:
         p = Path(nvcc).resolve().parent.parent
@@ -93,10 +101,19 @@ def find_cuda_home() -> Path | None:
             return p
     if Path("/usr/local/cuda/bin/nvcc").exists() and ok(Path("/usr/local/cuda")):
         return Path("/usr/local/cuda")
-    for root in _wheel_cuda_roots():
-        if ok(root):
-            return _assemble_cuda_home(root)
     return None
+
+
+def _tool_dirs() -> list[str]:
+    """Folders holding ninja (pip's ``ninja`` package or the interpreter's bin/)."""
+    dirs = [str(Path(sys.executable).parent)]
+    try:
+        import ninja  # type: ignore[import-untyped]
+
+        dirs.insert(0, str(ninja.BIN_DIR))
+    except ImportError:
+        pass
+    return dirs
 
 
 def _arch_list() -> str:
@@ -130,7 +147,12 @@ def build(verbose: bool = False) -> ModuleType:
             return mod
         if torch.version.cuda is None:
             raise ExtensionBuildError("this torch build has no CUDA support")
-        home = find_cuda_home()
+        try:
+            home = find_cuda_home()
+        except OSError as exc:
+            raise ExtensionBuildError(
+                f"cannot prepare CUDA_HOME under {cache_root()}: {exc}"
+            ) from exc
         if home is None:
             raise ExtensionBuildError(
                 "nvcc not found (set CUDA_HOME or install nvidia-cuda-nvcc matching torch's CUDA)"
@@ -141,20 +163,28 @@ def build(verbose: bool = False) -> ModuleType:
         build_dir.mkdir(parents=True, exist_ok=True)
         from torch.utils import cpp_extension
 
-        old_env = {k: os.environ.get(k) for k in ("CUDA_HOME", "TORCH_CUDA_ARCH_LIST")}
+        old_env = {k: os.environ.get(k) for k in ("CUDA_HOME", "TORCH_CUDA_ARCH_LIST", "PATH")}
         old_home = cpp_extension.CUDA_HOME
         os.environ["CUDA_HOME"] = str(home)
+        os.environ["PATH"] = os.pathsep.join([*_tool_dirs(), os.environ.get("PATH", "")])
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch
         cpp_extension.CUDA_HOME = str(home)
         try:
-            mod = cpp_extension.load(
-                name=f"besa_ste_{key}",
+            name = f"besa_ste_{key}"
+            cpp_extension.load(
+                name=name,
                 sources=[str(_CSRC / s) for s in _SOURCES],
                 build_directory=str(build_dir),
                 extra_cflags=["-O2"],
                 extra_cuda_cflags=["-O3"],
+                is_python_module=False,  # operators registered with TORCH_LIBRARY
                 verbose=verbose,
             )
+            ops = getattr(torch.ops, name)
+            mod = ModuleType(name, "besa-rs fused straight-through mask (CUDA operators)")
+            mod.forward = ops.forward  # type: ignore[attr-defined]
+            mod.backward = ops.backward  # type: ignore[attr-defined]
+            mod.__file__ = str(build_dir / f"{name}.so")
         except Exception as exc:  # compiler errors come as RuntimeError/CalledProcessError
             raise ExtensionBuildError(f"building the CUDA extension failed: {exc}") from exc
         finally:
@@ -177,7 +207,7 @@ def load() -> ModuleType | None:
         return None
     try:
         return build()
-    except ExtensionBuildError as exc:
+    except (ExtensionBuildError, OSError) as exc:  # OSError: e.g. cache folder not writable
         _STATE["failed"] = True
         warnings.warn(
             f"besa_rs.ste: {exc}; using the PyTorch fallback for the straight-through mask",

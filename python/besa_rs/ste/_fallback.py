@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import torch
 
-#: elements per chunk (4 MiB of fp32 temporaries per live buffer)
-_CHUNK_ELEMS = 1 << 20
+#: elements per chunk: 16 MiB per live fp32 temporary (64 MiB at most in backward). Smaller
+#: chunks save memory but multiply the number of parallel regions; on a busy 2-core machine
+#: 256k-element chunks were 3-5x slower than 4M-element ones.
+_CHUNK_ELEMS = 1 << 22
 
 
 def _chunk_rows(rows: int, cols: int) -> int:
@@ -21,15 +23,21 @@ def _chunk_rows(rows: int, cols: int) -> int:
 def masked_weight(
     weight: torch.Tensor, ranks: torch.Tensor, n_prune_rows: torch.Tensor
 ) -> torch.Tensor:
-    """``weight * (ranks >= n_prune_rows[:, None])``, chunked (values only, no autograd)."""
+    """``weight * (ranks >= n_prune_rows[:, None])``, chunked (values only, no autograd).
+
+    A multiply by the boolean mask (not ``torch.where``, which is 3x slower on CPU): pruned
+    entries become ``weight * 0``, i.e. zero with the weight's sign, as in the reference.
+    """
     rows, cols = weight.shape
     out = torch.empty_like(weight, memory_format=torch.contiguous_format)
     step = _chunk_rows(rows, cols)
-    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
+    keep = torch.empty((min(step, rows), cols), dtype=torch.bool, device=weight.device)
+    n = n_prune_rows.to(ranks.dtype)[:, None]
     for a in range(0, rows, step):
         b = min(rows, a + step)
-        keep = ranks[a:b] >= n_prune_rows[a:b, None]
-        torch.where(keep, weight[a:b], zero, out=out[a:b])
+        k = keep[: b - a]
+        torch.ge(ranks[a:b], n[a:b], out=k)
+        torch.mul(weight[a:b], k, out=out[a:b])
     return out
 
 
@@ -84,16 +92,26 @@ def bucket_sums(
     deterministic), then sums it per bucket with ``index_add_`` along the columns.
     """
     rows, cols = ranks.shape
-    h = torch.zeros((rows, n_buckets), dtype=acc, device=grad.device)
+    dev = grad.device
+    h = torch.zeros((rows, n_buckets), dtype=acc, device=dev)
     step = _chunk_rows(rows, cols)
+    # buffers reused by every chunk: no allocator churn, no fresh pages to fault in
+    shape = (min(step, rows), cols)
+    idx_buf = torch.empty(shape, dtype=torch.int64, device=dev)
+    gw_buf = torch.empty(shape, dtype=acc, device=dev)
+    rank_order = torch.empty(shape, dtype=acc, device=dev)
     for a in range(0, rows, step):
         b = min(rows, a + step)
-        gw = grad[a:b].to(acc)
-        if weight is not None:
-            gw = gw * weight[a:b].to(acc)
-        in_rank_order = torch.empty_like(gw).scatter_(1, ranks[a:b].long(), gw)
-        del gw
-        h[a:b].index_add_(1, lut, in_rank_order)
+        idx, gw, ro = idx_buf[: b - a], gw_buf[: b - a], rank_order[: b - a]
+        idx.copy_(ranks[a:b])
+        if weight is None:
+            gw.copy_(grad[a:b])
+        elif grad.dtype == acc and weight.dtype == acc:
+            torch.mul(grad[a:b], weight[a:b], out=gw)
+        else:  # widen first: the product of two half values is exact in fp32
+            gw.copy_(grad[a:b]).mul_(weight[a:b])
+        ro.scatter_(1, idx, gw)
+        h[a:b].index_add_(1, lut, ro)
     return h
 
 

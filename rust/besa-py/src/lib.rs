@@ -5,10 +5,14 @@ use pyo3::prelude::*;
 
 mod errors;
 mod inspect;
+mod sim;
+mod sparse;
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     inspect::register(m)?;
+    sim::register(m)?;
+    sparse::register(m)?;
     Ok(())
 }

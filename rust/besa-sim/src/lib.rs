@@ -1,1 +1,16 @@
 //! besa-sim: the ViTCoD sparse-accelerator cycle model (reference and full modes).
+//!
+//! - [`reference`]: the BESA authors' model, bit-for-bit (quirks included), fast;
+//! - [`full`]: a corrected, parameterised model (DRAM traffic, formats, decode/prefill);
+//! - [`model`]: every selected matrix of a saved model, read from the mmap, in parallel.
+//!
+//! See docs/simulator.md.
+
+pub mod full;
+pub mod mask;
+pub mod model;
+pub mod reference;
+
+pub use mask::{Elem, MaskView};
+pub use model::{open_source, simulate_path, MatrixSource, Report, SimParams};
+pub use reference::{RefFloat, RefParams};

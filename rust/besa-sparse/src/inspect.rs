@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::error::Result;
 use crate::model::Model;
+use crate::packed::{PackedModel, PackedTensorInfo, Storage};
 use crate::st::dtype_name;
 use crate::stats::count_zeros;
 
@@ -60,6 +61,9 @@ pub struct InspectReport {
     pub tensors: Vec<TensorStats>,
     pub groups: Vec<GroupStats>,
     pub totals: Totals,
+    /// Packed checkpoints only: per packed tensor, format, dense shape, nnz, sparsity, size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packed: Option<Vec<PackedTensorInfo>>,
 }
 
 /// The layer type of a tensor name: the components after the last all-digit component.
@@ -80,10 +84,49 @@ pub fn in_numbered_block(name: &str) -> bool {
         .any(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// Inspects a model path (file or directory).
+/// Inspects a model path (file or directory), plain or packed. For a packed checkpoint the
+/// per-tensor list shows the stored parts, `packed` lists the packed matrices, and the
+/// block-linear sparsity counts packed matrices by their dense shape and kept count.
 pub fn inspect(path: &Path) -> Result<InspectReport> {
-    let model = Model::open(path)?;
-    Ok(inspect_model(&model))
+    let pm = PackedModel::open(path)?;
+    let mut report = inspect_model(pm.model());
+    if pm.is_packed() {
+        let info = pm.packed_info();
+        let fmt = pm
+            .declared_format()
+            .or_else(|| pm.tensors().iter().find_map(|t| t.format()))
+            .map(|f| f.name())
+            .unwrap_or("dense");
+        report.format = format!("safetensors (packed: {fmt})");
+        let zeros_of: BTreeMap<&str, Option<u64>> = report
+            .tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.zeros))
+            .collect();
+        let (mut lin_numel, mut lin_zeros) = (0u64, 0u64);
+        for t in pm.tensors() {
+            if t.shape.len() != 2 || !in_numbered_block(&t.name) {
+                continue;
+            }
+            let numel = t.numel() as u64;
+            match &t.storage {
+                Storage::Packed(p) => {
+                    lin_numel += numel;
+                    lin_zeros += numel - (p.nnz as u64).min(numel);
+                }
+                Storage::Dense(_) => {
+                    if let Some(Some(z)) = zeros_of.get(t.name.as_str()) {
+                        lin_numel += numel;
+                        lin_zeros += z;
+                    }
+                }
+            }
+        }
+        report.totals.block_linear_numel = lin_numel;
+        report.totals.block_linear_sparsity = ratio(lin_zeros, lin_numel);
+        report.packed = Some(info);
+    }
+    Ok(report)
 }
 
 pub fn inspect_model(model: &Model) -> InspectReport {
@@ -100,7 +143,13 @@ pub fn inspect_model(model: &Model) -> InspectReport {
                 numel,
                 nbytes: t.entry.nbytes() as u64,
                 zeros,
-                sparsity: zeros.map(|z| if numel == 0 { 0.0 } else { z as f64 / numel as f64 }),
+                sparsity: zeros.map(|z| {
+                    if numel == 0 {
+                        0.0
+                    } else {
+                        z as f64 / numel as f64
+                    }
+                }),
                 file: model.files()[t.file]
                     .path()
                     .file_name()
@@ -177,6 +226,7 @@ fn summarize(model: &Model, tensors: Vec<TensorStats>) -> InspectReport {
         },
         tensors,
         groups,
+        packed: None,
     }
 }
 

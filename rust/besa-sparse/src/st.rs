@@ -107,7 +107,7 @@ impl StFile {
             Error::format(format!(
                 "{}: invalid safetensors file: {}",
                 path.display(),
-                describe(&e, file_len, declared)
+                describe(&e, &mmap[8..8 + declared as usize], file_len, declared)
             ))
         })?;
         let mut tensors: Vec<TensorEntry> = metadata
@@ -155,8 +155,54 @@ impl StFile {
     }
 }
 
-fn describe(e: &safetensors::SafeTensorError, file_len: u64, declared: u64) -> String {
+/// Names the first tensor whose byte length disagrees with dtype x shape, or whose range runs
+/// past the data buffer (the `safetensors` crate reports these without a name).
+fn find_bad_tensor(header: &[u8], data_len: u64) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(header).ok()?;
+    for (name, info) in v.as_object()? {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = info.get("dtype")?.as_str()?;
+        let itemsize = parse_dtype(dtype).ok().map(dtype_itemsize)? as u128;
+        let numel: u128 = info
+            .get("shape")?
+            .as_array()?
+            .iter()
+            .map(|d| d.as_u64().map(u128::from))
+            .try_fold(1u128, |acc, d| d.map(|d| acc.saturating_mul(d)))?;
+        let off = info.get("data_offsets")?.as_array()?;
+        let (b, e) = (off.first()?.as_u64()?, off.get(1)?.as_u64()?);
+        if e > data_len {
+            return Some(format!(
+                "tensor {name:?} has data_offsets [{b}, {e}] beyond the {data_len}-byte data buffer"
+            ));
+        }
+        if (e.saturating_sub(b)) as u128 != numel.saturating_mul(itemsize) {
+            return Some(format!(
+                "tensor {name:?} ({dtype}, shape {}) needs {} bytes but data_offsets [{b}, {e}] hold {}",
+                info.get("shape")?,
+                numel.saturating_mul(itemsize),
+                e.saturating_sub(b)
+            ));
+        }
+    }
+    None
+}
+
+fn describe(
+    e: &safetensors::SafeTensorError,
+    header: &[u8],
+    file_len: u64,
+    declared: u64,
+) -> String {
     use safetensors::SafeTensorError as E;
+    let data_len = file_len - 8 - declared;
+    if matches!(e, E::TensorInvalidInfo | E::MetadataIncompleteBuffer) {
+        if let Some(msg) = find_bad_tensor(header, data_len) {
+            return msg;
+        }
+    }
     match e {
         E::MetadataIncompleteBuffer => format!(
             "tensor data does not fill the file exactly (file is {file_len} bytes, header {declared}): truncated, padded or overlapping tensors"

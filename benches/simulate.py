@@ -1,0 +1,167 @@
+"""Benchmark of ``besa-rs simulate`` (not a test): prints, in one run,
+
+1. the Rust engine vs the vectorised numpy port of the reference model (tests/
+   test_simulate_oracle.py::numpy_port) on the same 4096 x 4096 and 11008 x 4096 random 50%
+   masks (and that they agree);
+2. a whole LLaMA-7B-shaped model (32 layers x q,k,v,o,gate,up,down random 50% masks, bf16
+   safetensors, one shard per layer, generated here and cached under --dir) simulated from the
+   files, with wall time, peak anonymous memory and peak RSS.
+
+Usage: .venv/bin/python benches/simulate.py [--dir /tmp/besa-sim-bench-7b] [--skip-model]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from test_simulate_oracle import numpy_port  # noqa: E402
+
+import besa_rs  # noqa: E402
+from besa_rs.simulation import format_report  # noqa: E402
+
+HIDDEN, INTER, LAYERS = 4096, 11008, 32
+SHAPES = {
+    "self_attn.q_proj": (HIDDEN, HIDDEN),
+    "self_attn.k_proj": (HIDDEN, HIDDEN),
+    "self_attn.v_proj": (HIDDEN, HIDDEN),
+    "self_attn.o_proj": (HIDDEN, HIDDEN),
+    "mlp.gate_proj": (INTER, HIDDEN),
+    "mlp.up_proj": (INTER, HIDDEN),
+    "mlp.down_proj": (HIDDEN, INTER),
+}
+
+
+def bench_matrices() -> None:
+    rng = np.random.default_rng(0)
+    print("== one matrix: Rust engine vs vectorised numpy port (same bool mask, reference mode)")
+    print(f"{'shape':>14} {'rust ms':>9} {'numpy ms':>10} {'speed-up':>9}  cycles (rust / numpy)")
+    for shape in [(4096, 4096), (11008, 4096)]:
+        keep = rng.random(shape) < 0.5
+        besa_rs.simulate_matrix(keep)  # warm-up (thread pool)
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            r = besa_rs.simulate_matrix(keep)
+            times.append(time.perf_counter() - t)
+        t_rust = min(times)
+        t = time.perf_counter()
+        cyc, _flops = numpy_port(keep)
+        t_np = time.perf_counter() - t
+        print(
+            f"{shape[0]:>6} x {shape[1]:<5} {1e3 * t_rust:9.2f} {1e3 * t_np:10.1f} {t_np / t_rust:8.0f}x  "
+            f"{r['cycles']} / {cyc} {'(equal)' if cyc == r['cycles'] else '(DIFFERENT!)'}"
+        )
+
+
+def write_shard(path: Path, layer: int, rng: np.random.Generator) -> None:
+    """One layer's 7 matrices as BF16 (1.0 or 0.0, i.i.d. 50%), streamed to disk."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for mod, (r, c) in SHAPES.items():
+        n = r * c * 2
+        header[f"model.layers.{layer}.{mod}.weight"] = {
+            "dtype": "BF16",
+            "shape": [r, c],
+            "data_offsets": [off, off + n],
+        }
+        off += n
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    tmp = path.with_suffix(".partial")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for _mod, (r, c) in SHAPES.items():
+            bits = rng.integers(0, 2, size=(r, c), dtype=np.uint16)
+            (bits * np.uint16(0x3F80)).tofile(f)  # bf16 1.0 = 0x3F80
+    os.replace(tmp, path)
+
+
+def make_model(root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    names = [f"model-{i + 1:05d}-of-{LAYERS:05d}.safetensors" for i in range(LAYERS)]
+    index = root / "model.safetensors.index.json"
+    if index.exists() and all((root / n).exists() for n in names):
+        return
+    t = time.perf_counter()
+    rng = np.random.default_rng(7)
+    for i, n in enumerate(names):
+        if not (root / n).exists():
+            write_shard(root / n, i, rng)
+    wm = {f"model.layers.{i}.{mod}.weight": names[i] for i in range(LAYERS) for mod in SHAPES}
+    index.write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    print(f"(generated the model in {time.perf_counter() - t:.1f} s)")
+
+
+def status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def bench_model(root: Path) -> None:
+    make_model(root)
+    size = sum(p.stat().st_size for p in root.glob("*.safetensors"))
+    print(
+        f"\n== LLaMA-7B-shaped model: {LAYERS} layers x 7 matrices, bf16, {size / 1e9:.1f} GB in {root}"
+    )
+    try:  # reset the peak-RSS counter so VmHWM covers the model run only
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    peak_anon = [status_kb("RssAnon")]
+    base_anon = peak_anon[0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak_anon[0] = max(peak_anon[0], status_kb("RssAnon"))
+            time.sleep(0.02)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    t = time.perf_counter()
+    rep = besa_rs.simulate(root)
+    wall = time.perf_counter() - t
+    done.set()
+    th.join()
+    print(
+        f"threads: {os.environ.get('RAYON_NUM_THREADS', os.cpu_count())} (cores: {os.cpu_count()})"
+    )
+    print(f"simulated {len(rep['matrices'])} matrices in {wall:.1f} s")
+    print(
+        f"anonymous memory: {base_anon / 1024:.0f} MB before, peak {peak_anon[0] / 1024:.0f} MB "
+        f"(+{(peak_anon[0] - base_anon) / 1024:.0f} MB); peak RSS during the run, mapped file pages included: "
+        f"{status_kb('VmHWM') / 1024:.0f} MB"
+    )
+    print(format_report(rep, per_matrix=False))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--dir", default="/tmp/besa-sim-bench-7b", help="where the generated model is cached"
+    )
+    ap.add_argument("--skip-model", action="store_true", help="only the single-matrix comparison")
+    args = ap.parse_args()
+    bench_matrices()
+    if not args.skip_model:
+        bench_model(Path(args.dir))
+
+
+if __name__ == "__main__":
+    main()

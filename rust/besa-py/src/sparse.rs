@@ -1,0 +1,150 @@
+//! Bindings of `besa_sparse::{pack, packed}`: pack/unpack a checkpoint, and a reader that
+//! decodes packed (or plain) tensors straight into caller-provided numpy buffers.
+
+use std::path::PathBuf;
+
+use besa_sparse::pack::{PackOptions, UnpackOptions};
+use besa_sparse::packed::PackedModel;
+use besa_sparse::st::dtype_name;
+use besa_sparse::{Error, PackFormat};
+use numpy::{PyArray1, PyArrayMethods};
+use pyo3::prelude::*;
+
+use crate::errors::{run, to_py};
+
+/// Packs a checkpoint; returns the report as a JSON string.
+#[pyfunction]
+#[pyo3(signature = (src, out, format="bitmask", min_sparsity=0.25, shard_size=5_000_000_000, overwrite=false, force_24=false, tensors=None, sync=true))]
+#[allow(clippy::too_many_arguments)]
+fn pack_json(
+    py: Python<'_>,
+    src: PathBuf,
+    out: PathBuf,
+    format: &str,
+    min_sparsity: f64,
+    shard_size: u64,
+    overwrite: bool,
+    force_24: bool,
+    tensors: Option<Vec<String>>,
+    sync: bool,
+) -> PyResult<String> {
+    let format = PackFormat::parse(format).map_err(|e| to_py(py, e))?;
+    let opts = PackOptions {
+        format,
+        min_sparsity,
+        shard_size,
+        overwrite,
+        force_24,
+        tensors,
+        sync,
+    };
+    run(py, move || {
+        let r = besa_sparse::pack::pack(&src, &out, &opts)?;
+        Ok(serde_json::to_string(&r).expect("report serialises"))
+    })
+}
+
+/// Unpacks a packed checkpoint into a plain one; returns the report as a JSON string.
+#[pyfunction]
+#[pyo3(signature = (src, out, shard_size=5_000_000_000, overwrite=false, sync=true))]
+fn unpack_json(
+    py: Python<'_>,
+    src: PathBuf,
+    out: PathBuf,
+    shard_size: u64,
+    overwrite: bool,
+    sync: bool,
+) -> PyResult<String> {
+    let opts = UnpackOptions {
+        shard_size,
+        overwrite,
+        sync,
+    };
+    run(py, move || {
+        let r = besa_sparse::pack::unpack(&src, &out, &opts)?;
+        Ok(serde_json::to_string(&r).expect("report serialises"))
+    })
+}
+
+/// (name, dtype, shape, format or None, nbytes) of a logical tensor.
+type TensorRow = (String, String, Vec<usize>, Option<String>, usize);
+
+/// A checkpoint (packed or plain) opened for reading dense tensors.
+#[pyclass(frozen, module = "besa_rs._native")]
+struct PackedReader {
+    inner: PackedModel,
+}
+
+#[pymethods]
+impl PackedReader {
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let inner = run(py, move || PackedModel::open(&path))?;
+        Ok(Self { inner })
+    }
+
+    /// Logical tensors: list of (name, dtype, shape, format or None, nbytes).
+    fn tensors(&self) -> Vec<TensorRow> {
+        self.inner
+            .tensors()
+            .iter()
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    dtype_name(t.dtype),
+                    t.shape.clone(),
+                    t.format().map(|f| f.name().to_string()),
+                    t.nbytes(),
+                )
+            })
+            .collect()
+    }
+
+    /// The sparsity format declared by config.json ("bitmask", "2:4", "csr") or None.
+    fn declared_format(&self) -> Option<String> {
+        self.inner.declared_format().map(|f| f.name().to_string())
+    }
+
+    /// Whether any tensor is stored packed.
+    fn is_packed(&self) -> bool {
+        self.inner.is_packed()
+    }
+
+    /// Decodes tensor `name` into `out`, a writable contiguous uint8 array of exactly its
+    /// dense byte size. Validates structure and checksum first.
+    fn read_into(&self, py: Python<'_>, name: &str, out: &Bound<'_, PyArray1<u8>>) -> PyResult<()> {
+        let t = self.inner.get(name).ok_or_else(|| {
+            to_py(
+                py,
+                Error::new(
+                    besa_sparse::ErrorKind::NotFound,
+                    format!(
+                        "{}: no tensor {name:?}",
+                        self.inner.model().root().display()
+                    ),
+                ),
+            )
+        })?;
+        let mut rw = out.readwrite();
+        let slice = rw.as_slice_mut().map_err(|e| {
+            to_py(
+                py,
+                Error::shape(format!("output buffer for {name:?} is not contiguous: {e}")),
+            )
+        })?;
+        let inner = &self.inner;
+        run(py, move || inner.read_into(t, slice))
+    }
+
+    /// Per packed tensor info as a JSON string.
+    fn packed_info_json(&self) -> String {
+        serde_json::to_string(&self.inner.packed_info()).expect("serialises")
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(pack_json, m)?)?;
+    m.add_function(wrap_pyfunction!(unpack_json, m)?)?;
+    m.add_class::<PackedReader>()?;
+    Ok(())
+}

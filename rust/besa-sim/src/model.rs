@@ -1,0 +1,551 @@
+//! Simulating every selected matrix of a saved model, in parallel, straight from the files.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use besa_sparse::st::dtype_name;
+use besa_sparse::{Error, Model, Result};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::full::{ratio, simulate_full, FullParams, FullResult};
+use crate::mask::{Elem, MaskView};
+use crate::reference::{simulate_matrix_with_degrees, ChunkResult, RefParams};
+
+/// A tensor as listed by a source.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TensorMeta {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: String,
+}
+
+/// Where the matrices come from. Implement this for a new checkpoint format and return it from
+/// [`open_source`]; the rest of the simulator does not change.
+pub trait MatrixSource: Send + Sync {
+    /// The path (or description) shown in reports.
+    fn describe(&self) -> String;
+    /// Every tensor, in file order.
+    fn tensors(&self) -> Vec<TensorMeta>;
+    /// The keep-mask of a 2-D tensor (a view of the stored bytes, or a decoded buffer).
+    fn mask(&self, name: &str) -> Result<MaskView<'_>>;
+    /// Called when a matrix is done: a memory-mapped source drops its pages from the process
+    /// (they stay in the page cache) so resident memory stays bounded by the matrices in flight.
+    fn release(&self, _name: &str) {}
+}
+
+/// Opens a model for simulation: the single place that decides how a path is read.
+pub fn open_source(path: &Path) -> Result<Box<dyn MatrixSource>> {
+    Ok(Box::new(SafetensorsSource {
+        model: Model::open(path)?,
+    }))
+}
+
+/// Safetensors file or Hugging Face directory (sharded or not), read through the mmap.
+pub struct SafetensorsSource {
+    pub model: Model,
+}
+
+impl MatrixSource for SafetensorsSource {
+    fn describe(&self) -> String {
+        self.model.root().display().to_string()
+    }
+    fn tensors(&self) -> Vec<TensorMeta> {
+        self.model
+            .tensors()
+            .map(|t| TensorMeta {
+                name: t.entry.name.clone(),
+                shape: t.entry.shape.clone(),
+                dtype: dtype_name(t.entry.dtype),
+            })
+            .collect()
+    }
+    fn mask(&self, name: &str) -> Result<MaskView<'_>> {
+        let t = self.model.find(name).ok_or_else(|| {
+            Error::new(
+                besa_sparse::ErrorKind::NotFound,
+                format!("{}: no tensor named {name:?}", self.describe()),
+            )
+        })?;
+        let what = format!("tensor {name:?}");
+        if t.entry.shape.len() != 2 {
+            return Err(Error::shape(format!(
+                "{what} has shape {:?}; the simulator needs a 2-D weight",
+                t.entry.shape
+            )));
+        }
+        let elem = Elem::from_dtype(t.entry.dtype, &what)?;
+        MaskView::new(self.model.data(t), elem, t.entry.shape[0], t.entry.shape[1])
+            .map_err(|e| e.context(&what))
+    }
+    fn release(&self, name: &str) {
+        if let Some(t) = self.model.find(name) {
+            release_pages(self.model.data(t));
+        }
+    }
+}
+
+/// Drops the pages of a memory-mapped, read-only file range from this process's page tables.
+/// Harmless for such a map (a later read faults the same bytes back in from the page cache);
+/// it only keeps the resident set from growing to the size of the model.
+fn release_pages(bytes: &[u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let page = if page > 0 { page as usize } else { 4096 };
+        let start = bytes.as_ptr() as usize;
+        let first = start.div_ceil(page) * page;
+        let end = (start + bytes.len()) / page * page;
+        if end > first {
+            // SAFETY: [first, end) lies inside the mapping (whole pages of `bytes`); the map is
+            // a read-only file map, so MADV_DONTNEED cannot change the bytes any borrower sees.
+            unsafe {
+                libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = bytes;
+}
+
+/// The projection type of a tensor name (`q`, `k`, `v`, `o`, `gate`, `up`, `down`, `qkv`,
+/// `gate_up`), or the layer kind (the name after the block index) when no pattern matches.
+pub fn projection_type(name: &str) -> String {
+    let parts: Vec<&str> = name.split('.').collect();
+    let mut end = parts.len();
+    if end > 1 && parts[end - 1] == "weight" {
+        end -= 1;
+    }
+    let module = parts[end - 1];
+    let parent = if end >= 2 { parts[end - 2] } else { "" };
+    let attn = matches!(
+        parent,
+        "attn" | "attention" | "self_attn" | "self_attention" | "mixer"
+    );
+    let t = match module {
+        "q_proj" | "wq" | "query" | "q_lin" => "q",
+        "k_proj" | "wk" | "key" | "k_lin" => "k",
+        "v_proj" | "wv" | "value" | "v_lin" => "v",
+        "o_proj" | "out_proj" | "wo" | "out_lin" => "o",
+        "dense" | "c_proj" if attn => "o",
+        "gate_proj" | "w1" => "gate",
+        "up_proj" | "w3" | "fc1" | "c_fc" | "dense_h_to_4h" | "fc_in" | "lin1" => "up",
+        "down_proj" | "w2" | "fc2" | "dense_4h_to_h" | "fc_out" | "lin2" | "c_proj" => "down",
+        "query_key_value" | "qkv_proj" | "c_attn" | "Wqkv" | "qkv" => "qkv",
+        "gate_up_proj" => "gate_up",
+        _ => "",
+    };
+    if !t.is_empty() {
+        return t.to_string();
+    }
+    let kind = besa_sparse::inspect::layer_kind(name);
+    kind.strip_suffix(".weight").unwrap_or(&kind).to_string()
+}
+
+/// The block (layer) index of a name: its first all-digit component.
+pub fn layer_index(name: &str) -> Option<usize> {
+    name.split('.')
+        .find(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|p| p.parse().ok())
+}
+
+/// A matrix selected for simulation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Planned {
+    pub name: String,
+    pub shape: [usize; 2],
+    pub dtype: String,
+    pub kind: String,
+    pub layer: Option<usize>,
+}
+
+/// A tensor left out, and why.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Skipped {
+    pub name: String,
+    pub reason: String,
+}
+
+/// The default selection: 2-D `*weight` tensors inside numbered blocks (the decoder linears);
+/// when a file has none (a bare matrix file), every 2-D tensor. Everything else is skipped with
+/// a reason.
+pub fn plan(tensors: &[TensorMeta]) -> (Vec<Planned>, Vec<Skipped>) {
+    let in_block = |t: &TensorMeta| {
+        t.shape.len() == 2
+            && t.name.ends_with("weight")
+            && besa_sparse::inspect::in_numbered_block(&t.name)
+    };
+    let any_block = tensors.iter().any(in_block);
+    let mut planned = Vec::new();
+    let mut skipped = Vec::new();
+    for t in tensors {
+        if t.shape.len() != 2 {
+            skipped.push(Skipped {
+                name: t.name.clone(),
+                reason: format!(
+                    "{}-D tensor (only 2-D weights are simulated)",
+                    t.shape.len()
+                ),
+            });
+        } else if any_block && !in_block(t) {
+            skipped.push(Skipped {
+                name: t.name.clone(),
+                reason: "not a weight of a decoder block".into(),
+            });
+        } else {
+            planned.push(Planned {
+                name: t.name.clone(),
+                shape: [t.shape[0], t.shape[1]],
+                dtype: t.dtype.clone(),
+                kind: projection_type(&t.name),
+                layer: layer_index(&t.name),
+            });
+        }
+    }
+    (planned, skipped)
+}
+
+/// Which simulation to run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimParams {
+    pub reference: RefParams,
+    /// Also run the full model.
+    pub full: Option<FullParams>,
+    /// Projection types split into `R`-wide column chunks when `C > R` (the authors: down).
+    pub chunk_kinds: Vec<String>,
+}
+
+impl Default for SimParams {
+    fn default() -> Self {
+        Self {
+            reference: RefParams::default(),
+            full: None,
+            chunk_kinds: vec!["down".into()],
+        }
+    }
+}
+
+/// Everything reported for one matrix.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MatrixReport {
+    pub name: String,
+    pub kind: String,
+    pub layer: Option<usize>,
+    pub shape: [usize; 2],
+    pub dtype: String,
+    pub sparsity: f64,
+    pub kept: u64,
+    pub cycles: u64,
+    pub dense_cycles: u64,
+    pub flops: u64,
+    pub speedup: f64,
+    /// Dense columns G (summed over chunks).
+    pub dense_columns: u64,
+    /// Threshold ratio and threshold (`ratio * R`) of the best evaluation, per chunk.
+    pub threshold_ratios: Vec<f64>,
+    pub thresholds: Vec<f64>,
+    pub chunks: Vec<ChunkResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full: Option<FullResult>,
+}
+
+/// Simulates one matrix view.
+pub fn simulate_view(
+    view: &MaskView<'_>,
+    name: &str,
+    kind: &str,
+    dtype: &str,
+    p: &SimParams,
+) -> MatrixReport {
+    let chunk = p.chunk_kinds.iter().any(|k| k == kind);
+    let deg = view.column_degrees();
+    let chunks = simulate_matrix_with_degrees(view, &deg, chunk, &p.reference);
+    let kept: u64 = chunks.iter().map(|c| c.best.e).sum();
+    let numel = (view.rows() * view.cols()) as u64;
+    let cycles: u64 = chunks.iter().map(|c| c.cycles).sum();
+    let dense_cycles: u64 = chunks.iter().map(|c| c.dense_cycles).sum();
+    let full = p.full.as_ref().map(|fp| simulate_full(view, &deg, fp));
+    MatrixReport {
+        name: name.to_string(),
+        kind: kind.to_string(),
+        layer: layer_index(name),
+        shape: [view.rows(), view.cols()],
+        dtype: dtype.to_string(),
+        sparsity: if numel == 0 {
+            0.0
+        } else {
+            1.0 - kept as f64 / numel as f64
+        },
+        kept,
+        cycles,
+        dense_cycles,
+        flops: chunks.iter().map(|c| c.flops).sum(),
+        speedup: ratio(dense_cycles, cycles),
+        dense_columns: chunks.iter().map(|c| c.best.g).sum(),
+        threshold_ratios: chunks.iter().map(|c| c.best.ratio).collect(),
+        thresholds: chunks.iter().map(|c| c.best.threshold).collect(),
+        chunks,
+        full,
+    }
+}
+
+/// Simulates the named matrices of a source, several at a time (rayon), each read from the
+/// source when its turn comes: memory is bounded by the matrices in flight, not the model.
+pub fn simulate_names(
+    source: &dyn MatrixSource,
+    names: &[String],
+    p: &SimParams,
+) -> Result<Vec<MatrixReport>> {
+    if let Some(f) = &p.full {
+        f.validate()?;
+    }
+    if p.reference.pe_width == 0 || p.reference.pe_height == 0 {
+        return Err(Error::config("the PE array must be at least 1 x 1"));
+    }
+    let metas: BTreeMap<String, TensorMeta> = source
+        .tensors()
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect();
+    names
+        .par_iter()
+        .with_max_len(1)
+        .map(|name| {
+            let view = source.mask(name)?;
+            let dtype = metas.get(name).map(|m| m.dtype.as_str()).unwrap_or("?");
+            let report = simulate_view(&view, name, &projection_type(name), dtype, p);
+            drop(view);
+            source.release(name);
+            Ok(report)
+        })
+        .collect()
+}
+
+/// Per projection type: averages over its matrices (the paper's table).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TypeSummary {
+    pub matrices: usize,
+    pub avg_cycles: f64,
+    pub dense_cycles: f64,
+    /// dense_cycles / avg_cycles.
+    pub speedup: f64,
+    pub avg_flops: f64,
+    pub sparsity: f64,
+    pub avg_dense_columns: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decode_speedup: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefill_speedup: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bandwidth_bound: Option<f64>,
+}
+
+/// Totals over every simulated matrix.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Totals {
+    pub matrices: usize,
+    pub cycles: u64,
+    pub dense_cycles: u64,
+    pub speedup: f64,
+    pub flops: u64,
+    pub sparsity: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decode_speedup: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefill_speedup: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bandwidth_bound: Option<f64>,
+}
+
+fn mean(xs: impl Iterator<Item = f64>) -> f64 {
+    let (mut s, mut n) = (0.0, 0usize);
+    for x in xs {
+        s += x;
+        n += 1;
+    }
+    if n == 0 {
+        0.0
+    } else {
+        s / n as f64
+    }
+}
+
+/// Full-mode aggregates of a group: decode and prefill speed-ups (sum of dense cycles over sum
+/// of cycles) and the bandwidth bound (dense bytes over stored bytes).
+fn full_aggregates(ms: &[&MatrixReport]) -> (Option<f64>, Option<f64>, Option<f64>) {
+    let fulls: Vec<&FullResult> = ms.iter().filter_map(|m| m.full.as_ref()).collect();
+    if fulls.is_empty() || fulls.len() != ms.len() {
+        return (None, None, None);
+    }
+    let sum = |f: &dyn Fn(&FullResult) -> u64| fulls.iter().map(|x| f(x)).sum::<u64>();
+    (
+        Some(ratio(
+            sum(&|x| x.decode.dense_cycles),
+            sum(&|x| x.decode.cycles),
+        )),
+        Some(ratio(
+            sum(&|x| x.prefill.dense_cycles),
+            sum(&|x| x.prefill.cycles),
+        )),
+        Some(ratio(
+            sum(&|x| x.dense_bytes),
+            sum(&|x| x.value_bytes + x.metadata_bytes),
+        )),
+    )
+}
+
+/// The per-type summary and totals of a list of matrix reports.
+pub fn summarize(matrices: &[MatrixReport]) -> (BTreeMap<String, TypeSummary>, Totals) {
+    let mut groups: BTreeMap<String, Vec<&MatrixReport>> = BTreeMap::new();
+    for m in matrices {
+        groups.entry(m.kind.clone()).or_default().push(m);
+    }
+    let summary = groups
+        .into_iter()
+        .map(|(kind, ms)| {
+            let avg_cycles = mean(ms.iter().map(|m| m.cycles as f64));
+            let dense_cycles = mean(ms.iter().map(|m| m.dense_cycles as f64));
+            let (decode_speedup, prefill_speedup, bandwidth_bound) = full_aggregates(&ms);
+            let s = TypeSummary {
+                matrices: ms.len(),
+                avg_cycles,
+                dense_cycles,
+                speedup: if avg_cycles == 0.0 {
+                    if dense_cycles == 0.0 {
+                        1.0
+                    } else {
+                        f64::INFINITY
+                    }
+                } else {
+                    dense_cycles / avg_cycles
+                },
+                avg_flops: mean(ms.iter().map(|m| m.flops as f64)),
+                sparsity: mean(ms.iter().map(|m| m.sparsity)),
+                avg_dense_columns: mean(ms.iter().map(|m| m.dense_columns as f64)),
+                decode_speedup,
+                prefill_speedup,
+                bandwidth_bound,
+            };
+            (kind, s)
+        })
+        .collect();
+    let all: Vec<&MatrixReport> = matrices.iter().collect();
+    let (decode_speedup, prefill_speedup, bandwidth_bound) = full_aggregates(&all);
+    let cycles = matrices.iter().map(|m| m.cycles).sum();
+    let dense_cycles = matrices.iter().map(|m| m.dense_cycles).sum();
+    let numel: u64 = matrices
+        .iter()
+        .map(|m| (m.shape[0] * m.shape[1]) as u64)
+        .sum();
+    let kept: u64 = matrices.iter().map(|m| m.kept).sum();
+    let totals = Totals {
+        matrices: matrices.len(),
+        cycles,
+        dense_cycles,
+        speedup: ratio(dense_cycles, cycles),
+        flops: matrices.iter().map(|m| m.flops).sum(),
+        sparsity: if numel == 0 {
+            0.0
+        } else {
+            1.0 - kept as f64 / numel as f64
+        },
+        decode_speedup,
+        prefill_speedup,
+        bandwidth_bound,
+    };
+    (summary, totals)
+}
+
+/// A whole-model report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub mode: String,
+    pub path: String,
+    pub params: SimParams,
+    pub matrices: Vec<MatrixReport>,
+    pub summary: BTreeMap<String, TypeSummary>,
+    pub totals: Totals,
+    pub skipped: Vec<Skipped>,
+}
+
+/// Simulates a model path with the default selection (Rust-only entry point; the CLI selects
+/// and batches in Python for its progress bar).
+pub fn simulate_path(path: &Path, p: &SimParams) -> Result<Report> {
+    let source = open_source(path)?;
+    let (planned, skipped) = plan(&source.tensors());
+    if planned.is_empty() {
+        return Err(Error::format(format!(
+            "{}: no 2-D weight to simulate in this model",
+            source.describe()
+        )));
+    }
+    let names: Vec<String> = planned.into_iter().map(|p| p.name).collect();
+    let matrices = simulate_names(source.as_ref(), &names, p)?;
+    let (summary, totals) = summarize(&matrices);
+    Ok(Report {
+        mode: if p.full.is_some() {
+            "full"
+        } else {
+            "reference"
+        }
+        .to_string(),
+        path: source.describe(),
+        params: p.clone(),
+        matrices,
+        summary,
+        totals,
+        skipped,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn projection_types() {
+        for (name, t) in [
+            ("model.layers.0.self_attn.q_proj.weight", "q"),
+            ("model.layers.0.self_attn.o_proj.weight", "o"),
+            ("model.layers.11.mlp.down_proj.weight", "down"),
+            ("model.decoder.layers.3.fc1.weight", "up"),
+            ("model.decoder.layers.3.self_attn.out_proj.weight", "o"),
+            ("transformer.h.2.attn.c_proj.weight", "o"),
+            ("transformer.h.2.mlp.c_proj.weight", "down"),
+            ("gpt_neox.layers.1.attention.query_key_value.weight", "qkv"),
+            ("gpt_neox.layers.1.attention.dense.weight", "o"),
+            (
+                "model.layers.1.block_sparse_moe.experts.3.w2.weight",
+                "down",
+            ),
+            (
+                "model.layers.1.block_sparse_moe.gate.weight",
+                "block_sparse_moe.gate",
+            ),
+        ] {
+            assert_eq!(projection_type(name), t, "{name}");
+        }
+        assert_eq!(layer_index("model.layers.17.mlp.up_proj.weight"), Some(17));
+        assert_eq!(layer_index("lm_head.weight"), None);
+    }
+
+    #[test]
+    fn selection() {
+        let t = |n: &str, s: &[usize]| TensorMeta {
+            name: n.into(),
+            shape: s.to_vec(),
+            dtype: "F16".into(),
+        };
+        let (p, s) = plan(&[
+            t("model.embed_tokens.weight", &[10, 4]),
+            t("model.layers.0.input_layernorm.weight", &[4]),
+            t("model.layers.0.self_attn.q_proj.weight", &[4, 4]),
+        ]);
+        assert_eq!(p.len(), 1);
+        assert_eq!(s.len(), 2);
+        let (p, _) = plan(&[t("mask", &[3, 3])]);
+        assert_eq!(p.len(), 1);
+    }
+}

@@ -1,0 +1,516 @@
+//! Writing safetensors files and sharded checkpoints, atomically.
+//!
+//! A file is planned first (names, dtypes, shapes, byte lengths), its header is serialised and
+//! validated with the `safetensors` crate, the file is created at its full size, and each
+//! tensor is written at its offset (from the input's memory map for copies, from one reusable
+//! buffer for encoded tensors, so memory stays at about the largest tensor). Directories are built under a hidden temporary name next to
+//! the destination and renamed into place only when complete.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, Metadata, TensorInfo};
+use std::os::unix::fs::FileExt;
+
+use crate::error::{Error, Result};
+use crate::st::dtype_itemsize;
+
+/// Header size limit of the format (same as the reader's).
+pub const MAX_HEADER: usize = 100_000_000;
+
+/// One tensor to be written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+}
+
+impl PlannedTensor {
+    pub fn new(name: impl Into<String>, dtype: Dtype, shape: Vec<usize>) -> Self {
+        Self {
+            name: name.into(),
+            dtype,
+            shape,
+        }
+    }
+    pub fn nbytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * dtype_itemsize(self.dtype)
+    }
+}
+
+/// Serialises a safetensors header for `tensors` in the given order, offsets tiling the buffer
+/// from 0, with `metadata` (sorted keys) first when given; padded with spaces to a multiple of 8.
+/// Returns the header bytes (without the 8-byte length) and each tensor's data offsets.
+/// Header bytes and the data offsets of each tensor.
+pub type Header = (Vec<u8>, Vec<(usize, usize)>);
+
+pub fn header_bytes(
+    tensors: &[PlannedTensor],
+    metadata: Option<&BTreeMap<String, String>>,
+) -> Result<Header> {
+    let mut seen = std::collections::HashSet::new();
+    let mut offsets = Vec::with_capacity(tensors.len());
+    let mut infos = Vec::with_capacity(tensors.len());
+    let mut off = 0usize;
+    for t in tensors {
+        if !seen.insert(t.name.as_str()) || t.name == "__metadata__" {
+            return Err(Error::format(format!(
+                "tensor name {:?} is used twice (or reserved)",
+                t.name
+            )));
+        }
+        let n = t.nbytes();
+        offsets.push((off, off + n));
+        infos.push((
+            t.name.clone(),
+            TensorInfo {
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                data_offsets: (off, off + n),
+            },
+        ));
+        off += n;
+    }
+    // Validation of the layout by the safetensors crate itself.
+    Metadata::new(None, infos).map_err(|e| Error::format(format!("invalid tensor layout: {e}")))?;
+
+    let js = |s: &str| serde_json::to_string(s).expect("string serialises");
+    let mut h = String::from("{");
+    let mut first = true;
+    if let Some(md) = metadata {
+        h.push_str("\"__metadata__\":{");
+        for (i, (k, v)) in md.iter().enumerate() {
+            if i > 0 {
+                h.push(',');
+            }
+            h.push_str(&js(k));
+            h.push(':');
+            h.push_str(&js(v));
+        }
+        h.push('}');
+        first = false;
+    }
+    for (t, (a, b)) in tensors.iter().zip(&offsets) {
+        if !first {
+            h.push(',');
+        }
+        first = false;
+        let shape: Vec<String> = t.shape.iter().map(|d| d.to_string()).collect();
+        h.push_str(&format!(
+            "{}:{{\"dtype\":\"{:?}\",\"shape\":[{}],\"data_offsets\":[{a},{b}]}}",
+            js(&t.name),
+            t.dtype,
+            shape.join(",")
+        ));
+    }
+    h.push('}');
+    let mut bytes = h.into_bytes();
+    bytes.resize(bytes.len().next_multiple_of(8), b' ');
+    if bytes.len() > MAX_HEADER {
+        return Err(Error::format(format!(
+            "header of {} bytes exceeds the 100 MB limit",
+            bytes.len()
+        )));
+    }
+    Ok((bytes, offsets))
+}
+
+/// A safetensors file being written: created at its final size with its header, then each
+/// tensor is written at its offset with positioned writes (`pwrite`), either straight from a
+/// caller's slice or from a reusable scratch buffer the caller fills (so memory stays at the
+/// largest packed tensor, and no page of the output is faulted through a memory map).
+pub struct ShardWriter {
+    path: PathBuf,
+    file: File,
+    data_start: usize,
+    offsets: Vec<(usize, usize)>,
+    index: BTreeMap<String, usize>,
+    scratch: Vec<u8>,
+}
+
+impl ShardWriter {
+    /// Creates `path` (which must not exist) at its final size and writes the header.
+    pub fn create(
+        path: &Path,
+        tensors: &[PlannedTensor],
+        metadata: Option<&BTreeMap<String, String>>,
+    ) -> Result<Self> {
+        let (header, offsets) = header_bytes(tensors, metadata)?;
+        let data_len = offsets.last().map_or(0, |o| o.1);
+        let total = 8 + header.len() + data_len;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        file.set_len(total as u64).map_err(|e| Error::io(path, e))?;
+        let mut head = (header.len() as u64).to_le_bytes().to_vec();
+        head.extend_from_slice(&header);
+        file.write_all_at(&head, 0)
+            .map_err(|e| Error::io(path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            data_start: 8 + header.len(),
+            offsets,
+            index: tensors
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.name.clone(), i))
+                .collect(),
+            scratch: Vec::new(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn slot(&self, name: &str) -> Result<(usize, usize)> {
+        let i = *self.index.get(name).ok_or_else(|| {
+            Error::config(format!(
+                "tensor {name:?} is not planned in {}",
+                self.path.display()
+            ))
+        })?;
+        Ok(self.offsets[i])
+    }
+
+    /// Writes the bytes of tensor `name` (exactly its planned length).
+    pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        let (a, b) = self.slot(name)?;
+        if data.len() != b - a {
+            return Err(Error::shape(format!(
+                "tensor {name:?}: {} bytes given, {} planned",
+                data.len(),
+                b - a
+            )));
+        }
+        self.file
+            .write_all_at(data, (self.data_start + a) as u64)
+            .map_err(|e| Error::io(&self.path, e))
+    }
+
+    /// Lends `f` one buffer per name (planned lengths, contents unspecified: `f` must write
+    /// every byte), then writes them to their offsets.
+    pub fn fill_tensors<R>(
+        &mut self,
+        names: &[&str],
+        f: impl FnOnce(&mut [&mut [u8]]) -> Result<R>,
+    ) -> Result<R> {
+        let mut slots = Vec::with_capacity(names.len());
+        for n in names {
+            slots.push(self.slot(n)?);
+        }
+        let total: usize = slots.iter().map(|(a, b)| b - a).sum();
+        if self.scratch.len() < total {
+            self.scratch.resize(total, 0);
+        }
+        let mut rest: &mut [u8] = &mut self.scratch[..total];
+        let mut bufs: Vec<&mut [u8]> = Vec::with_capacity(names.len());
+        for (a, b) in &slots {
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(b - a);
+            bufs.push(mine);
+            rest = tail;
+        }
+        let r = f(&mut bufs)?;
+        for (buf, (a, _)) in bufs.iter().zip(&slots) {
+            self.file
+                .write_all_at(buf, (self.data_start + a) as u64)
+                .map_err(|e| Error::io(&self.path, e))?;
+        }
+        Ok(r)
+    }
+
+    /// Rewrites the header with new metadata values; the new header must have exactly the
+    /// length of the one written by [`ShardWriter::create`] (fixed-width values such as the
+    /// 8-hex-digit checksums written after the data).
+    pub fn rewrite_metadata(
+        &mut self,
+        tensors: &[PlannedTensor],
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        let (header, _) = header_bytes(tensors, Some(metadata))?;
+        if 8 + header.len() != self.data_start {
+            return Err(Error::config(format!(
+                "{}: rewritten header changes length",
+                self.path.display()
+            )));
+        }
+        self.file
+            .write_all_at(&header, 8)
+            .map_err(|e| Error::io(&self.path, e))
+    }
+
+    /// Closes the file, fsyncing it first when `sync`.
+    pub fn finish(self, sync: bool) -> Result<()> {
+        if sync {
+            self.file.sync_all().map_err(|e| Error::io(&self.path, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes a complete in-memory safetensors file (small files, tests).
+pub fn write_file(
+    path: &Path,
+    tensors: &[(PlannedTensor, &[u8])],
+    metadata: Option<&BTreeMap<String, String>>,
+) -> Result<()> {
+    let plan: Vec<PlannedTensor> = tensors.iter().map(|(t, _)| t.clone()).collect();
+    for (t, d) in tensors {
+        if d.len() != t.nbytes() {
+            return Err(Error::shape(format!(
+                "tensor {:?}: {} bytes given, dtype and shape need {}",
+                t.name,
+                d.len(),
+                t.nbytes()
+            )));
+        }
+    }
+    let mut w = ShardWriter::create(path, &plan, metadata)?;
+    for (t, d) in tensors {
+        w.write_tensor(&t.name, d)?;
+    }
+    w.finish(false)
+}
+
+/// Serialises a complete safetensors file into memory (small files, tests, fixtures).
+pub fn serialize(
+    tensors: &[(PlannedTensor, &[u8])],
+    metadata: Option<&BTreeMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let plan: Vec<PlannedTensor> = tensors.iter().map(|(t, _)| t.clone()).collect();
+    let (header, _) = header_bytes(&plan, metadata)?;
+    let mut out = Vec::new();
+    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    out.extend_from_slice(&header);
+    for (t, d) in tensors {
+        if d.len() != t.nbytes() {
+            return Err(Error::shape(format!(
+                "tensor {:?}: wrong byte length",
+                t.name
+            )));
+        }
+        out.extend_from_slice(d);
+    }
+    Ok(out)
+}
+
+/// Groups of tensors (kept together) assigned to shards of at most `shard_size` bytes of data
+/// (a group larger than that gets a shard of its own). Returns, per shard, the group indices.
+pub fn plan_shards(group_bytes: &[usize], shard_size: u64) -> Vec<Vec<usize>> {
+    let mut shards: Vec<Vec<usize>> = Vec::new();
+    let mut cur = 0u64;
+    for (i, &b) in group_bytes.iter().enumerate() {
+        let b = b as u64;
+        if shards.is_empty() || (cur > 0 && cur + b > shard_size) {
+            shards.push(Vec::new());
+            cur = 0;
+        }
+        shards.last_mut().expect("pushed").push(i);
+        cur += b;
+    }
+    if shards.is_empty() {
+        shards.push(Vec::new());
+    }
+    shards
+}
+
+/// File name of shard `k` (0-based) of `n`: `model.safetensors` when n == 1, else
+/// `model-0000K-of-0000N.safetensors` (1-based), as `save_pretrained` names them.
+pub fn shard_name(k: usize, n: usize) -> String {
+    if n == 1 {
+        "model.safetensors".to_string()
+    } else {
+        format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
+    }
+}
+
+/// Orders tensors in a file by decreasing item size, then by the given order, so every tensor
+/// starts at an offset aligned to its item size (as the `safetensors` crate does).
+pub fn align_order(tensors: &mut [PlannedTensor]) {
+    tensors.sort_by_key(|t| std::cmp::Reverse(dtype_itemsize(t.dtype)));
+}
+
+/// A directory built under a temporary name and moved into place by [`AtomicDir::commit`];
+/// dropped without commit, it is removed.
+pub struct AtomicDir {
+    tmp: PathBuf,
+    final_path: PathBuf,
+    overwrite: bool,
+    committed: bool,
+}
+
+impl AtomicDir {
+    /// Refuses an existing `final_path` unless `overwrite`.
+    pub fn new(final_path: &Path, overwrite: bool) -> Result<Self> {
+        if final_path.exists() && !overwrite {
+            return Err(Error::config(format!(
+                "output directory {} already exists (pass --overwrite to replace it)",
+                final_path.display()
+            )));
+        }
+        if final_path.exists() && !final_path.is_dir() {
+            return Err(Error::config(format!(
+                "output {} exists and is not a directory",
+                final_path.display()
+            )));
+        }
+        let name = final_path
+            .file_name()
+            .ok_or_else(|| Error::config(format!("invalid output path {}", final_path.display())))?
+            .to_string_lossy()
+            .into_owned();
+        let parent = match final_path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let tmp = parent.join(format!(".{name}.partial-{}-{nanos}", std::process::id()));
+        std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        Ok(Self {
+            tmp,
+            final_path: final_path.to_path_buf(),
+            overwrite,
+            committed: false,
+        })
+    }
+
+    /// The temporary directory to write into.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Renames the temporary directory onto the final path (replacing an old one only now).
+    pub fn commit(mut self, sync: bool) -> Result<PathBuf> {
+        if sync {
+            if let Ok(d) = File::open(&self.tmp) {
+                let _ = d.sync_all();
+            }
+        }
+        if self.final_path.exists() {
+            if !self.overwrite {
+                return Err(Error::config(format!(
+                    "output directory {} appeared while writing (pass --overwrite to replace it)",
+                    self.final_path.display()
+                )));
+            }
+            let old = self.tmp.with_extension("old");
+            std::fs::rename(&self.final_path, &old).map_err(|e| Error::io(&self.final_path, e))?;
+            std::fs::rename(&self.tmp, &self.final_path)
+                .map_err(|e| Error::io(&self.final_path, e))?;
+            let _ = std::fs::remove_dir_all(&old);
+        } else {
+            std::fs::rename(&self.tmp, &self.final_path)
+                .map_err(|e| Error::io(&self.final_path, e))?;
+        }
+        if sync {
+            if let Some(p) = self.final_path.parent() {
+                if let Ok(d) = File::open(if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }) {
+                    let _ = d.sync_all();
+                }
+            }
+        }
+        self.committed = true;
+        Ok(self.final_path.clone())
+    }
+}
+
+impl Drop for AtomicDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_exact_vector_of_the_spec() {
+        let data: Vec<u8> = (0..6).flat_map(|v| (v as f32).to_le_bytes()).collect();
+        let t = PlannedTensor::new("attn.0", Dtype::F32, vec![1, 2, 3]);
+        let bytes = serialize(&[(t, &data)], None).unwrap();
+        let header = br#"{"attn.0":{"dtype":"F32","shape":[1,2,3],"data_offsets":[0,24]}}"#;
+        assert_eq!(header.len(), 64);
+        let mut want = vec![0x40, 0, 0, 0, 0, 0, 0, 0];
+        want.extend_from_slice(header);
+        want.extend_from_slice(&data);
+        assert_eq!(bytes, want);
+        // and the safetensors crate reads it back
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("attn.0").unwrap().data(), &data[..]);
+    }
+
+    #[test]
+    fn metadata_first_sorted_and_padded() {
+        let md: BTreeMap<String, String> = [
+            ("z".to_string(), "1".to_string()),
+            ("format".into(), "pt".into()),
+        ]
+        .into();
+        let t = PlannedTensor::new("a", Dtype::U8, vec![3]);
+        let bytes = serialize(&[(t, &[1u8, 2, 3][..])], Some(&md)).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        assert_eq!(n % 8, 0);
+        let h = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
+        assert!(
+            h.starts_with(r#"{"__metadata__":{"format":"pt","z":"1"},"a":"#),
+            "{h}"
+        );
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("a").unwrap().data(), &[1, 2, 3]);
+    }
+
+    #[test]
+    fn duplicate_names_refused() {
+        let t = PlannedTensor::new("a", Dtype::U8, vec![1]);
+        assert!(header_bytes(&[t.clone(), t], None).is_err());
+    }
+
+    #[test]
+    fn shard_planning() {
+        assert_eq!(plan_shards(&[5, 5, 5], 10), vec![vec![0, 1], vec![2]]);
+        assert_eq!(plan_shards(&[20, 1], 10), vec![vec![0], vec![1]]);
+        assert_eq!(plan_shards(&[], 10), vec![Vec::<usize>::new()]);
+        assert_eq!(shard_name(0, 1), "model.safetensors");
+        assert_eq!(shard_name(1, 3), "model-00002-of-00003.safetensors");
+    }
+
+    #[test]
+    fn atomic_dir_refuses_and_cleans_up() {
+        let root = tempfile::tempdir().unwrap();
+        let out = root.path().join("out");
+        {
+            let d = AtomicDir::new(&out, false).unwrap();
+            std::fs::write(d.path().join("x"), b"1").unwrap();
+            // dropped without commit
+        }
+        assert!(!out.exists());
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
+        let d = AtomicDir::new(&out, false).unwrap();
+        std::fs::write(d.path().join("x"), b"1").unwrap();
+        d.commit(true).unwrap();
+        assert!(out.join("x").is_file());
+        assert!(AtomicDir::new(&out, false).is_err());
+        let d = AtomicDir::new(&out, true).unwrap();
+        std::fs::write(d.path().join("y"), b"2").unwrap();
+        d.commit(false).unwrap();
+        assert!(out.join("y").is_file() && !out.join("x").exists());
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1);
+    }
+}
