@@ -27,6 +27,8 @@ __version__ = "0.1.0"
 
 #: public name -> submodule that defines it
 _LAZY: dict[str, str] = {
+    "prune": "pruning",
+    "PruneConfig": "pruning",
     "inspect": "inspection",
     "evaluate_perplexity": "evaluate",
     "load_model": "models",
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
     from .inspection import inspect
     from .models import load_model, load_tokenizer, resolve_model
     from .packing import from_packed, load_packed, pack, unpack
+    from .pruning import PruneConfig, prune
     from .simulation import simulate, simulate_matrix
     from .ste import candidate_sparsities, hard_mask, row_ranks, ste_mask
 
@@ -97,6 +100,8 @@ __all__ = [
     "load_packed",
     "from_packed",
     "ste_mask",
+    "prune",
+    "PruneConfig",
     "hard_mask",
     "row_ranks",
     "candidate_sparsities",

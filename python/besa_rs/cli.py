@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from .errors import BesaError
 
 #: Subcommands, in help order. Each module has ``register(subparsers)``.
-COMMANDS: tuple[str, ...] = ("inspect", "eval", "simulate", "pack", "unpack")
+COMMANDS: tuple[str, ...] = ("inspect", "eval", "prune", "simulate", "pack", "unpack")
 
 
 def build_parser() -> argparse.ArgumentParser:

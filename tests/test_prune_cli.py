@@ -1,0 +1,243 @@
+"""``besa-rs prune`` end to end on tiny model directories: outputs, resume after kill -9, and
+every bad input with its message."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _tiny import SAMPLE_TEXT, save_tiny, single_thread  # noqa: E402, F401
+
+from besa_rs.cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("m") / "tiny-llama", "llama", layers=2)
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("c") / "calib.txt"
+    p.write_text(SAMPLE_TEXT * 20)
+    return p
+
+
+def _args(model, out, calib, *extra):
+    return [
+        "prune", str(model), "--out", str(out), "--calib", str(calib),
+        "--nsamples", "4", "--seqlen", "32", "--quiet", *extra,
+    ]  # fmt: skip
+
+
+def test_prune_cli_besa_writes_model_report_heatmap(tiny_dir, calib_file, tmp_path):
+    out = tmp_path / "pruned"
+    assert main(_args(tiny_dir, out, calib_file, "--json", str(tmp_path / "r.json"))) == 0
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "besa_report.json",
+        "sparsity_heatmap.png",
+    ]:
+        assert (out / f).is_file(), f
+    assert (out / "sparsity_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not Path(str(out) + ".checkpoint").exists()
+    rep = json.loads((out / "besa_report.json").read_text())
+    assert rep == {**json.loads((tmp_path / "r.json").read_text()), "outputs": rep["outputs"]}
+    assert rep["settings"]["method"] == "besa" and rep["settings"]["granularity"] == "row"
+    assert len(rep["blocks"]) == 2
+    for b in rep["blocks"]:
+        assert abs(b["realised_sparsity"] - 0.5) < 0.005  # exact block sparsity
+        assert len(b["loss"]) == 4 and all(v == v for v in b["loss"])
+        for li in b["layers"]:
+            assert {"learned_sparsity", "hard_sparsity_learned", "realised_sparsity"} <= set(li)
+    # the saved weights have exact zeros at the reported rates
+    sd = load_file(str(out / "model.safetensors"))
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(out)
+    for b in rep["blocks"]:
+        for li in b["layers"]:
+            w = sd[f"model.layers.{b['index']}.{li['name']}.weight"]
+            assert abs((w == 0).float().mean().item() - li["realised_sparsity"]) < 1e-6
+    assert m(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
+def test_prune_cli_baselines(tiny_dir, calib_file, tmp_path, method):
+    out = tmp_path / method
+    assert main(_args(tiny_dir, out, calib_file, "--method", method, "--structure", "2:4")) == 0
+    rep = json.loads((out / "besa_report.json").read_text())
+    assert rep["totals"]["realised_sparsity"] == pytest.approx(0.5)
+
+
+BAD = [
+    (["--sparsity", "1.5"], "sparsity must be strictly between 0 and 1"),
+    (["--sparsity", "0"], "sparsity must be strictly between 0 and 1"),
+    (["--method", "obs"], "unknown method 'obs'"),
+    (["--metric", "taylor"], "unknown metric 'taylor'"),
+    (["--granularity", "column"], "unknown granularity 'column'"),
+    (["--granularity", "rowblock:x"], "rowblock:K needs a positive integer"),
+    (["--granularity", "rowblock:3"], "K=3 does not divide"),
+    (["--method", "wanda", "--structure", "3:4:5"], "unknown structure"),
+    (["--structure", "2:4"], "N:M is for the uniform baselines"),
+    (["--optimizer", "sgd"], "unknown optimizer 'sgd'"),
+]
+
+
+@pytest.mark.parametrize("extra,msg", BAD)
+def test_prune_cli_bad_settings(tiny_dir, calib_file, tmp_path, capsys, extra, msg):
+    out = tmp_path / "o"
+    assert main(_args(tiny_dir, out, calib_file, *extra)) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("besa-rs prune: error:") and msg in last, err
+    assert not out.exists()
+
+
+def test_nm_needs_divisible_columns_cli(tmp_path, calib_file, capsys):
+    model = save_tiny(tmp_path / "m100", "llama", intermediate=100)
+    assert (
+        main(_args(model, tmp_path / "o", calib_file, "--method", "wanda", "--structure", "4:8"))
+        == 2
+    )
+    assert "100 input features are not divisible by M=8" in capsys.readouterr().err
+
+
+def test_too_short_calibration_text(tiny_dir, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    assert main(_args(tiny_dir, tmp_path / "o", short)) == 2
+    err = capsys.readouterr().err
+    assert "at least 33 are needed" in err and "9 tokens" in err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert main(_args(tiny_dir, tmp_path / "o", empty)) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_output_exists_is_refused(tiny_dir, calib_file, tmp_path, capsys):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(_args(tiny_dir, out, calib_file, "--method", "magnitude")) == 2
+    assert "already exists (pass --overwrite" in capsys.readouterr().err
+    assert main(_args(tiny_dir, out, calib_file, "--method", "magnitude", "--overwrite")) == 0
+    assert (out / "besa_report.json").is_file() and not (out / "keep.txt").exists()
+
+
+def test_unsupported_model_type(tmp_path, calib_file, capsys):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    d = tmp_path / "t5"
+    T5ForConditionalGeneration(
+        T5Config(vocab_size=128, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)
+    ).save_pretrained(d)
+    from _tiny import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(d)
+    assert main(_args(d, tmp_path / "o", calib_file)) == 2
+    assert "t5" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_clear_error_and_writes_nothing(tmp_path, calib_file, capsys):
+    from transformers import AutoModelForCausalLM
+
+    d = save_tiny(tmp_path / "nanmodel", "llama")
+    m = AutoModelForCausalLM.from_pretrained(d)
+    with torch.no_grad():
+        m.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    m.save_pretrained(d)
+    out = tmp_path / "o"
+    assert main(_args(d, out, calib_file)) == 2
+    err = capsys.readouterr().err
+    assert "block 1: the BESA loss became nan" in err
+    assert not out.exists()
+    assert not list(tmp_path.glob(".o.*"))  # no temporary output left either
+
+
+def _run_cli(args, env=None, **kw):
+    return subprocess.Popen(
+        [sys.executable, "-m", "besa_rs.cli", *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kw,
+    )
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path, calib_file, capsys):
+    model = save_tiny(tmp_path / "m4", "llama", layers=3)
+    ref = tmp_path / "ref"
+    assert main(_args(model, ref, calib_file)) == 0  # uninterrupted, in this process
+
+    out = tmp_path / "out"
+    state = Path(str(out) + ".checkpoint") / "state.json"
+    p = _run_cli(_args(model, out, calib_file), env={"BESA_RS_TEST_BLOCK_DELAY": "3"})
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["next_block"] >= 1:
+            break
+        time.sleep(0.02)
+    assert p.poll() is None, "the run finished before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not out.exists()
+    # a plain rerun refuses to clobber the checkpoint
+    assert main(_args(model, out, calib_file)) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(_args(model, out, calib_file, "--resume")) == 0
+    rep = json.loads((out / "besa_report.json").read_text())
+    assert rep["resumed_from_block"] == 1
+    a = load_file(str(ref / "model.safetensors"))
+    b = load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [x["loss"] for x in rep["blocks"]] == [
+        x["loss"] for x in json.loads((ref / "besa_report.json").read_text())["blocks"]
+    ]
+
+
+def test_resume_refuses_other_settings(tmp_path, calib_file, capsys):
+    model = save_tiny(tmp_path / "m", "llama", layers=2)
+    out = tmp_path / "o"
+    from besa_rs.pruning import PruneConfig
+    from besa_rs.pruning.checkpoint import Checkpointer
+
+    # make a checkpoint with one finished block through the API
+    assert main(_args(model, out, calib_file, "--blocks", "1")) == 0
+    ck = Path(str(out) + ".checkpoint")
+    assert not ck.exists()
+    assert main(_args(model, tmp_path / "o2", calib_file, "--resume")) == 2
+    assert "no checkpoint to resume" in capsys.readouterr().err
+    del PruneConfig, Checkpointer
+
+
+def test_resume_after_the_last_block(tmp_path, calib_file):
+    """Killed after the last checkpoint but before the outputs: resume just writes them."""
+    from besa_rs.data import calibration_set
+    from besa_rs.models import load_model, load_tokenizer
+    from besa_rs.pruning import PruneConfig
+    from besa_rs.pruning.checkpoint import Checkpointer
+    from besa_rs.pruning.sequential import run_pruning
+
+    model_dir = save_tiny(tmp_path / "m", "llama", layers=2)
+    out = tmp_path / "o"
+    args = _args(model_dir, out, calib_file, "--method", "wanda")
+    cfg = PruneConfig(method="wanda", progress=False)
+    toks = calibration_set(load_tokenizer(model_dir), [str(calib_file)], 4, 32, seed=0)
+    ck = Checkpointer(Path(str(out) + ".checkpoint"), cfg, toks, resume=False)
+    run_pruning(load_model(model_dir), toks, cfg, checkpoint=ck)
+    assert main(args + ["--resume"]) == 0
+    rep = json.loads((out / "besa_report.json").read_text())
+    assert rep["resumed_from_block"] == 2 and len(rep["blocks"]) == 2
