@@ -132,18 +132,23 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(packed)
     times["pack"] = _step(
         "pack (bitmask)",
-        ["pack", str(pruned), "--out", str(packed), "--json", str(out / "pack.json")],
+        ["pack", str(pruned), "--out", str(packed), "--summary", "--json", str(out / "pack.json")],
     )
 
     def load(name: str) -> dict[str, Any]:
         return json.loads((out / name).read_text())
 
     dense, pr = load("eval_dense.json"), load("eval_pruned.json")
+    sim, full, pk = load("simulate.json"), load("simulate_full.json"), load("pack.json")
+    speedups = {k: v["speedup"] for k, v in sim["summary"].items()}
     summary = {
         "model": args.model,
         "dense_perplexity": dense["perplexity"],
         "pruned_perplexity": pr["perplexity"],
         "eval": {"seqlen": dense["seqlen"], "windows": dense["windows"]},
+        "simulated_speedup_reference": speedups,
+        "simulated_totals_full": full.get("totals"),
+        "pack": pk["totals"],
         "seconds": times,
         "outputs": {"pruned": str(pruned), "packed": str(packed)},
     }
@@ -151,6 +156,20 @@ def main(argv: list[str] | None = None) -> int:
     print("\n=== summary")
     print(f"dense perplexity   {dense['perplexity']:.3f}")
     print(f"pruned perplexity  {pr['perplexity']:.3f}  (BESA 50%)")
+    print(
+        "ViTCoD reference speed-up per projection: "
+        + ", ".join(f"{k} {v:.2f}x" for k, v in speedups.items())
+    )
+    ft = full["totals"]
+    print(
+        f"full model (all block linears): decode {ft['decode_speedup']:.2f}x, prefill {ft['prefill_speedup']:.2f}x, "
+        f"bandwidth bound {ft['bandwidth_bound']:.2f}x"
+    )
+    t = pk["totals"]
+    print(
+        f"packed checkpoint: {t['output_file_bytes'] / 1e6:.1f} MB vs {t['input_file_bytes'] / 1e6:.1f} MB dense "
+        f"({t['ratio']:.3f}x; {t['packed']} matrices packed)"
+    )
     print("times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     print(f"everything is in {out}/ (summary.json, prune report + heatmap in {pruned}/)")
     return 0
