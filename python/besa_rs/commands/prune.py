@@ -102,7 +102,8 @@ def checkpoint_dir(out: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
-    from ..pruning.config import PruneConfig, parse_dtype
+    from ..models import parse_dtype
+    from ..pruning.config import PruneConfig
 
     out = Path(args.out)
     cfg = PruneConfig(

@@ -10,19 +10,12 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..models import parse_dtype
 from .baselines import parse_structure
 
 METHODS = ("besa", "wanda", "sparsegpt", "magnitude")
 METRICS = ("wanda", "magnitude", "sparsegpt")
 OPTIMIZERS = ("adamw", "prodigy")
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 
 #: default learning rates when ``lr`` is not given
 DEFAULT_LR = {"adamw": 0.2, "prodigy": 1.0}
@@ -104,10 +97,8 @@ class PruneConfig:
             raise ConfigError(f"percdamp must be in [0, 1), got {self.percdamp}")
         if self.blocksize < 1:
             raise ConfigError(f"blocksize must be >= 1, got {self.blocksize}")
-        if self.cache_dtype is not None and self.cache_dtype not in _DTYPES:
-            raise ConfigError(
-                f"unknown cache dtype {self.cache_dtype!r}: expected one of {', '.join(_DTYPES)}"
-            )
+        if self.cache_dtype is not None:
+            parse_dtype(self.cache_dtype)  # ConfigError naming the accepted dtypes
         try:
             torch.device(self.device)
         except RuntimeError:
@@ -140,7 +131,7 @@ class PruneConfig:
         return float(self.lr if self.lr is not None else DEFAULT_LR[self.optimizer])
 
     def torch_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
-        return _DTYPES[self.cache_dtype] if self.cache_dtype else model_dtype
+        return parse_dtype(self.cache_dtype) if self.cache_dtype else model_dtype
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -153,9 +144,3 @@ class PruneConfig:
         for k in ("progress", "device", "cache_device"):
             d.pop(k)
         return d
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ConfigError(f"unknown dtype {name!r}: expected one of {', '.join(_DTYPES)}")
-    return _DTYPES[name]
