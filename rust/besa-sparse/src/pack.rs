@@ -153,6 +153,30 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     std::fs::write(path, s).map_err(|e| Error::io(path, e))
 }
 
+/// Last step of pack and unpack: copies the tokenizer/generation files next to the written
+/// shards, measures the shards, and renames the directory into place.
+fn finish_output(
+    dir: AtomicDir,
+    src: &Path,
+    files: &[String],
+    sync: bool,
+) -> Result<Vec<FileReport>> {
+    if let Some(d) = model_dir(src) {
+        copy_aux_files(&d, dir.path())?;
+    }
+    let out_files = files
+        .iter()
+        .map(|n| FileReport {
+            name: n.clone(),
+            bytes: std::fs::metadata(dir.path().join(n))
+                .map(|m| m.len())
+                .unwrap_or(0),
+        })
+        .collect();
+    dir.commit(sync)?;
+    Ok(out_files)
+}
+
 fn model_dir(src: &Path) -> Option<PathBuf> {
     if src.is_dir() {
         Some(src.to_path_buf())
@@ -576,19 +600,7 @@ pub fn pack(src: &Path, out: &Path, opts: &PackOptions) -> Result<Report> {
         }
         write_json(&dir.path().join("config.json"), &cfg)?;
     }
-    if let Some(d) = model_dir(src) {
-        copy_aux_files(&d, dir.path())?;
-    }
-    let out_files: Vec<FileReport> = files
-        .iter()
-        .map(|n| FileReport {
-            name: n.clone(),
-            bytes: std::fs::metadata(dir.path().join(n))
-                .map(|m| m.len())
-                .unwrap_or(0),
-        })
-        .collect();
-    dir.commit(opts.sync)?;
+    let out_files = finish_output(dir, src, &files, opts.sync)?;
 
     let input_file_bytes: u64 = pm.model().files().iter().map(|f| f.file_len() as u64).sum();
     let output_file_bytes: u64 = out_files.iter().map(|f| f.bytes).sum();
@@ -776,19 +788,7 @@ pub fn unpack(src: &Path, out: &Path, opts: &UnpackOptions) -> Result<Report> {
         strip_sparsity_config(&mut cfg);
         write_json(&dir.path().join("config.json"), &cfg)?;
     }
-    if let Some(d) = model_dir(src) {
-        copy_aux_files(&d, dir.path())?;
-    }
-    let out_files: Vec<FileReport> = files
-        .iter()
-        .map(|n| FileReport {
-            name: n.clone(),
-            bytes: std::fs::metadata(dir.path().join(n))
-                .map(|m| m.len())
-                .unwrap_or(0),
-        })
-        .collect();
-    dir.commit(opts.sync)?;
+    let out_files = finish_output(dir, src, &files, opts.sync)?;
     let reports: Vec<TensorReport> = tensors
         .iter()
         .map(|t| {
