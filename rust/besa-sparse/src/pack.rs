@@ -153,6 +153,26 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     std::fs::write(path, s).map_err(|e| Error::io(path, e))
 }
 
+/// First step of pack and unpack: checks the output settings, then opens the input.
+fn open_for_output(
+    src: &Path,
+    out: &Path,
+    shard_size: u64,
+    overwrite: bool,
+) -> Result<PackedModel> {
+    if shard_size == 0 {
+        return Err(Error::config("shard_size must be positive"));
+    }
+    if out.exists() && !overwrite {
+        return Err(Error::config(format!(
+            "output directory {} already exists (pass --overwrite to replace it)",
+            out.display()
+        )));
+    }
+    check_out(src, out)?;
+    PackedModel::open(src)
+}
+
 /// Last step of pack and unpack: copies the tokenizer/generation files next to the written
 /// shards, measures the shards, and renames the directory into place.
 fn finish_output(
@@ -253,20 +273,10 @@ pub fn pack(src: &Path, out: &Path, opts: &PackOptions) -> Result<Report> {
             opts.min_sparsity
         )));
     }
-    if opts.shard_size == 0 {
-        return Err(Error::config("shard_size must be positive"));
-    }
     if opts.force_24 && opts.format != PackFormat::TwoFour {
         return Err(Error::config("--force-24 only applies to --format 2:4"));
     }
-    if out.exists() && !opts.overwrite {
-        return Err(Error::config(format!(
-            "output directory {} already exists (pass --overwrite to replace it)",
-            out.display()
-        )));
-    }
-    check_out(src, out)?;
-    let pm = PackedModel::open(src)?;
+    let pm = open_for_output(src, out, opts.shard_size, opts.overwrite)?;
     if pm.is_packed() {
         return Err(Error::format(format!(
             "{} is already a packed checkpoint (unpack it first)",
@@ -730,17 +740,7 @@ impl Default for UnpackOptions {
 
 /// Unpacks a packed checkpoint at `src` into a plain Hugging Face checkpoint at `out`.
 pub fn unpack(src: &Path, out: &Path, opts: &UnpackOptions) -> Result<Report> {
-    if opts.shard_size == 0 {
-        return Err(Error::config("shard_size must be positive"));
-    }
-    if out.exists() && !opts.overwrite {
-        return Err(Error::config(format!(
-            "output directory {} already exists (pass --overwrite to replace it)",
-            out.display()
-        )));
-    }
-    check_out(src, out)?;
-    let pm = PackedModel::open(src)?;
+    let pm = open_for_output(src, out, opts.shard_size, opts.overwrite)?;
     let tensors = pm.tensors();
     let bytes: Vec<usize> = tensors.iter().map(|t| t.nbytes()).collect();
     let shards = plan_shards(&bytes, opts.shard_size);
