@@ -153,6 +153,30 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     std::fs::write(path, s).map_err(|e| Error::io(path, e))
 }
 
+impl Totals {
+    /// Totals of a pack/unpack report from its per-tensor rows and the file sizes (in, out).
+    fn of(
+        reports: &[TensorReport],
+        packed_n: usize,
+        (input_file_bytes, output_file_bytes): (u64, u64),
+        ideal_bytes: u64,
+        weights_dropped_by_force_24: u64,
+    ) -> Self {
+        Totals {
+            tensors: reports.len(),
+            packed: packed_n,
+            copied: reports.len() - packed_n,
+            dense_bytes: reports.iter().map(|r| r.dense_bytes).sum(),
+            stored_bytes: reports.iter().map(|r| r.stored_bytes).sum(),
+            input_file_bytes,
+            output_file_bytes,
+            ratio: output_file_bytes as f64 / input_file_bytes.max(1) as f64,
+            ideal_bytes,
+            weights_dropped_by_force_24,
+        }
+    }
+}
+
 /// First step of pack and unpack: checks the output settings, then opens the input.
 fn open_for_output(
     src: &Path,
@@ -630,18 +654,13 @@ pub fn pack(src: &Path, out: &Path, opts: &PackOptions) -> Result<Report> {
         out: out.display().to_string(),
         format: opts.format.name().into(),
         files: out_files,
-        totals: Totals {
-            tensors: reports.len(),
-            packed: packed_n,
-            copied: reports.len() - packed_n,
-            dense_bytes: reports.iter().map(|r| r.dense_bytes).sum(),
-            stored_bytes: reports.iter().map(|r| r.stored_bytes).sum(),
-            input_file_bytes,
-            output_file_bytes,
-            ratio: output_file_bytes as f64 / input_file_bytes.max(1) as f64,
-            ideal_bytes: ideal,
-            weights_dropped_by_force_24: dropped_total,
-        },
+        totals: Totals::of(
+            &reports,
+            packed_n,
+            (input_file_bytes, output_file_bytes),
+            ideal,
+            dropped_total,
+        ),
         tensors: reports,
         warnings,
     })
@@ -831,18 +850,13 @@ pub fn unpack(src: &Path, out: &Path, opts: &UnpackOptions) -> Result<Report> {
             .map(|f| f.name().to_string())
             .unwrap_or_else(|| "dense".into()),
         files: out_files,
-        totals: Totals {
-            tensors: reports.len(),
-            packed: packed_n,
-            copied: reports.len() - packed_n,
-            dense_bytes: reports.iter().map(|r| r.dense_bytes).sum(),
-            stored_bytes: reports.iter().map(|r| r.stored_bytes).sum(),
-            input_file_bytes,
-            output_file_bytes,
-            ratio: output_file_bytes as f64 / input_file_bytes.max(1) as f64,
-            ideal_bytes: reports.iter().map(|r| r.dense_bytes).sum(),
-            weights_dropped_by_force_24: 0,
-        },
+        totals: Totals::of(
+            &reports,
+            packed_n,
+            (input_file_bytes, output_file_bytes),
+            reports.iter().map(|r| r.dense_bytes).sum(),
+            0,
+        ),
         tensors: reports,
         warnings: Vec::new(),
     })
