@@ -44,11 +44,21 @@ def test_wanda_prunes_exactly_per_row_and_uses_norms():
     assert not keep_u[:, :16].any() and keep_u[:, 16:].all()
 
 
-def test_magnitude_global_and_nm():
+def test_magnitude_row_layer_and_nm():
     _, W, _ = _layer_problem()
-    keep = magnitude_mask(W, 0.3)
+    W = W * torch.linspace(0.1, 3.0, W.shape[0]).unsqueeze(1)  # rows of very different scale
+    keep = magnitude_mask(W, 0.3)  # default: every row loses its own lowest 30%
+    assert ((~keep).sum(1) == int(0.3 * W.shape[1])).all()
+    for r in range(W.shape[0]):
+        assert W[r].abs()[~keep[r]].max() <= W[r].abs()[keep[r]].min()
+    keep = magnitude_mask(W, 0.3, group="layer")
     assert (~keep).sum().item() == int(0.3 * W.numel())
     assert W.abs()[~keep].max() <= W.abs()[keep].min()
+    assert (~keep[0]).sum() > (~keep[-1]).sum()  # the small-scale row loses more
+    with pytest.raises(ConfigError, match="comparison group 'column'"):
+        magnitude_mask(W, 0.3, group="column")
+    keep = wanda_mask(W, torch.ones(W.shape[1]), 0.3, group="layer")
+    assert (~keep).sum().item() == int(0.3 * W.numel())
     for n, m in [(2, 4), (4, 8)]:
         k = magnitude_mask(W, 0.5, n, m)
         groups = (~k).reshape(W.shape[0], -1, m).sum(-1)
@@ -168,3 +178,27 @@ def test_baseline_is_deterministic():
         run_pruning(model, toks, PruneConfig(method="sparsegpt", progress=False))
         ws.append(model.model.layers[1].mlp.down_proj.weight.clone())
     assert torch.equal(ws[0], ws[1])
+
+
+def test_magnitude_driver_reads_weights_only():
+    """Magnitude pruning through the sequential driver equals per-row magnitude on each weight,
+    and never runs a block on calibration data."""
+    import besa_rs
+
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    expected = {
+        (i, name): magnitude_mask(lin.weight, 0.5)
+        for i in range(len(adapter))
+        for name, lin in adapter.linears(i).items()
+    }
+    calls = []
+    hooks = [b.register_forward_hook(lambda *a: calls.append(1)) for b in adapter.blocks]
+    rep = besa_rs.prune(model, tiny_tokens(), method="magnitude", progress=False)
+    for h in hooks:
+        h.remove()
+    assert calls == []
+    assert rep["totals"]["realised_sparsity"] == pytest.approx(0.5)
+    for (i, name), keep in expected.items():
+        W = adapter.linears(i)[name].weight
+        assert torch.equal(W != 0, keep)

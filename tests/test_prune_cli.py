@@ -91,6 +91,7 @@ BAD = [
     (["--method", "wanda", "--structure", "3:4:5"], "unknown structure"),
     (["--structure", "2:4"], "N:M is for the uniform baselines"),
     (["--optimizer", "sgd"], "unknown optimizer 'sgd'"),
+    (["--method", "magnitude", "--group", "column"], "unknown comparison group 'column'"),
 ]
 
 

@@ -29,6 +29,11 @@ def register(sub: Any) -> None:
         "--structure", default="unstructured", help="unstructured | 2:4 | 4:8 (N:M for baselines)"
     )
     p.add_argument(
+        "--group",
+        default="row",
+        help="magnitude/Wanda comparison group: row | layer (default row)",
+    )
+    p.add_argument(
         "--granularity",
         default="row",
         help="BESA allocation: row | layer | rowblock:K (default row)",
@@ -110,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method,
         sparsity=args.sparsity,
         structure=args.structure,
+        group=args.group,
         granularity=args.granularity,
         metric=args.metric,
         candidate_step=args.step,

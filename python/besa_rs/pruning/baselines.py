@@ -67,11 +67,29 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
-def magnitude_mask(weight: torch.Tensor, sparsity: float, n: int = 0, m: int = 0) -> torch.Tensor:
+#: comparison groups of the unstructured magnitude and Wanda baselines
+GROUPS = ("row", "layer")
+
+
+def keep_lowest_pruned(score: torch.Tensor, sparsity: float, group: str) -> torch.Tensor:
+    """Prunes the lowest-score ``sparsity`` of every output row (``group="row"``) or of the
+    whole matrix (``group="layer"``)."""
+    if group == "row":
+        return keep_lowest_pruned_per_row(score, sparsity)
+    if group == "layer":
+        return keep_lowest_pruned_global(score, sparsity)
+    raise ConfigError(f"unknown comparison group {group!r}: expected one of {', '.join(GROUPS)}")
+
+
+def magnitude_mask(
+    weight: torch.Tensor, sparsity: float, n: int = 0, m: int = 0, group: str = "row"
+) -> torch.Tensor:
+    """Magnitude pruning: the smallest ``|W|`` of every row (default), of the whole matrix
+    (``group="layer"``), or of every ``m`` consecutive inputs (N:M)."""
     score = weight.detach().float().abs()
     if m:
         return nm_mask(score, n, m)
-    return keep_lowest_pruned_global(score, sparsity)
+    return keep_lowest_pruned(score, sparsity, group)
 
 
 def wanda_score(weight: torch.Tensor, col_sq_norm: torch.Tensor) -> torch.Tensor:
@@ -81,12 +99,17 @@ def wanda_score(weight: torch.Tensor, col_sq_norm: torch.Tensor) -> torch.Tensor
 
 
 def wanda_mask(
-    weight: torch.Tensor, col_sq_norm: torch.Tensor, sparsity: float, n: int = 0, m: int = 0
+    weight: torch.Tensor,
+    col_sq_norm: torch.Tensor,
+    sparsity: float,
+    n: int = 0,
+    m: int = 0,
+    group: str = "row",
 ) -> torch.Tensor:
     score = wanda_score(weight, col_sq_norm)
     if m:
         return nm_mask(score, n, m)
-    return keep_lowest_pruned_per_row(score, sparsity)
+    return keep_lowest_pruned(score, sparsity, group)
 
 
 def _damped_hinv_chol(

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models import parse_dtype
-from .baselines import parse_structure
+from .baselines import GROUPS, parse_structure
 
 METHODS = ("besa", "wanda", "sparsegpt", "magnitude")
 METRICS = ("wanda", "magnitude", "sparsegpt")
@@ -30,6 +30,7 @@ class PruneConfig:
     method: str = "besa"
     sparsity: float = 0.5
     structure: str = "unstructured"  # or "N:M" (baselines only)
+    group: str = "row"  # magnitude / Wanda comparison group: "row" | "layer"
     granularity: str = "row"  # "row" | "layer" | "rowblock:K"
     metric: str = "wanda"  # BESA importance: wanda | magnitude | sparsegpt (diagonal)
     candidate_step: float = 0.01
@@ -72,6 +73,10 @@ class PruneConfig:
             or math.isnan(self.sparsity)
         ):
             raise ConfigError(f"sparsity must be strictly between 0 and 1, got {self.sparsity!r}")
+        if self.group not in GROUPS:
+            raise ConfigError(
+                f"unknown comparison group {self.group!r}: expected one of {', '.join(GROUPS)}"
+            )
         n, m = parse_structure(self.structure)
         if m and self.method == "besa":
             raise ConfigError(

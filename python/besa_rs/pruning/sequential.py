@@ -126,10 +126,10 @@ def prune_block_baseline(ctx: BlockContext) -> dict[str, Any]:
         W = lin.weight.data
         full = f"block {ctx.index} {name}"
         if cfg.method == "magnitude":
-            keep = magnitude_mask(W, cfg.sparsity, n, m)
+            keep = magnitude_mask(W, cfg.sparsity, n, m, cfg.group)
             W.mul_(keep.to(W.dtype))
         elif cfg.method == "wanda":
-            keep = wanda_mask(W, stats[name].sq_norm, cfg.sparsity, n, m)
+            keep = wanda_mask(W, stats[name].sq_norm, cfg.sparsity, n, m, cfg.group)
             W.mul_(keep.to(W.dtype))
         elif cfg.method == "sparsegpt":
             newW, keep = sparsegpt_prune(
@@ -230,11 +230,13 @@ def run_pruning(
     captured = capture_block_inputs(
         adapter, tokens, cache_device=cache_device, cache_dtype=cache_dtype
     )
+    # magnitude pruning reads only the weights: no block has to run on calibration data
+    needs_inputs = cfg.method != "magnitude"
     if state is None:
-        xs = captured.hidden
+        xs = captured.hidden if needs_inputs else []
         # blocks before first_block are kept dense; their outputs feed first_block
         xd = None
-        if first > 0:
+        if first > 0 and needs_inputs:
             xs = _run_dense_chain(
                 adapter, captured, 0, first, device, cache_device, cache_dtype, model_dtype
             )
@@ -271,7 +273,8 @@ def run_pruning(
                 progress.set_description(f"block {i}/{last - 1} ({cfg.method})")
             info = method(ctx)
             # the pruned block's outputs feed the next block
-            state.xs = ctx.run_all(state.xs)
+            if needs_inputs:
+                state.xs = ctx.run_all(state.xs)
             if state.xd is not None:
                 state.xd = ctx.next_xd
             block.to(home)
