@@ -21,6 +21,7 @@ import time
 ROWS: dict[str, dict] = {
     "dense": {},
     "magnitude": {"method": "magnitude"},
+    "magnitude-layer": {"method": "magnitude", "group": "layer"},
     "wanda": {"method": "wanda"},
     "sparsegpt": {"method": "sparsegpt"},
     "besa-layer": {"method": "besa", "granularity": "layer", "lr": 0.05},
@@ -128,6 +129,8 @@ def main() -> int:
             str(args.seqlen),
             "--seed",
             str(args.seed),
+            "--threads",
+            str(args.threads),
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("ROW ")), None)
