@@ -21,6 +21,13 @@
 
 #include <cstdint>
 
+// Kernels are launched through this macro so that tests/cuda_emu can compile the same file for
+// its CPU emulator (which cannot parse the <<<...>>> syntax). The kernel name comes last because
+// its template arguments contain commas.
+#ifndef BESA_LAUNCH
+#define BESA_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+
 namespace {
 
 constexpr int kSelectThreads = 256;
@@ -120,15 +127,15 @@ cudaError_t select_idx(int idx_code, const void* src, const void* ranks, const i
   auto* o = static_cast<bits_t*>(out);
   switch (idx_code) {
     case 0:
-      select_kernel<bits_t, int16_t><<<grid, kSelectThreads, 0, stream>>>(
+      BESA_LAUNCH(grid, kSelectThreads, 0, stream, select_kernel<bits_t, int16_t>)(
           s, static_cast<const int16_t*>(ranks), n_rows, o, rows, cols);
       break;
     case 1:
-      select_kernel<bits_t, int32_t><<<grid, kSelectThreads, 0, stream>>>(
+      BESA_LAUNCH(grid, kSelectThreads, 0, stream, select_kernel<bits_t, int32_t>)(
           s, static_cast<const int32_t*>(ranks), n_rows, o, rows, cols);
       break;
     case 2:
-      select_kernel<bits_t, int64_t><<<grid, kSelectThreads, 0, stream>>>(
+      BESA_LAUNCH(grid, kSelectThreads, 0, stream, select_kernel<bits_t, int64_t>)(
           s, static_cast<const int64_t*>(ranks), n_rows, o, rows, cols);
       break;
     default:
@@ -147,8 +154,8 @@ cudaError_t bucket_launch(const void* g, const void* w, const void* ranks,
   if (tile > cols) tile = cols;
   const size_t smem = static_cast<size_t>(fixed + tile * static_cast<int64_t>(sizeof(acc_t)));
   const int64_t blocks = rows < (int64_t{1} << 30) ? rows : (int64_t{1} << 30);
-  bucket_kernel<scalar_t, index_t, acc_t><<<static_cast<unsigned>(blocks), kBucketThreads, smem,
-                                            stream>>>(
+  BESA_LAUNCH(static_cast<unsigned>(blocks), kBucketThreads, smem, stream,
+              bucket_kernel<scalar_t, index_t, acc_t>)(
       static_cast<const scalar_t*>(g), static_cast<const scalar_t*>(w),
       static_cast<const index_t*>(ranks), t_sorted, n_cand, rows, cols, tile,
       static_cast<acc_t*>(hist));
