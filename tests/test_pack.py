@@ -219,6 +219,13 @@ def test_two_four(tmp_path):
     )
     unpack(tmp_path / "p", tmp_path / "u")
     assert_roundtrip(src, tmp_path / "u")
+    # inspect counts the zero fillers as zeros: the same sparsity as the dense original
+    from besa_rs.inspection import inspect
+
+    truth = float((w == 0).float().mean())  # 66 of 128: above the 50% that 2:4 stores
+    assert truth == pytest.approx(66 / 128)
+    assert inspect(src)["totals"]["block_linear_sparsity"] == pytest.approx(truth)
+    assert inspect(tmp_path / "p")["totals"]["block_linear_sparsity"] == pytest.approx(truth)
 
     bad = w.clone()
     bad[5, 8:11] = 1.0  # row 5 keeps all 4 of columns 8..11

@@ -111,8 +111,16 @@ pub fn inspect(path: &Path) -> Result<InspectReport> {
             let numel = t.numel() as u64;
             match &t.storage {
                 Storage::Packed(p) => {
+                    // kept = stored values that are not zero: 2:4 stores zero fillers in groups
+                    // that keep fewer than two weights
+                    let stored_zeros = zeros_of
+                        .get(pm.part_name(p.values))
+                        .copied()
+                        .flatten()
+                        .unwrap_or(0);
+                    let kept = (p.nnz as u64).saturating_sub(stored_zeros).min(numel);
                     lin_numel += numel;
-                    lin_zeros += numel - (p.nnz as u64).min(numel);
+                    lin_zeros += numel - kept;
                 }
                 Storage::Dense(_) => {
                     if let Some(Some(z)) = zeros_of.get(t.name.as_str()) {

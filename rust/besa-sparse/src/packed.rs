@@ -466,6 +466,11 @@ impl PackedModel {
     pub fn get(&self, name: &str) -> Option<&LogicalTensor> {
         self.by_name.get(name).map(|&i| &self.tensors[i])
     }
+    /// Stored name of one part (e.g. `<m>.compressed`).
+    pub fn part_name(&self, l: Loc) -> &str {
+        &self.loc_entry(l).name
+    }
+
     fn loc_entry(&self, l: Loc) -> &TensorEntry {
         &self.model.files()[l.0].tensors()[l.1]
     }
