@@ -141,3 +141,20 @@ def test_api_nan_loss(toks):
         model.model.layers[0].self_attn.o_proj.weight[3, 3] = float("inf")
     with pytest.raises(NumericalError, match="block 0: the BESA loss became"):
         besa_rs.prune(model, toks, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["besa", "wanda", "sparsegpt"])
+def test_prune_on_cuda(toks, method, dtype):
+    """The model stays on the CPU in its dtype while its blocks go to the GPU one at a time
+    (bf16 under autocast); the result has the target sparsity and still tracks the dense model."""
+    with torch.no_grad():
+        ref = tiny_model("llama")(toks).logits  # same seed: the same weights, in fp32
+    model = tiny_model("llama").to(dtype)
+    rep = besa_rs.prune(model, toks, PruneConfig(method=method, device="cuda", progress=False))
+    assert all(p.device.type == "cpu" and p.dtype == dtype for p in model.parameters())
+    for b in rep["blocks"]:
+        assert abs(b["realised_sparsity"] - 0.5) < 0.005
+    err = _err(model.float(), toks, ref)
+    assert err == err and err < 1.0  # finite, and the output is still close to the dense one
