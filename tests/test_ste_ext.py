@@ -64,3 +64,26 @@ def test_build_command(capsys):
 
     assert main(["build"]) == 0
     assert "CUDA extension ready" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_gpu_check_script_dry_run(tmp_path):
+    """benches/gpu_check.py runs only when a session has a GPU; its CPU dry run (the same
+    equivalence cases, fallback only) keeps it from rotting in between."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [sys.executable, str(root / "benches" / "gpu_check.py"), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "0 failures" in res.stdout
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["failures"] == [] and len(report["checks"]) > 100
