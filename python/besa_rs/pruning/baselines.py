@@ -71,14 +71,20 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
 GROUPS = ("row", "layer")
 
 
+def check_group(group: str) -> str:
+    if group not in GROUPS:
+        raise ConfigError(
+            f"unknown comparison group {group!r}: expected one of {', '.join(GROUPS)}"
+        )
+    return group
+
+
 def keep_lowest_pruned(score: torch.Tensor, sparsity: float, group: str) -> torch.Tensor:
     """Prunes the lowest-score ``sparsity`` of every output row (``group="row"``) or of the
     whole matrix (``group="layer"``)."""
-    if group == "row":
+    if check_group(group) == "row":
         return keep_lowest_pruned_per_row(score, sparsity)
-    if group == "layer":
-        return keep_lowest_pruned_global(score, sparsity)
-    raise ConfigError(f"unknown comparison group {group!r}: expected one of {', '.join(GROUPS)}")
+    return keep_lowest_pruned_global(score, sparsity)
 
 
 def magnitude_mask(

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models import parse_dtype
-from .baselines import GROUPS, parse_structure
+from .baselines import check_group, parse_structure
 
 METHODS = ("besa", "wanda", "sparsegpt", "magnitude")
 METRICS = ("wanda", "magnitude", "sparsegpt")
@@ -73,10 +73,7 @@ class PruneConfig:
             or math.isnan(self.sparsity)
         ):
             raise ConfigError(f"sparsity must be strictly between 0 and 1, got {self.sparsity!r}")
-        if self.group not in GROUPS:
-            raise ConfigError(
-                f"unknown comparison group {self.group!r}: expected one of {', '.join(GROUPS)}"
-            )
+        check_group(self.group)
         n, m = parse_structure(self.structure)
         if m and self.method == "besa":
             raise ConfigError(
