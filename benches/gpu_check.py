@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benches"))
 
 import ste_mask as bench  # noqa: E402
-from ste_reference import reference_ste, relative_error  # noqa: E402
+from ste_reference import make_case, reference_ste, relative_error  # noqa: E402
 
 from besa_rs import ste  # noqa: E402
 from besa_rs.ste import _ext  # noqa: E402
@@ -49,26 +49,11 @@ def log(msg: str) -> None:
 
 
 def _inputs(rows, cols, groups, step, dtype, device, seed, ties):
-    gen = torch.Generator().manual_seed(seed)
-    if ties:
-        imp = torch.randint(0, 4, (rows, cols), generator=gen).float()
-    else:
-        imp = torch.rand(rows, cols, generator=gen)
-    weight = torch.randn(rows, cols, generator=gen).to(dtype)
-    cands = ste.candidate_sparsities(step)
-    logits = torch.randn(groups, cands.numel(), generator=gen) * 2.0
-    up = torch.randn(rows, cols, generator=gen).to(dtype)
-    imp = imp.to(device)
-    order = torch.sort(imp, dim=1, stable=True).indices
-    ranks = ste.row_ranks(imp)
-    return (
-        weight.to(device),
-        order,
-        ranks,
-        logits.to(device),
-        cands.to(device),
-        up.to(device),
+    """(weight, order, ranks, logits, candidates, upstream) of one seeded case."""
+    w, _, order, ranks, logits, cands, up = make_case(
+        rows, cols, groups, step, dtype, device, seed=seed, ties=bool(ties), scale=2.0
     )
+    return w, order, ranks, logits, cands, up
 
 
 def _with_backend(name: str):

@@ -10,7 +10,37 @@ from __future__ import annotations
 
 import torch
 
+from besa_rs import ste
 from besa_rs.ste import candidate_prune_counts
+
+
+def make_case(rows, cols, groups, step, dtype, device, seed=0, ties=False, scale=3.0):
+    """Seeded inputs of one mask-op case: ``(weight, importance, order, ranks, logits,
+    candidates, upstream)``, with importance ties when ``ties`` (sorted stably on ``device``).
+    The upstream gradient is representable in the weight dtype, so every implementation sees
+    the same values."""
+    gen = torch.Generator().manual_seed(seed)
+    if ties:
+        importance = torch.randint(0, 4, (rows, cols), generator=gen).float()
+    else:
+        importance = torch.rand(rows, cols, generator=gen)
+    weight = torch.randn(rows, cols, generator=gen).to(dtype)
+    cands = ste.candidate_sparsities(step)
+    logits = (torch.randn(groups, cands.numel(), generator=gen) * scale).float()
+    upstream = torch.randn(rows, cols, generator=gen).to(dtype)
+    importance = importance.to(device)
+    order = torch.sort(importance, dim=1, stable=True).indices
+    ranks = ste.row_ranks(importance)
+    to = {"device": device}
+    return (
+        weight.to(**to),
+        importance,
+        order,
+        ranks,
+        logits.to(**to),
+        cands.to(**to),
+        upstream.to(**to),
+    )
 
 
 def reference_masks(

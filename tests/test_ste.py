@@ -7,37 +7,13 @@ import zlib
 import pytest
 import torch
 from ste_reference import assert_close_rel, reference_masks, reference_ste
+from ste_reference import make_case as _case
 
 import besa_rs
 from besa_rs import ste
 from besa_rs.errors import ConfigError, DtypeError, ShapeError
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def _case(rows, cols, groups, step, dtype, device, seed=0, ties=False, scale=3.0):
-    gen = torch.Generator().manual_seed(seed)
-    if ties:
-        importance = torch.randint(0, 4, (rows, cols), generator=gen).float()
-    else:
-        importance = torch.rand(rows, cols, generator=gen)
-    weight = torch.randn(rows, cols, generator=gen).to(dtype)
-    cands = ste.candidate_sparsities(step)
-    logits = (torch.randn(groups, cands.numel(), generator=gen) * scale).float()
-    # upstream gradient representable in the weight dtype, so both sides see the same values
-    upstream = torch.randn(rows, cols, generator=gen).to(dtype)
-    order = torch.sort(importance, dim=1, stable=True).indices
-    ranks = ste.row_ranks(importance)
-    to = {"device": device}
-    return (
-        weight.to(**to),
-        importance.to(**to),
-        order.to(**to),
-        ranks.to(**to),
-        logits.to(**to),
-        cands.to(**to),
-        upstream.to(**to),
-    )
 
 
 def _close(actual, expected, rtol=1e-5):

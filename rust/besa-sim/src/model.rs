@@ -357,12 +357,9 @@ pub struct TypeSummary {
     pub avg_flops: f64,
     pub sparsity: f64,
     pub avg_dense_columns: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub decode_speedup: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub prefill_speedup: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub bandwidth_bound: Option<f64>,
+    /// Full mode only (flattened into the same JSON object).
+    #[serde(flatten)]
+    pub full: FullAggregates,
 }
 
 /// Totals over every simulated matrix.
@@ -374,12 +371,9 @@ pub struct Totals {
     pub speedup: f64,
     pub flops: u64,
     pub sparsity: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub decode_speedup: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub prefill_speedup: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub bandwidth_bound: Option<f64>,
+    /// Full mode only (flattened into the same JSON object).
+    #[serde(flatten)]
+    pub full: FullAggregates,
 }
 
 fn mean(xs: impl Iterator<Item = f64>) -> f64 {
@@ -395,28 +389,40 @@ fn mean(xs: impl Iterator<Item = f64>) -> f64 {
     }
 }
 
-/// Full-mode aggregates of a group: decode and prefill speed-ups (sum of dense cycles over sum
-/// of cycles) and the bandwidth bound (dense bytes over stored bytes).
-fn full_aggregates(ms: &[&MatrixReport]) -> (Option<f64>, Option<f64>, Option<f64>) {
+/// Full-mode aggregates of a group of matrices (all `None` in reference mode).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FullAggregates {
+    /// Sum of dense decode cycles over sum of decode cycles.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decode_speedup: Option<f64>,
+    /// The same for prefill.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefill_speedup: Option<f64>,
+    /// Dense bytes over stored bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bandwidth_bound: Option<f64>,
+}
+
+fn full_aggregates(ms: &[&MatrixReport]) -> FullAggregates {
     let fulls: Vec<&FullResult> = ms.iter().filter_map(|m| m.full.as_ref()).collect();
     if fulls.is_empty() || fulls.len() != ms.len() {
-        return (None, None, None);
+        return FullAggregates::default();
     }
     let sum = |f: &dyn Fn(&FullResult) -> u64| fulls.iter().map(|x| f(x)).sum::<u64>();
-    (
-        Some(ratio(
+    FullAggregates {
+        decode_speedup: Some(ratio(
             sum(&|x| x.decode.dense_cycles),
             sum(&|x| x.decode.cycles),
         )),
-        Some(ratio(
+        prefill_speedup: Some(ratio(
             sum(&|x| x.prefill.dense_cycles),
             sum(&|x| x.prefill.cycles),
         )),
-        Some(ratio(
+        bandwidth_bound: Some(ratio(
             sum(&|x| x.dense_bytes),
             sum(&|x| x.value_bytes + x.metadata_bytes),
         )),
-    )
+    }
 }
 
 /// The per-type summary and totals of a list of matrix reports.
@@ -430,7 +436,6 @@ pub fn summarize(matrices: &[MatrixReport]) -> (BTreeMap<String, TypeSummary>, T
         .map(|(kind, ms)| {
             let avg_cycles = mean(ms.iter().map(|m| m.cycles as f64));
             let dense_cycles = mean(ms.iter().map(|m| m.dense_cycles as f64));
-            let (decode_speedup, prefill_speedup, bandwidth_bound) = full_aggregates(&ms);
             let s = TypeSummary {
                 matrices: ms.len(),
                 avg_cycles,
@@ -447,15 +452,12 @@ pub fn summarize(matrices: &[MatrixReport]) -> (BTreeMap<String, TypeSummary>, T
                 avg_flops: mean(ms.iter().map(|m| m.flops as f64)),
                 sparsity: mean(ms.iter().map(|m| m.sparsity)),
                 avg_dense_columns: mean(ms.iter().map(|m| m.dense_columns as f64)),
-                decode_speedup,
-                prefill_speedup,
-                bandwidth_bound,
+                full: full_aggregates(&ms),
             };
             (kind, s)
         })
         .collect();
     let all: Vec<&MatrixReport> = matrices.iter().collect();
-    let (decode_speedup, prefill_speedup, bandwidth_bound) = full_aggregates(&all);
     let cycles = matrices.iter().map(|m| m.cycles).sum();
     let dense_cycles = matrices.iter().map(|m| m.dense_cycles).sum();
     let numel: u64 = matrices
@@ -474,9 +476,7 @@ pub fn summarize(matrices: &[MatrixReport]) -> (BTreeMap<String, TypeSummary>, T
         } else {
             1.0 - kept as f64 / numel as f64
         },
-        decode_speedup,
-        prefill_speedup,
-        bandwidth_bound,
+        full: full_aggregates(&all),
     };
     (summary, totals)
 }

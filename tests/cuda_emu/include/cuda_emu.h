@@ -123,11 +123,10 @@ inline dim3 threadIdx;  // set before each switch into a coroutine
 
 namespace emu {
 
+// Suspends the running thread; the scheduler sets threadIdx again before resuming it.
 inline void yield_to_scheduler() {
   Machine& m = machine();
-  Thread& t = m.threads[m.current];
-  swapcontext(&t.ctx, &m.sched);
-  threadIdx = t.idx;  // resumed: restore this thread's index
+  swapcontext(&m.threads[m.current].ctx, &m.sched);
 }
 
 }  // namespace emu
@@ -276,14 +275,14 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem, F&& f) {
       smem > kMaxDynamicShared) {
     return cudaErrorInvalidConfiguration;
   }
-  m.threads.assign(per_block, Thread{});
+  m.threads.resize(per_block);  // stacks are kept from launch to launch
   m.xch.assign(per_block, 0);
   int i = 0;
   for (unsigned z = 0; z < block.z; ++z)
     for (unsigned y = 0; y < block.y; ++y)
       for (unsigned x = 0; x < block.x; ++x, ++i) {
         m.threads[i].idx = dim3(x, y, z);
-        m.threads[i].stack.resize(kStack);
+        if (m.threads[i].stack.empty()) m.threads[i].stack.resize(kStack);
       }
   m.error.clear();
   std::mt19937_64 rng(m.seed + 0x9e3779b97f4a7c15ull * static_cast<uint64_t>(++m.launches));
