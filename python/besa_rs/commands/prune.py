@@ -76,7 +76,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--reconstruct",
         action="store_true",
-        help="after BESA, refit the kept weights (least squares)",
+        help="after any method, refit the kept weights to the calibration inputs (least squares; "
+        "the mask is kept)",
     )
     p.add_argument("--device", default="cpu", help="compute device: cpu | cuda[:N]")
     p.add_argument(
@@ -136,10 +137,6 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     ).validate()
     dtype = parse_dtype(args.dtype)
-    if args.reconstruct and cfg.method != "besa":
-        raise ConfigError(
-            "--reconstruct applies to --method besa (SparseGPT already updates weights)"
-        )
     if out.exists() and not args.overwrite:
         raise ConfigError(f"output directory {out} already exists (pass --overwrite to replace it)")
     ckdir = checkpoint_dir(out)

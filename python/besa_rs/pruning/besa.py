@@ -23,11 +23,8 @@ from torch.func import functional_call
 
 from .. import ste
 from ..errors import NumericalError, ShapeError
-from .baselines import refine_masked_lstsq, sparsegpt_diag_score, sparsegpt_prune, wanda_score
-from .sequential import BlockContext
-
-#: conjugate-gradient steps of the reconstruction's least-squares refinement
-RECONSTRUCT_CG_STEPS = 20
+from .baselines import sparsegpt_diag_score, wanda_score
+from .sequential import BlockContext, refit_layer
 
 
 def importance(
@@ -210,16 +207,9 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
             lin: nn.Linear = ctx.linears[n]
             keep = ranks[n] >= cnt.to(dev).unsqueeze(1)
             W = lin.weight
+            dead: dict[str, Any] = {}
             if cfg.reconstruct:
-                H = stats[n].hessian
-                name = f"block {ctx.index} {n}"
-                Wr, _ = sparsegpt_prune(
-                    W, H, mask=keep, blocksize=cfg.blocksize, percdamp=cfg.percdamp, name=name
-                )
-                Wr = refine_masked_lstsq(
-                    W, Wr, keep, H, iters=RECONSTRUCT_CG_STEPS, percdamp=cfg.percdamp
-                )
-                W.copy_(Wr)
+                keep, dead = refit_layer(W, keep, stats[n].hessian, cfg, f"block {ctx.index} {n}")
             else:
                 W.mul_(keep.to(W.dtype))
             a = alphas[n]
@@ -237,6 +227,7 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
                     "row_sparsity_min": float(row_rates.min()),
                     "row_sparsity_max": float(row_rates.max()),
                     "row_sparsity_std": float(row_rates.std()) if row_rates.numel() > 1 else 0.0,
+                    **dead,
                 }
             )
         expected = sum(float(alphas[n].sum()) * params_per_group[n] for n in names) / total_params

@@ -43,7 +43,7 @@ class PruneConfig:
     epochs: int = 1
     batch_size: int = 1  # calibration sequences per optimisation step
     seed: int = 0
-    reconstruct: bool = False  # after BESA: OBS least-squares update of the kept weights
+    reconstruct: bool = False  # after any method: least-squares refit of the kept weights
     percdamp: float = 0.01  # SparseGPT / reconstruction dampening (fraction of mean diag(H))
     blocksize: int = 128  # SparseGPT column block
     device: str = "cpu"
