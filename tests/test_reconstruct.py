@@ -19,8 +19,8 @@ from besa_rs.cli import main as cli_main  # noqa: E402
 from besa_rs.pruning.adapters import block_linears  # noqa: E402
 from besa_rs.pruning.baselines import (  # noqa: E402
     magnitude_mask,
-    refit_masked,
     refine_masked_lstsq,
+    refit_masked,
     sparsegpt_prune,
 )
 
