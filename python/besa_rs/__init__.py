@@ -57,8 +57,8 @@ if TYPE_CHECKING:
     from .packing import from_packed, load_packed, pack, unpack
     from .pruning import PruneConfig, prune
     from .simulation import simulate, simulate_matrix
-    from .tasks import evaluate_tasks
     from .ste import candidate_sparsities, hard_mask, row_ranks, ste_mask
+    from .tasks import evaluate_tasks
 
 
 def __getattr__(name: str) -> Any:
