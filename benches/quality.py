@@ -27,6 +27,9 @@ ROWS: dict[str, dict] = {
     "besa-layer": {"method": "besa", "granularity": "layer", "lr": 0.05},
     "besa-row": {"method": "besa"},
     "besa-row+reconstruct": {"method": "besa", "reconstruct": True},
+    "wanda+reconstruct": {"method": "wanda", "reconstruct": True},
+    "sparsegpt+reconstruct": {"method": "sparsegpt", "reconstruct": True},
+    "magnitude+reconstruct": {"method": "magnitude", "reconstruct": True},
     "wanda-2:4": {"method": "wanda", "structure": "2:4"},
     "sparsegpt-2:4": {"method": "sparsegpt", "structure": "2:4"},
 }

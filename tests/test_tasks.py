@@ -134,6 +134,18 @@ def test_bridge_on_pruned_and_packed_checkpoints(tmp_path, task_dir):
     assert from_dir["model"].endswith("(huggingface)")
     for r in (from_dir, from_packed):
         assert _scores(r["tasks"][TASK]) == _scores(in_memory["tasks"][TASK])
+    # perplexity (besa-rs eval without --tasks) reads a packed checkpoint too
+    from _tiny import SAMPLE_TEXT
+
+    text = tmp_path / "t.txt"
+    text.write_text(SAMPLE_TEXT * 4)
+    ppl = {}
+    for name, path in (("dir", pruned), ("packed", packed)):
+        out = tmp_path / f"ppl-{name}.json"
+        args = ["eval", str(path), "--text", str(text), "--seqlen", "64", "--json", str(out)]
+        assert cli_main([*args, "-q"]) == 0
+        ppl[name] = json.loads(out.read_text())["perplexity"]
+    assert ppl["dir"] == ppl["packed"]
     direct = lm_eval_direct(besa_rs.from_packed(packed), tiny_tokenizer(), task_dir)
     assert from_packed["tasks"][TASK]["acc"] == direct["acc,none"]
     assert from_packed["tasks"][TASK]["acc_norm"] == direct["acc_norm,none"]

@@ -67,8 +67,16 @@ def run(args: argparse.Namespace) -> int:
     from ..models import load_model, load_tokenizer
 
     text = load_text(args.text if args.text else args.dataset, data_dir=args.data_dir)
+    from ..models import parse_dtype, resolve_model
+    from ..tasks import is_packed
+
     tok = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    if is_packed(resolve_model(args.model)):  # a packed checkpoint: decoded in memory
+        from ..packing import from_packed
+
+        model = from_packed(resolve_model(args.model), parse_dtype(args.dtype)).to(args.device)
+    else:
+        model = load_model(args.model, dtype=args.dtype, device=args.device)
     res = evaluate_perplexity(
         model,
         tok,
