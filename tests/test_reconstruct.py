@@ -104,6 +104,12 @@ def test_refit_function_keeps_mask_and_lowers_layer_error():
     assert err(fit.weight) < err(obs) < err(W * keep)
     # it is exactly the OBS pass followed by the CG refinement, from the dense weight
     assert torch.equal(fit.weight, refine_masked_lstsq(W, obs, keep, H, iters=20))
+    # SparseGPT's own weights = the refit's OBS pass with SparseGPT's mask imposed (unstructured
+    # and N:M), so SparseGPT + reconstruct starts exactly where SparseGPT ends
+    for kw in ({"sparsity": 0.5, "blocksize": 16}, {"n": 2, "m": 4, "blocksize": 16}):
+        w_sgpt, k_sgpt = sparsegpt_prune(W, H, **kw)
+        w_obs, _ = sparsegpt_prune(W, H, mask=k_sgpt, blocksize=16)
+        assert torch.equal(w_sgpt, w_obs)
 
 
 def test_sparsegpt_reconstruct_starts_from_its_own_update(toks):
