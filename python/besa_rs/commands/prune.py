@@ -195,6 +195,11 @@ def _print_summary(report: dict[str, Any], out: Path) -> None:
         )
     print(format_table(["block", "realised", "learned", "loss", "seconds"], rows))
     t = report["totals"]
+    if t.get("dead_columns"):
+        print(
+            f"{t['dead_columns']} dead input columns (no calibration signal): their weights are "
+            f"zeroed and counted as pruned ({t.get('dead_weights_zeroed', 0)} beyond the masks)"
+        )
     print(
         f"{report['settings']['method']}: {t['pruned_blocks']} blocks, realised sparsity "
         f"{100 * t['realised_sparsity']:.2f}% of {t['linear_params']:,} linear weights in {t['seconds']:.0f} s -> {out}"
