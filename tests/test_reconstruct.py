@@ -63,10 +63,12 @@ def _block_error(model, dense, toks):
     return float(((y - yd) ** 2).sum() / (yd**2).sum())
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_reconstruct_lowers_block_error_and_keeps_the_mask(method, toks):
-    plain, dense, rep_p = _prune_block0(method, toks, reconstruct=False)
-    refit, _, rep_r = _prune_block0(method, toks, reconstruct=True)
+@pytest.mark.parametrize(
+    "method,kw", [(m, {}) for m in METHODS] + [("wanda", {"structure": "2:4"})]
+)
+def test_reconstruct_lowers_block_error_and_keeps_the_mask(method, kw, toks):
+    plain, dense, rep_p = _prune_block0(method, toks, reconstruct=False, **kw)
+    refit, _, rep_r = _prune_block0(method, toks, reconstruct=True, **kw)
     assert rep_r["settings"]["reconstruct"] is True
     e_plain, e_refit = _block_error(plain, dense, toks), _block_error(refit, dense, toks)
     assert e_refit < 0.9 * e_plain, (method, e_plain, e_refit)
