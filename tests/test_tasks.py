@@ -122,8 +122,6 @@ def test_bridge_on_pruned_and_packed_checkpoints(tmp_path, task_dir):
     packed = tmp_path / "packed"
     besa_rs.pack(pruned, packed, format="bitmask", min_sparsity=0.1)
     assert is_packed(packed) and not is_packed(pruned)
-    if not (packed / "tokenizer.json").exists():
-        tiny_tokenizer().save_pretrained(packed)
 
     in_memory = evaluate_tasks(
         model, TASK, tokenizer=tiny_tokenizer(), include_path=task_dir, progress=False

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, DataError, MissingFileError
+from .errors import ConfigError, DataError, MissingFileError, ModelError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -98,7 +98,11 @@ def _load_model(model: Any, tokenizer: Any, dtype: str, device: str | None) -> t
         else:
             m = load_model(path, dtype=dtype, device=device or "cpu")
             source = "huggingface"
-        tok = tokenizer if tokenizer is not None else load_tokenizer(path)
+        try:
+            tok = tokenizer if tokenizer is not None else load_tokenizer(path)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"{path}: cannot load its tokenizer: {first}") from e
         return m, tok, f"{name} ({source})"
     if not hasattr(model, "config") or not callable(model):
         raise ConfigError(
