@@ -148,7 +148,9 @@ def _rows_from_hub(name: str, split: str) -> list[str]:
         return list(ds["text"])
     except Exception as e:  # network / hub errors of any kind
         raise MissingFileError(
-            f"could not load {name} {split} via the datasets library: {e}".splitlines()[0]
+            f"{name} {split} split not found locally (pass --data-dir DIR or set BESA_RS_DATA, "
+            f"holding {' or '.join(_LOCAL_FILES[name][split])}) and could not be loaded via "
+            f"the datasets library: {e}".splitlines()[0]
         ) from e
 
 
