@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import BesaIOError, ConfigError
 
 
 def _umask() -> int:
@@ -72,18 +73,28 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def _notes(lines: list[str]) -> None:
+    for line in lines:
+        print(f"besa-rs: {line}", file=sys.stderr)
+
+
 @contextmanager
 def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
-    """Builds a directory under a temporary name next to ``final`` and renames it into place
+    """Builds a directory under ``.NAME.partial-PID-N`` next to ``final`` and moves it into place
     only when the block succeeds. An existing ``final`` is refused unless ``overwrite``; with
-    ``overwrite`` it is replaced only after the new directory is complete."""
+    ``overwrite`` it is swapped atomically with the complete new directory (the final name holds
+    a complete output at every instant), then the old one is deleted. Leftovers of killed runs
+    next to ``final`` are repaired first (one line on stderr per action). Shared with
+    pack/unpack: ``besa_sparse::writer`` in Rust."""
+    from . import _native
+
     final = Path(final)
+    _notes(_native.recover_leftovers(final))
     if final.exists() and not overwrite:
         raise ConfigError(
             f"output directory {final} already exists (pass --overwrite to replace it)"
         )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    tmp = Path(_native.make_partial_dir(final))
     public_mode(tmp, directory=True)
     try:
         yield tmp
@@ -91,14 +102,68 @@ def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False) -> Iterat
             if p.is_file():
                 with open(p, "rb") as fh:
                     os.fsync(fh.fileno())
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        _native.crash_point("atomic-dir-before-commit")
+        _native.commit_dir(tmp, final, overwrite=overwrite, sync=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _probe_write(directory: Path, what: str, nbytes: int = 65536) -> None:
+    """Creates, fills (``nbytes``), fsyncs and deletes a file in ``directory``: catches
+    read-only file systems, missing permissions and full disks before any work starts."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".besa-rs-probe-", dir=directory)
+    except OSError as e:
+        raise BesaIOError(f"{what}: cannot write in {directory}: {e.strerror}") from None
+    try:
+        os.write(fd, b"\0" * nbytes)
+        os.fsync(fd)
+    except OSError as e:
+        raise BesaIOError(f"{what}: cannot write in {directory}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+
+
+def check_output_file(path: str | os.PathLike[str] | None, what: str) -> None:
+    """Validates an output file path (``--json``, ``--plot``) before any work: not an existing
+    directory, and its directory writable (read-only or full file systems are refused).
+    ``None`` and ``-`` (stdout) pass."""
+    if path is None or os.fspath(path) == "-":
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} {p}: is an existing directory, expected a file path")
+    if p.exists() and not p.is_file():
+        raise ConfigError(f"{what} {p}: exists and is not a regular file")
+    anc = _existing_ancestor(p.parent)
+    if not anc.is_dir():
+        raise ConfigError(f"{what} {p}: {anc} is not a directory")
+    _probe_write(anc, f"{what} {p}")
+
+
+def check_output_dir(path: str | os.PathLike[str], what: str, need_bytes: int = 0) -> None:
+    """Validates an output directory before any work: not an existing file, its parent
+    writable, and (``need_bytes``) that much free space there."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{what} {p}: exists and is not a directory")
+    anc = _existing_ancestor(p.parent)
+    if not anc.is_dir():
+        raise ConfigError(f"{what} {p}: {anc} is not a directory")
+    _probe_write(anc, f"{what} {p}")
+    if need_bytes:
+        st = os.statvfs(anc)
+        free = st.f_bavail * st.f_frsize
+        if free < need_bytes:
+            raise BesaIOError(
+                f"{what} {p}: only {free / 1e6:.1f} MB free in {anc}, about {need_bytes / 1e6:.1f} MB needed"
+            )

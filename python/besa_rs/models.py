@@ -138,6 +138,18 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
     return p
 
 
+def check_model_files(path: str | os.PathLike[str]) -> bool:
+    """Runs every safetensors file of a model directory (or a file) through besa-rs's own
+    validating reader, so a hostile or corrupt file is a one-line :class:`FormatError` before
+    any other library reads it. Returns whether the checkpoint is packed."""
+    from . import _native
+
+    p = Path(path)
+    if p.is_dir() and not any(p.glob("*.safetensors")):
+        return False  # other weight formats (.bin) are left to transformers
+    return bool(_native.PackedReader(os.fspath(p)).is_packed())
+
+
 def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
@@ -154,6 +166,14 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name_or_path)
+    if check_model_files(path):
+        # A packed checkpoint (bitmask, 2:4, CSR): decoded by besa-rs, not by transformers
+        # (which would need compressed-tensors).
+        if kwargs:
+            raise ConfigError(f"{path}: a packed checkpoint loads without extra options")
+        from .packing import from_packed
+
+        return from_packed(path, torch_dtype=parse_dtype(dtype)).to(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), **kwargs)
     except (OSError, ValueError, KeyError) as e:
