@@ -15,6 +15,27 @@ from typing import Any
 from .errors import BesaIOError, ConfigError
 
 
+def _write_error(final: Path, e: BaseException) -> BaseException:
+    """A failure inside a write block (disk full, read-only file system, I/O error; also as
+    raised by safetensors or torch.save) as a one-line :class:`BesaIOError`; other exceptions
+    (BesaErrors, KeyboardInterrupt, bugs) are returned unchanged."""
+    from .errors import BesaError
+
+    if isinstance(e, BesaError):
+        return e
+    is_write = isinstance(e, OSError) or type(e).__name__ == "SafetensorError"
+    if not is_write and isinstance(e, RuntimeError):
+        is_write = any(w in str(e) for w in ("write", "No space", "I/O error"))
+    if not is_write:
+        return e
+    if isinstance(e, OSError) and e.strerror:
+        msg = e.strerror
+    else:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        msg = lines[0] if lines else type(e).__name__
+    return BesaIOError(f"cannot write {final}: {msg}")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -55,9 +76,12 @@ def atomic_path(final: str | os.PathLike[str], suffix: str = "") -> Iterator[Pat
             os.fsync(fh.fileno())
         os.replace(tmp_path, final)
         _fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as e:
         tmp_path.unlink(missing_ok=True)
-        raise
+        err = _write_error(final, e)
+        if err is e:
+            raise
+        raise err from None
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
@@ -104,9 +128,12 @@ def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False) -> Iterat
                     os.fsync(fh.fileno())
         _native.crash_point("atomic-dir-before-commit")
         _native.commit_dir(tmp, final, overwrite=overwrite, sync=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        err = _write_error(final, e)
+        if err is e:
+            raise
+        raise err from None
 
 
 def _existing_ancestor(path: Path) -> Path:

@@ -215,7 +215,7 @@ def from_packed(path: str | os.PathLike[str], torch_dtype: Any = None) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .errors import FormatError, MissingFileError, ModelError
+    from .errors import BesaError, FormatError, MissingFileError, ModelError
 
     root = Path(path)
     cfg_path = root / "config.json"
@@ -242,7 +242,9 @@ def from_packed(path: str | os.PathLike[str], torch_dtype: Any = None) -> Any:
             dtype = floats[0] if floats else torch.float32
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         missing, unexpected = model.load_state_dict(state, strict=False)
-    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - any failure to build from a user's config.json
+        if isinstance(e, BesaError):
+            raise
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         first = next((ln for ln in lines if "mismatch" in ln), lines[0] if lines else "")
         raise ModelError(
