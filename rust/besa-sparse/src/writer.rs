@@ -784,4 +784,29 @@ mod tests {
         assert!(out.join("y").is_file() && !out.join("x").exists());
         assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1);
     }
+
+    #[test]
+    fn leftovers_of_dead_runs_are_repaired_and_swaps_keep_a_complete_output() {
+        let root = tempfile::tempdir().unwrap();
+        let out = root.path().join("out");
+        let dead = (1u32 << 22) + 77; // above the kernel's pid_max: never alive
+        let backup = root.path().join(format!(".out.old-{dead}-1"));
+        std::fs::create_dir(&backup).unwrap();
+        std::fs::write(backup.join("x"), b"old").unwrap();
+        let partial = root.path().join(format!(".out.partial-{dead}-2"));
+        std::fs::create_dir(&partial).unwrap();
+        let notes = recover_leftovers(&out).unwrap();
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].starts_with("restored"), "{notes:?}");
+        assert_eq!(std::fs::read(out.join("x")).unwrap(), b"old");
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1);
+        // a live process's partial directory is left alone
+        let mine = make_partial_dir(&out).unwrap();
+        assert!(recover_leftovers(&out).unwrap().is_empty() && mine.exists());
+        std::fs::write(mine.join("y"), b"new").unwrap();
+        assert!(commit_dir(&mine, &out, false, false).is_err());
+        commit_dir(&mine, &out, true, false).unwrap();
+        assert_eq!(std::fs::read(out.join("y")).unwrap(), b"new");
+        assert!(!out.join("x").exists() && !mine.exists());
+    }
 }
