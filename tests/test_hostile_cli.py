@@ -166,6 +166,17 @@ def test_item3_partial_dirs_of_dead_runs_are_removed_live_ones_kept(tiny_dir, tm
     assert notes == []
 
 
+def test_item3_leftovers_of_older_versions_restored_or_reported(tiny_dir, tmp_path):
+    out = tmp_path / "o"
+    pack(tiny_dir, out, sync=False)
+    out.rename(tmp_path / ".o.old")  # the shared backup name of older versions
+    (tmp_path / ".o.k2j_x9ab.partial").mkdir()  # an older Python writer's temporary name
+    notes = _native.recover_leftovers(out)
+    assert notes[0].startswith(f"restored {out}") and (out / "config.json").is_file()
+    assert "k2j_x9ab.partial" in notes[1] and "older besa-rs" in notes[1]
+    assert (tmp_path / ".o.k2j_x9ab.partial").is_dir()  # writer unknown: reported, kept
+
+
 def test_item3_prune_output_uses_the_same_leftover_recovery(tiny_dir, calib_file, tmp_path, capsys):
     out = tmp_path / "o"
     stale = tmp_path / f".o.partial-{DEAD_PID}-3"

@@ -37,10 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._io import check_output_file
     from ..data import load_text
     from ..evaluate import evaluate_perplexity
     from ..models import load_model, load_tokenizer
 
+    check_output_file(args.json, "--json")
     text = load_text(args.text if args.text else args.dataset, data_dir=args.data_dir)
     tok = load_tokenizer(args.model)
     model = load_model(args.model, dtype=args.dtype, device=args.device)

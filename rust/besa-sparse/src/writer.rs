@@ -407,10 +407,13 @@ pub fn dead_leftovers(final_path: &Path) -> Result<Vec<Leftover>> {
         } else {
             continue;
         };
-        let Some(pid) = tail
-            .split_once('-')
-            .and_then(|(p, n)| n.parse::<u64>().ok().and(p.parse::<u32>().ok()))
-        else {
+        // `PID-N`; older backups of the Python writer were `.NAME.old-PID`.
+        let pid = match tail.split_once('-') {
+            Some((p, n)) => n.parse::<u128>().ok().and(p.parse::<u32>().ok()),
+            None if backup => tail.parse::<u32>().ok(),
+            None => None,
+        };
+        let Some(pid) = pid else {
             continue;
         };
         if pid == std::process::id() || pid_alive(pid) {
@@ -448,6 +451,35 @@ pub fn recover_leftovers(final_path: &Path) -> Result<Vec<String>> {
                 final_path.display(),
                 b.path.display(),
                 b.pid
+            ));
+        }
+    }
+    // Names of besa-rs versions that did not record the writer's pid: the shared backup
+    // `.NAME.old` is put back when the output is missing; the others are only reported.
+    let (parent, name) = split_out(final_path)?;
+    let legacy_old = parent.join(format!(".{name}.old"));
+    if legacy_old.is_dir() && std::fs::symlink_metadata(final_path).is_err() {
+        rename_noreplace(&legacy_old, final_path).map_err(|e| Error::io(&legacy_old, e))?;
+        notes.push(format!(
+            "restored {} from {}, the previous output moved aside by a killed run",
+            final_path.display(),
+            legacy_old.display()
+        ));
+    }
+    if let Ok(rd) = std::fs::read_dir(&parent) {
+        let mut legacy: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|f| {
+                f.strip_prefix(&format!(".{name}."))
+                    .is_some_and(|r| r == "old" || (r.ends_with(".partial") && !r.contains('-')))
+            })
+            .collect();
+        legacy.sort();
+        for f in legacy {
+            notes.push(format!(
+                "found {}, probably left by a killed run of an older besa-rs (its writer is unknown): delete it if no run is writing it",
+                parent.join(f).display()
             ));
         }
     }
