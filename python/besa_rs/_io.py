@@ -177,9 +177,19 @@ def check_output_file(path: str | os.PathLike[str] | None, what: str) -> None:
     _probe_write(anc, f"{what} {p}")
 
 
-def check_output_dir(path: str | os.PathLike[str], what: str, need_bytes: int = 0) -> None:
-    """Validates an output directory before any work: not an existing file, its parent
-    writable, and (``need_bytes``) that much free space there."""
+def check_output_dir(
+    path: str | os.PathLike[str],
+    what: str,
+    need_bytes: int = 0,
+    src: str | os.PathLike[str] | None = None,
+) -> None:
+    """Validates an output directory before any work: not overlapping the input ``src``
+    (checked first, so nothing is ever written inside the input), not an existing file, its
+    parent writable, and (``need_bytes``) that much free space there."""
+    if src is not None:
+        from . import _native
+
+        _native.check_out(src, path)
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ConfigError(f"{what} {p}: exists and is not a directory")

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from ..packing import format_report, pack
 
     check_output_file(args.json, "--json")
-    check_output_dir(args.out, "--out")
+    check_output_dir(args.out, "--out", src=args.model)
     report = pack(
         args.model,
         args.out,

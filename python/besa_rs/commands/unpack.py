@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from ..packing import format_report, unpack
 
     check_output_file(args.json, "--json")
-    check_output_dir(args.out, "--out")
+    check_output_dir(args.out, "--out", src=args.path)
     report = unpack(args.path, args.out, shard_size=args.shard_size, overwrite=args.overwrite)
     for w in report["warnings"]:
         print(f"besa-rs unpack: WARNING: {w}", file=sys.stderr)
