@@ -166,6 +166,33 @@ def test_item3_partial_dirs_of_dead_runs_are_removed_live_ones_kept(tiny_dir, tm
     assert notes == []
 
 
+def test_item3_pack_killed_before_its_commit_leaves_no_output(tiny_dir, tmp_path):
+    out = tmp_path / "p"
+    r = _cli(
+        ["pack", str(tiny_dir), "--out", str(out), "-q"],
+        env={"BESA_RS_TEST_CRASH_AT": "pack-before-commit"},
+    )
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert not out.exists() and len(list(tmp_path.glob(".p.partial-*"))) == 1
+    r = _cli(["pack", str(tiny_dir), "--out", str(out), "-q"])
+    assert r.returncode == 0 and "removed" in r.stderr, r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["p"]
+
+
+def test_item3_prune_killed_before_moving_its_output_in(tiny_dir, calib_file, tmp_path):
+    out = tmp_path / "o"
+    r = _cli(
+        _prune_args(tiny_dir, out, calib_file),
+        env={"BESA_RS_TEST_CRASH_AT": "atomic-dir-before-commit"},
+    )
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert not out.exists() and len(list(tmp_path.glob(".o.partial-*"))) == 1
+    r = _cli(_prune_args(tiny_dir, out, calib_file, "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert "removed" in r.stderr and (out / "besa_report.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
 def test_item3_leftovers_of_older_versions_restored_or_reported(tiny_dir, tmp_path):
     out = tmp_path / "o"
     pack(tiny_dir, out, sync=False)
@@ -391,6 +418,16 @@ def test_item11_json_and_plot_paths_checked_before_work(tiny_dir, tmp_path, smal
         assert main(["simulate", str(tmp_path / "p"), "-q", "--plot", str(bad)]) == 2
         assert "--plot" in _one_line_error(capsys.readouterr().err, "simulate")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    full = small_fs("full", "1m")
+    with open(full / "filler", "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+    assert main(["inspect", str(tmp_path / "p"), "--json", str(full / "r.json")]) == 2
+    assert "No space left on device" in _one_line_error(capsys.readouterr().err, "inspect")
 
 
 # --- 12. --out inside the input is always refused -------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,16 +100,19 @@ def _convert_builtin(name: str, dest: Path) -> None:
     model.load_state_dict(gguf_model.state_dict(), assign=True)
     model.tie_weights()
     model.eval()
+    from . import _native
+
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    _native.recover_leftovers(dest)  # partial conversions of killed processes
+    tmp = Path(_native.make_partial_dir(dest))
     public_mode(tmp, directory=True)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "BESA_RS_SOURCE").write_text(f"{pkg_dir / fname}\n")
         try:
-            os.replace(tmp, dest)
-        except OSError:
+            _native.commit_dir(tmp, dest, overwrite=False, sync=True)
+        except ConfigError:
             if not (dest / "config.json").is_file():  # someone else won the race: fine
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
