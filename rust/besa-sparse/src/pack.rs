@@ -322,6 +322,16 @@ fn check_replaceable(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Appends the notes not already in `warnings` (leftovers are looked at twice: before the
+/// input is read and when the output directory is created).
+fn add_notes(warnings: &mut Vec<String>, notes: &[String]) {
+    for n in notes {
+        if !warnings.contains(n) {
+            warnings.push(n.clone());
+        }
+    }
+}
+
 /// One group of the output: a dense tensor copied, or a packed module's parts.
 enum Job {
     Copy {
@@ -588,7 +598,7 @@ pub fn pack(src: &Path, out: &Path, opts: &PackOptions) -> Result<Report> {
     let n_shards = shards.len();
     let dir = AtomicDir::new(out, opts.overwrite)?;
     warnings.extend(notes);
-    warnings.extend(dir.notes().iter().cloned());
+    add_notes(&mut warnings, dir.notes());
     let mut weight_map = BTreeMap::new();
     let mut files = Vec::new();
     let mut total_stored = 0u64;
@@ -847,7 +857,7 @@ pub fn unpack(src: &Path, out: &Path, opts: &UnpackOptions) -> Result<Report> {
     let n_shards = shards.len();
     let dir = AtomicDir::new(out, opts.overwrite)?;
     let mut warnings = notes;
-    warnings.extend(dir.notes().iter().cloned());
+    add_notes(&mut warnings, dir.notes());
     let mut weight_map = BTreeMap::new();
     let mut files = Vec::new();
     let mut total = 0u64;
