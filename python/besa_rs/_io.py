@@ -120,6 +120,7 @@ def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False) -> Iterat
         )
     tmp = Path(_native.make_partial_dir(final))
     public_mode(tmp, directory=True)
+    committing = False
     try:
         yield tmp
         for p in tmp.rglob("*"):
@@ -127,9 +128,13 @@ def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False) -> Iterat
                 with open(p, "rb") as fh:
                     os.fsync(fh.fileno())
         _native.crash_point("atomic-dir-before-commit")
+        committing = True
         _native.commit_dir(tmp, final, overwrite=overwrite, sync=True)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # A failed commit that left nothing under the final name keeps the complete new
+        # output where the error message says it is (the next run cleans it up).
+        if not (committing and not os.path.lexists(final)):
+            shutil.rmtree(tmp, ignore_errors=True)
         err = _write_error(final, e)
         if err is e:
             raise

@@ -725,7 +725,14 @@ impl AtomicDir {
 
     /// Moves the temporary directory onto the final path (see [`commit_dir`]).
     pub fn commit(mut self, sync: bool) -> Result<PathBuf> {
-        commit_dir(&self.tmp, &self.final_path, self.overwrite, sync)?;
+        if let Err(e) = commit_dir(&self.tmp, &self.final_path, self.overwrite, sync) {
+            // With no output under the final name (the old one moved aside and the new one
+            // not moved in), the complete new output is kept where the message says it is.
+            if std::fs::symlink_metadata(&self.final_path).is_err() {
+                self.committed = true;
+            }
+            return Err(e);
+        }
         self.committed = true;
         Ok(self.final_path.clone())
     }
