@@ -132,8 +132,13 @@ def test_output_exists_is_refused(tiny_dir, calib_file, tmp_path, capsys):
     (out / "keep.txt").write_text("x")
     assert main(_args(tiny_dir, out, calib_file, "--method", "magnitude")) == 2
     assert "already exists (pass --overwrite" in capsys.readouterr().err
+    # --overwrite replaces only a previous besa-rs output (issue 14, item 1)
+    assert main(_args(tiny_dir, out, calib_file, "--method", "magnitude", "--overwrite")) == 2
+    assert "not a besa-rs prune output" in capsys.readouterr().err
+    (out / "keep.txt").unlink()
     assert main(_args(tiny_dir, out, calib_file, "--method", "magnitude", "--overwrite")) == 0
-    assert (out / "besa_report.json").is_file() and not (out / "keep.txt").exists()
+    assert main(_args(tiny_dir, out, calib_file, "--method", "wanda", "--overwrite")) == 0
+    assert json.loads((out / "besa_report.json").read_text())["settings"]["method"] == "wanda"
 
 
 def test_unsupported_model_type(tmp_path, calib_file, capsys):

@@ -18,7 +18,8 @@ from _tiny import save_tiny, single_thread, tiny_model, tiny_tokenizer, tiny_tok
 import besa_rs  # noqa: E402
 from besa_rs.cli import main as cli_main  # noqa: E402
 from besa_rs.errors import ConfigError, DataError, MissingFileError  # noqa: E402
-from besa_rs.tasks import evaluate_tasks, is_packed, parse_tasks  # noqa: E402
+from besa_rs.models import check_model_files  # noqa: E402
+from besa_rs.tasks import evaluate_tasks, parse_tasks  # noqa: E402
 
 TASK = "besa_toy_mc"
 WORDS = ["apple", "river", "stone", "cloud", "bread", "horse", "glass", "flame", "seed", "road"]
@@ -121,7 +122,7 @@ def test_bridge_on_pruned_and_packed_checkpoints(tmp_path, task_dir):
     tiny_tokenizer().save_pretrained(pruned)
     packed = tmp_path / "packed"
     besa_rs.pack(pruned, packed, format="bitmask", min_sparsity=0.1)
-    assert is_packed(packed) and not is_packed(pruned)
+    assert check_model_files(packed) and not check_model_files(pruned)
 
     in_memory = evaluate_tasks(
         model, TASK, tokenizer=tiny_tokenizer(), include_path=task_dir, progress=False

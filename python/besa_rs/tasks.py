@@ -13,7 +13,6 @@ the result.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -34,21 +33,6 @@ PAPER_TASKS: tuple[str, ...] = (
     "arc_easy",
     "arc_challenge",
 )
-
-#: ``quant_method`` values of a packed checkpoint's ``quantization_config``
-_PACKED_METHODS = ("compressed-tensors", "besa-rs")
-
-
-def is_packed(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a packed checkpoint directory (``besa-rs pack`` output)."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-    except (OSError, ValueError):
-        return False
-    return isinstance(qc, dict) and qc.get("quant_method") in _PACKED_METHODS
 
 
 def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
@@ -82,22 +66,14 @@ def _include_paths(include_path: Any) -> list[Path]:
 def _load_model(model: Any, tokenizer: Any, dtype: str, device: str | None) -> tuple[Any, Any, str]:
     """Resolves a path (plain, pruned or packed) or a model object; returns (model, tokenizer,
     description)."""
-    from .models import load_model, load_tokenizer, resolve_model
+    from .models import check_model_files, load_model, load_tokenizer, resolve_model
 
     if isinstance(model, (str, os.PathLike)):
         name = os.fspath(model)
         path = resolve_model(name)
-        if is_packed(path):
-            from .models import parse_dtype
-            from .packing import from_packed
-
-            m = from_packed(path, torch_dtype=parse_dtype(dtype))
-            if device is not None:
-                m = m.to(device)
-            source = "packed"
-        else:
-            m = load_model(path, dtype=dtype, device=device or "cpu")
-            source = "huggingface"
+        # load_model validates every file with besa-rs's reader and decodes packed checkpoints
+        source = "packed" if check_model_files(path) else "huggingface"
+        m = load_model(path, dtype=dtype, device=device or "cpu")
         try:
             tok = tokenizer if tokenizer is not None else load_tokenizer(path)
         except (OSError, ValueError) as e:

@@ -60,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._io import check_output_file
+
+    check_output_file(args.json, "--json")
     if args.tasks is not None or args.include_path:
         return run_tasks(args)
     from ..data import load_text
@@ -67,16 +70,9 @@ def run(args: argparse.Namespace) -> int:
     from ..models import load_model, load_tokenizer
 
     text = load_text(args.text if args.text else args.dataset, data_dir=args.data_dir)
-    from ..models import parse_dtype, resolve_model
-    from ..tasks import is_packed
-
     tok = load_tokenizer(args.model)
-    if is_packed(resolve_model(args.model)):  # a packed checkpoint: decoded in memory
-        from ..packing import from_packed
-
-        model = from_packed(resolve_model(args.model), parse_dtype(args.dtype)).to(args.device)
-    else:
-        model = load_model(args.model, dtype=args.dtype, device=args.device)
+    # a packed checkpoint is validated and decoded by besa-rs (models.load_model)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
     res = evaluate_perplexity(
         model,
         tok,

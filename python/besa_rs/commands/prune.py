@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,6 @@ def checkpoint_dir(out: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError
     from ..models import parse_dtype
     from ..pruning.config import PruneConfig
 
@@ -137,17 +137,19 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     ).validate()
     dtype = parse_dtype(args.dtype)
-    if out.exists() and not args.overwrite:
-        raise ConfigError(f"output directory {out} already exists (pass --overwrite to replace it)")
+    from ..pruning.output import check_prune_paths
+
     ckdir = checkpoint_dir(out)
-    if ckdir.exists() and not args.resume:
-        if not args.overwrite:
-            raise ConfigError(
-                f"an unfinished run's checkpoint exists at {ckdir}: pass --resume to continue it or --overwrite to start over"
-            )
-        shutil.rmtree(ckdir)
-    if args.resume and not (ckdir / "state.json").is_file():
-        raise ConfigError(f"--resume: no checkpoint to resume at {ckdir}")
+    for note in check_prune_paths(
+        args.model,
+        out,
+        ckdir,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        json_path=args.json,
+    ):
+        print(f"besa-rs prune: {note}", file=sys.stderr)
+    resume = args.resume and (ckdir / "state.json").is_file()
 
     import torch
 
@@ -165,8 +167,15 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=dtype)
     tokens = calibration_set(tokenizer, args.calib, args.nsamples, args.seqlen, seed=cfg.seed)
-    ck = Checkpointer(ckdir, cfg, tokens, resume=args.resume)
-    report = run_pruning(model, tokens, cfg, checkpoint=ck)
+    ck = Checkpointer(ckdir, cfg, tokens, resume=resume)
+    try:
+        report = run_pruning(model, tokens, cfg, checkpoint=ck)
+    except Exception:
+        # A failure (disk full, ...) before the first complete checkpoint leaves nothing to
+        # resume: do not leave its debris behind.
+        if not (ckdir / "state.json").is_file():
+            shutil.rmtree(ckdir, ignore_errors=True)
+        raise
     report["model"] = str(args.model)
     report["calibration"]["sources"] = [str(s) for s in args.calib]
     report["resumed_from_block"] = ck.resumed_from
