@@ -306,6 +306,7 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
     # --- 11: hard masks with exact block sparsity, weights updated in place
     with torch.no_grad():
         alphas = {n: ste.expected_sparsity(logits[n].detach(), cand, cfg.smoothing) for n in names}
+        ctx.extra["alphas"] = alphas  # learned per-group rates, before the exact-sparsity shift
         hard_before = {
             n: ste.hard_mask(ranks[n], logits[n].detach(), cand, cfg.smoothing) for n in names
         }
