@@ -5,8 +5,8 @@
   test split), test = years >= 2001, each joined with a blank line.
 * any plain-text file (UTF-8).
 
-Calibrating on text that overlaps the evaluation text (``sotu-test``, the same file, or a file
-sharing more than 1% of its 8-word spans with it) is refused unless explicitly allowed
+Calibrating on text that overlaps the evaluation text (``sotu-test``, the same file, or a file with
+more than 1% of its text in verbatim passages of 32 words or more of it) is refused unless explicitly allowed
 (:func:`check_calibration_overlap`).
 * WikiText-2, PTB and C4 in their standard (GPTQ / SparseGPT / Wanda) protocols, read from local
   files in the layout the original distributions use (``--data-dir`` or ``$BESA_RS_DATA``), or
@@ -39,10 +39,11 @@ SOTU_TEST_FIRST_YEAR = 2001
 TEXT_SOURCES = ("sotu-calib", "sotu-val", "sotu-test", "wikitext2", "ptb", "c4")
 #: the project's evaluation text: calibration on it is refused unless allowed
 DEFAULT_EVAL_SOURCES = ("sotu-test",)
-#: calibration text sharing more than this fraction of its 8-word spans with an evaluation text
-#: counts as overlapping (between the sotu calibration, validation and test splits it is < 0.1%)
+#: calibration text with more than this fraction of its 8-word spans inside verbatim passages
+#: (``OVERLAP_RUN`` spans in a row) of an evaluation text counts as overlapping it
 OVERLAP_LIMIT = 0.01
 OVERLAP_NGRAM = 8
+OVERLAP_RUN = 25
 
 #: local file layout of the standard benchmarks: name -> split -> candidate relative paths
 _LOCAL_FILES: dict[str, dict[str, tuple[str, ...]]] = {
@@ -303,13 +304,23 @@ def _words_ngrams(text: str, n: int = OVERLAP_NGRAM) -> list[int]:
 
 
 def text_overlap(calib_text: str, eval_text: str) -> float:
-    """Fraction of the calibration text's 8-word spans (lower-cased words) that also occur in
-    the evaluation text: 1.0 for the same text, below 0.001 between the sotu splits."""
+    """Fraction of the calibration text's 8-word spans (lower-cased words) that lie in verbatim
+    passages shared with the evaluation text, a passage being at least ``OVERLAP_RUN`` spans in
+    a row (32 words): 1.0 for the same text, 0.0 between the sotu splits. Common phrases
+    ("Mr. Speaker, Mr. President, distinguished members of the Congress") do not count."""
     spans = _words_ngrams(calib_text)
     if not spans:
         return 1.0 if calib_text.strip() and calib_text.strip() in eval_text else 0.0
     seen = set(_words_ngrams(eval_text))
-    return sum(h in seen for h in spans) / len(spans)
+    covered = run = 0
+    for h in spans:
+        if h in seen:
+            run += 1
+            continue
+        covered += run if run >= OVERLAP_RUN else 0
+        run = 0
+    covered += run if run >= OVERLAP_RUN else 0
+    return covered / len(spans)
 
 
 def _same_source(a: str, b: str) -> bool:
@@ -327,8 +338,8 @@ def check_calibration_overlap(
     data_dir: str | os.PathLike[str] | None = None,
 ) -> None:
     """Refuses (``DataError``) calibration text that overlaps an evaluation text: the same named
-    source or file, or more than ``OVERLAP_LIMIT`` of its 8-word spans found in the evaluation
-    text. ``calib`` holds ``(source name, text)`` pairs; ``allow`` turns the check off."""
+    source or file, or more than ``OVERLAP_LIMIT`` of it in passages of the evaluation text
+    (:func:`text_overlap`). ``calib`` holds ``(source name, text)`` pairs; ``allow`` turns the check off."""
     if allow or not eval_sources:
         return
     for ev in eval_sources:
@@ -346,7 +357,7 @@ def check_calibration_overlap(
             if frac > OVERLAP_LIMIT:
                 raise DataError(
                     f"calibration source {name!r} overlaps the evaluation text {e!r} "
-                    f"({100 * frac:.0f}% of its 8-word spans): calibrate on other text, or pass "
+                    f"({100 * frac:.0f}% of it verbatim): calibrate on other text, or pass "
                     "--allow-calib-overlap (allow_calib_overlap=True) to do it anyway"
                 )
 
