@@ -362,6 +362,36 @@ def check_calibration_overlap(
                 )
 
 
+def check_model_calibration_overlap(
+    model: str | os.PathLike[str],
+    eval_source: str | os.PathLike[str],
+    allow: bool = False,
+    data_dir: str | os.PathLike[str] | None = None,
+) -> None:
+    """For evaluation: refuses (``DataError``) to score a model pruned by besa-rs (its
+    ``besa_report.json`` names the calibration sources) on text that overlaps its calibration
+    text. Sources that no longer exist are skipped; ``allow`` turns the check off."""
+    if allow:
+        return
+    report = Path(model) / "besa_report.json"
+    if not report.is_file():
+        return
+    try:
+        sources = json.loads(report.read_text())["calibration"]["sources"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    calib: list[tuple[str, str]] = []
+    for src in sources:
+        s = str(src)
+        if s in _LOCAL_FILES or s == "c4":
+            continue  # their train splits: never the evaluation text
+        try:
+            calib.append((s, load_text(s, data_dir=data_dir)))
+        except (MissingFileError, DataError):
+            continue
+    check_calibration_overlap(calib, [eval_source], data_dir=data_dir)
+
+
 def calibration_set(
     tokenizer: PreTrainedTokenizerBase,
     sources: Sequence[str | os.PathLike[str]],

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument(
         "--dataset",
         default="sotu-test",
-        choices=["sotu-test", "wikitext2", "ptb", "c4"],
+        choices=["sotu-test", "sotu-val", "wikitext2", "ptb", "c4"],
         help="named test text (default: sotu-test)",
     )
     p.add_argument(
@@ -32,16 +32,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16")
+    p.add_argument(
+        "--allow-calib-overlap",
+        action="store_true",
+        help="score a pruned model even on text that overlaps its calibration text",
+    )
     add_common(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import load_text
+    from ..data import check_model_calibration_overlap, load_text
     from ..evaluate import evaluate_perplexity
     from ..models import load_model, load_tokenizer
 
-    text = load_text(args.text if args.text else args.dataset, data_dir=args.data_dir)
+    source = args.text if args.text else args.dataset
+    check_model_calibration_overlap(args.model, source, args.allow_calib_overlap, args.data_dir)
+    text = load_text(source, data_dir=args.data_dir)
     tok = load_tokenizer(args.model)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     res = evaluate_perplexity(
