@@ -125,14 +125,20 @@ class LossScaler:
 def output_grad_zero_fraction(
     y: torch.Tensor, y_hat: torch.Tensor, scale: float = 1.0, dtype: torch.dtype | None = None
 ) -> float:
-    """Fraction of the entries of ``d(scale * relative_reconstruction(y, y_hat)) / d y_hat``
-    that are exactly zero when the gradient is held in ``dtype`` (default: ``y_hat``'s), as in
-    the block's backward pass. Measures float16 underflow with and without loss scaling."""
-    dt = dtype or y_hat.dtype
-    yh = y_hat.detach().to(dt).requires_grad_(True)
-    (relative_reconstruction(y.to(dt), yh) * scale).backward()
-    assert yh.grad is not None
-    return float((yh.grad == 0).float().mean())
+    """Underflow of the gradient reaching the block output: among the entries of
+    ``d(scale * relative_reconstruction(y, y_hat)) / d y_hat`` that are non-zero in float32,
+    the fraction that is exactly zero when the gradient is held in ``dtype`` (default:
+    ``y_hat``'s), as in the block's backward pass."""
+
+    def grad(dt: torch.dtype) -> torch.Tensor:
+        yh = y_hat.detach().to(dt).requires_grad_(True)
+        (relative_reconstruction(y.to(dt), yh) * scale).backward()
+        assert yh.grad is not None
+        return yh.grad
+
+    nonzero = grad(torch.float32) != 0
+    lost = (grad(dtype or y_hat.dtype) == 0) & nonzero
+    return float(lost.sum()) / max(int(nonzero.sum()), 1)
 
 
 def relative_reconstruction(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
