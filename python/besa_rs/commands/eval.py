@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument(
         "--dataset",
         default="sotu-test",
-        choices=["sotu-test", "wikitext2", "ptb", "c4"],
+        choices=["sotu-test", "sotu-val", "wikitext2", "ptb", "c4"],
         help="named test text (default: sotu-test)",
     )
     p.add_argument(
@@ -55,6 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     z.add_argument("--seed", type=int, default=0, help="lm-eval's seeds (default 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16")
+    p.add_argument(
+        "--allow-calib-overlap",
+        action="store_true",
+        help="score a pruned model even on text that overlaps its calibration text",
+    )
     add_common(p)
     p.set_defaults(func=run)
 
@@ -65,11 +70,13 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.json, "--json")
     if args.tasks is not None or args.include_path:
         return run_tasks(args)
-    from ..data import load_text
+    from ..data import check_model_calibration_overlap, load_text
     from ..evaluate import evaluate_perplexity
     from ..models import load_model, load_tokenizer
 
-    text = load_text(args.text if args.text else args.dataset, data_dir=args.data_dir)
+    source = args.text if args.text else args.dataset
+    check_model_calibration_overlap(args.model, source, args.allow_calib_overlap, args.data_dir)
+    text = load_text(source, data_dir=args.data_dir)
     tok = load_tokenizer(args.model)
     # a packed checkpoint is validated and decoded by besa-rs (models.load_model)
     model = load_model(args.model, dtype=args.dtype, device=args.device)

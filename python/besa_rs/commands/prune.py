@@ -46,6 +46,11 @@ def register(sub: Any) -> None:
         metavar="SRC",
         help="calibration text: sotu, or files (default sotu)",
     )
+    p.add_argument(
+        "--allow-calib-overlap",
+        action="store_true",
+        help="allow calibration text that overlaps the evaluation text (sotu-test)",
+    )
     p.add_argument("--nsamples", type=int, default=32, help="calibration sequences (default 32)")
     p.add_argument(
         "--seqlen", type=int, default=512, help="tokens per calibration sequence (default 512)"
@@ -57,9 +62,22 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--optimizer", default="adamw", help="adamw | prodigy (default adamw)")
     p.add_argument(
-        "--lr", type=float, default=None, help="learning rate (default: adamw 0.2, prodigy 1.0)"
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate (default: adamw 0.2 at 32 steps, see --lr-schedule; prodigy 1.0)",
     )
-    p.add_argument("--d-coef", type=float, default=1.0, help="Prodigy d_coef (default 1)")
+    p.add_argument(
+        "--lr-schedule",
+        default="budget",
+        help="adamw: budget (lr x 32 / steps per step, default) | constant (lr per step)",
+    )
+    p.add_argument("--d-coef", type=float, default=5.0, help="Prodigy d_coef (default 5)")
+    p.add_argument(
+        "--loss-scaling",
+        default="auto",
+        help="auto (dynamic for float16, default) | dynamic | off",
+    )
     p.add_argument(
         "--metric", default="wanda", help="BESA importance: wanda | magnitude | sparsegpt"
     )
@@ -125,7 +143,9 @@ def run(args: argparse.Namespace) -> int:
         lam=args.lam,
         optimizer=args.optimizer,
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
         d_coef=args.d_coef,
+        loss_scaling=args.loss_scaling,
         epochs=args.epochs,
         batch_size=args.batch_size,
         seed=args.seed,
@@ -166,7 +186,14 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=dtype)
-    tokens = calibration_set(tokenizer, args.calib, args.nsamples, args.seqlen, seed=cfg.seed)
+    tokens = calibration_set(
+        tokenizer,
+        args.calib,
+        args.nsamples,
+        args.seqlen,
+        seed=cfg.seed,
+        allow_calib_overlap=args.allow_calib_overlap,
+    )
     ck = Checkpointer(ckdir, cfg, tokens, resume=resume)
     try:
         report = run_pruning(model, tokens, cfg, checkpoint=ck)

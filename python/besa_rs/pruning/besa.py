@@ -10,11 +10,20 @@ After optimisation the learned per-row rates are shifted by one common offset (f
 bisection) so that the block's realised sparsity equals the target (see docs/pruning.md,
 "Exact sparsity"); then the hard masks are multiplied into the weights and, with
 ``reconstruct``, the kept weights of each layer are refitted to the layer's calibration inputs.
+
+Precision: the logits, the soft mask's gradient accumulation, the loss and the optimiser state
+are float32 whatever the model's dtype. When the block runs in float16 the loss is multiplied
+by a dynamic scale before the backward pass (:class:`LossScaler`): the gradient reaching the
+block's output is about ``2 e / (H L sigma)`` and would otherwise underflow float16 at LLaMA
+widths. A step whose scaled gradients overflow is skipped and the scale halved; the scale
+doubles after ``loss_scale_growth_interval`` good steps and carries over to the next block.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,12 +58,84 @@ def groups_for(kind: str, k: int, rows: int, name: str) -> int:
     return rows // k
 
 
-def make_optimizer(params: list[torch.Tensor], cfg: Any) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: list[torch.Tensor], cfg: Any, lr: float | None = None
+) -> torch.optim.Optimizer:
+    """A new optimiser over the (float32) logits: its state is float32 too."""
+    rate = cfg.learning_rate if lr is None else lr
     if cfg.optimizer == "prodigy":
         from prodigyopt import Prodigy
 
-        return Prodigy(params, lr=cfg.learning_rate, d_coef=cfg.d_coef, weight_decay=0.0)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+        return Prodigy(params, lr=rate, d_coef=cfg.d_coef, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=rate, weight_decay=0.0)
+
+
+#: smallest loss scale before non-finite gradients are reported as an error
+MIN_LOSS_SCALE = 2.0**-24
+#: largest loss scale (growth stops there)
+MAX_LOSS_SCALE = 2.0**24
+
+
+@dataclass
+class LossScaler:
+    """Dynamic loss scaling (the scheme of mixed-precision training): the loss is multiplied
+    by ``scale`` before ``backward``; the float32 gradients of the logits are divided by it
+    (exactly: the scale is a power of two) before the optimiser step. On a non-finite
+    gradient the step is skipped and the scale halved; after ``growth_interval`` good steps in
+    a row it doubles. Disabled, it is the plain loop (scale 1) and a non-finite gradient is an
+    error."""
+
+    enabled: bool
+    scale: float = 65536.0
+    growth_interval: int = 100
+    good_steps: int = 0
+    skipped: int = 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * self.scale if self.enabled else loss).backward()
+
+    def unscale_and_check(self, params: list[torch.Tensor]) -> bool:
+        """Divides the gradients by the scale; True when every gradient is finite."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return True
+        if self.enabled:
+            inv = 1.0 / self.scale
+            for g in grads:
+                g.mul_(inv)
+        return bool(torch.stack([g.isfinite().all() for g in grads]).all())
+
+    def update(self, finite: bool) -> None:
+        if not self.enabled:
+            return
+        if finite:
+            self.good_steps += 1
+            if self.good_steps >= self.growth_interval:
+                self.scale = min(self.scale * 2.0, MAX_LOSS_SCALE)
+                self.good_steps = 0
+        else:
+            self.skipped += 1
+            self.good_steps = 0
+            self.scale *= 0.5
+
+
+def output_grad_zero_fraction(
+    y: torch.Tensor, y_hat: torch.Tensor, scale: float = 1.0, dtype: torch.dtype | None = None
+) -> float:
+    """Underflow of the gradient reaching the block output: among the entries of
+    ``d(scale * relative_reconstruction(y, y_hat)) / d y_hat`` that are non-zero in float32,
+    the fraction that is exactly zero when the gradient is held in ``dtype`` (default:
+    ``y_hat``'s), as in the block's backward pass."""
+
+    def grad(dt: torch.dtype) -> torch.Tensor:
+        yh = y_hat.detach().to(dt).requires_grad_(True)
+        (relative_reconstruction(y.to(dt), yh) * scale).backward()
+        assert yh.grad is not None
+        return yh.grad
+
+    nonzero = grad(torch.float32) != 0
+    lost = (grad(dtype or y_hat.dtype) == 0) & nonzero
+    return float(lost.sum()) / max(int(nonzero.sum()), 1)
 
 
 def relative_reconstruction(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
@@ -144,11 +225,31 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
     requires = {p: p.requires_grad for p in ctx.block.parameters()}
     for p in ctx.block.parameters():
         p.requires_grad_(False)
-    opt = make_optimizer([logits[n] for n in names], cfg)
+    params = [logits[n] for n in names]
+    nsamples = len(ctx.xs)
+    steps_total = cfg.epochs * -(-nsamples // cfg.batch_size)
+    lr = cfg.step_lr(steps_total)
+    opt = make_optimizer(params, cfg, lr)
+    scaler = LossScaler(
+        enabled=cfg.uses_loss_scaling(ctx.compute_dtype),
+        scale=float(cfg.loss_scale_init),
+        growth_interval=cfg.loss_scale_growth_interval,
+    )
+    prev_scale = (ctx.previous or {}).get("loss_scale")
+    if scaler.enabled and prev_scale:
+        scaler.scale = float(prev_scale)  # the previous block's scale: no re-learning it
     losses: list[float] = []
     recs: list[float] = []
     sparsities: list[float] = []
-    nsamples = len(ctx.xs)
+    skipped_at: list[int] = []
+    t_opt = time.perf_counter()
+
+    def masked_weights() -> dict[str, torch.Tensor]:
+        return {
+            f"{n}.weight": ste.ste_mask(weights[n], ranks[n], logits[n], cand, cfg.smoothing)
+            for n in names
+        }
+
     try:
         step = 0
         for _epoch in range(cfg.epochs):
@@ -156,12 +257,7 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
                 sl = slice(s0, s0 + cfg.batch_size)
                 x = ctx.batch(ctx.xs, sl)
                 y = torch.cat(targets[sl], dim=0).to(dev)
-                masked = {
-                    f"{n}.weight": ste.ste_mask(
-                        weights[n], ranks[n], logits[n], cand, cfg.smoothing
-                    )
-                    for n in names
-                }
+                masked = masked_weights()
                 with ctx.autocast():
                     out = functional_call(ctx.block, masked, (x, *ctx.args), ctx.kwargs)
                 y_hat = out[0] if isinstance(out, (tuple, list)) else out
@@ -175,8 +271,23 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
                         f"(reconstruction {float(rec.detach())}); try a smaller learning rate or float32"
                     )
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.backward(loss)
+                finite = scaler.unscale_and_check(params)
+                if finite:
+                    opt.step()
+                elif not scaler.enabled:
+                    raise NumericalError(
+                        f"block {ctx.index}: non-finite gradients at step {step} with a finite "
+                        f"loss {lv:.4g}; try float32 or loss_scaling='dynamic'"
+                    )
+                else:
+                    skipped_at.append(step)
+                    if scaler.scale * 0.5 < MIN_LOSS_SCALE:
+                        raise NumericalError(
+                            f"block {ctx.index}: gradients stay non-finite at step {step} even "
+                            f"with loss scale {scaler.scale:.3g}; try bfloat16 or float32"
+                        )
+                scaler.update(finite)
                 losses.append(lv)
                 recs.append(float(rec.detach()))
                 sparsities.append(float(s.detach()))
@@ -190,11 +301,15 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
     finally:
         for p, r in requires.items():
             p.requires_grad_(r)
+    opt_seconds = time.perf_counter() - t_opt
+    first = slice(0, cfg.batch_size)
+    first_target = torch.cat(targets[first], dim=0)
     del opt, targets
 
     # --- 11: hard masks with exact block sparsity, weights updated in place
     with torch.no_grad():
         alphas = {n: ste.expected_sparsity(logits[n].detach(), cand, cfg.smoothing) for n in names}
+        ctx.extra["alphas"] = alphas  # learned per-group rates, before the exact-sparsity shift
         hard_before = {
             n: ste.hard_mask(ranks[n], logits[n].detach(), cand, cfg.smoothing) for n in names
         }
@@ -235,6 +350,11 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
             sum((1.0 - float(hard_before[n].float().mean())) * weights[n].numel() for n in names)
             / total_params
         )
+        # the first calibration sample once more, through the finished block: with the first
+        # step's reconstruction error it shows whether the optimisation improved the block
+        rec_after = float(
+            relative_reconstruction(first_target.to(dev), ctx.forward(ctx.batch(ctx.xs, first)))
+        )
     del stats
     return {
         "layers": layers,
@@ -244,4 +364,12 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
         "loss": losses,
         "reconstruction": recs,
         "sparsity_curve": sparsities,
+        "first_sample_reconstruction": [recs[0] if recs else float("nan"), rec_after],
+        "steps": len(losses),
+        "lr_per_step": lr,
+        "optimisation_seconds": opt_seconds,
+        "loss_scaling": scaler.enabled,
+        "loss_scale": scaler.scale if scaler.enabled else None,
+        "skipped_steps": scaler.skipped,
+        "skipped_at": skipped_at,
     }

@@ -55,6 +55,7 @@ class BlockContext:
     cache_dtype: torch.dtype
     compute_dtype: torch.dtype
     progress: Any = None
+    previous: dict[str, Any] | None = None  # the previous block's report (e.g. its loss scale)
     # filled by the method
     next_xd: list[torch.Tensor] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -311,6 +312,7 @@ def run_pruning(
                 cache_dtype=cache_dtype,
                 compute_dtype=model_dtype,
                 progress=progress,
+                previous=state.blocks[-1] if state.blocks else None,
             )
             if progress is not None:
                 progress.set_description(f"block {i}/{last - 1} ({cfg.method})")
