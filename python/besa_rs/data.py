@@ -279,7 +279,7 @@ def calibration_from_documents(
     if not documents:
         raise DataError("no calibration documents")
     rng = random.Random(seed)
-    out = []
+    out: list[torch.Tensor] = []
     for _ in range(max_tries):
         if len(out) == nsamples:
             break

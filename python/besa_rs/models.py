@@ -182,4 +182,4 @@ def load_model(
         first = first_line(e)
         raise ModelError(f"{path}: cannot load as a causal LM: {first}") from e
     model.eval()
-    return model.to(device)
+    return model.to(device)  # type: ignore[arg-type]  # transformers' .to() stub
