@@ -23,6 +23,7 @@ from torch.func import functional_call
 
 from .. import ste
 from ..errors import NumericalError, ShapeError
+from . import quant
 from .baselines import refine_masked_lstsq, sparsegpt_diag_score, sparsegpt_prune, wanda_score
 from .sequential import BlockContext
 
@@ -101,6 +102,8 @@ def corrected_prune_counts(
 
 def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
     cfg = ctx.cfg
+    if cfg.wbits is not None and cfg.sparsity == 0:  # learned clipping alone (quant.py)
+        return quant.prune_block_clip_only(ctx)
     kind, k = cfg.granularity_rows()
     dev = ctx.device
     names = list(ctx.linears)
@@ -133,6 +136,7 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
         weights[name] = W
         logits[name] = torch.zeros(G, D, dtype=torch.float32, device=dev, requires_grad=True)
     params_per_group = {n: rows_per_group[n] * weights[n].shape[1] for n in names}
+    clip = quant.BlockClip.create(cfg, weights, dev, ctx.index)  # None without wbits
     total_params = sum(weights[n].numel() for n in names)
     target = float(cfg.sparsity)
 
@@ -148,6 +152,8 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
     for p in ctx.block.parameters():
         p.requires_grad_(False)
     opt = make_optimizer([logits[n] for n in names], cfg)
+    if clip is not None:
+        clip.add_param_group(opt, cfg)
     losses: list[float] = []
     recs: list[float] = []
     sparsities: list[float] = []
@@ -165,6 +171,8 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
                     )
                     for n in names
                 }
+                if clip is not None:  # joint: the forward uses quantize(W * M), STE rounding
+                    masked = clip.fake_quant(masked)
                 with ctx.autocast():
                     out = functional_call(ctx.block, masked, (x, *ctx.args), ctx.kwargs)
                 y_hat = out[0] if isinstance(out, (tuple, list)) else out
@@ -222,6 +230,10 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
                 W.copy_(Wr)
             else:
                 W.mul_(keep.to(W.dtype))
+            qinfo = {}
+            if clip is not None:  # learned clipping; with reconstruct the GPTQ pass (quant.py)
+                H = stats[n].hessian if cfg.reconstruct else None
+                qinfo = clip.finish(n, lin, keep, H, cfg, ctx.index)
             a = alphas[n]
             row_rates = 1.0 - keep.float().mean(1)
             layers.append(
@@ -237,6 +249,7 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
                     "row_sparsity_min": float(row_rates.min()),
                     "row_sparsity_max": float(row_rates.max()),
                     "row_sparsity_std": float(row_rates.std()) if row_rates.numel() > 1 else 0.0,
+                    **qinfo,
                 }
             )
         expected = sum(float(alphas[n].sum()) * params_per_group[n] for n in names) / total_params

@@ -12,6 +12,7 @@ import torch
 from ..errors import ConfigError
 from ..models import parse_dtype
 from .baselines import check_group, parse_structure
+from .quant import QuantSpec
 
 METHODS = ("besa", "wanda", "sparsegpt", "magnitude")
 METRICS = ("wanda", "magnitude", "sparsegpt")
@@ -19,6 +20,8 @@ OPTIMIZERS = ("adamw", "prodigy")
 
 #: default learning rates when ``lr`` is not given
 DEFAULT_LR = {"adamw": 0.2, "prodigy": 1.0}
+#: default learning rates of the learned weight clipping when ``clip_lr`` is not given
+DEFAULT_CLIP_LR = {"adamw": 0.1, "prodigy": 1.0}
 
 
 @dataclass
@@ -52,6 +55,10 @@ class PruneConfig:
     first_block: int = 0
     num_blocks: int | None = None  # prune only this many blocks (from first_block); None = all
     progress: bool = True
+    # weight quantization (docs/pruning.md, "Quantization"); wbits None (or 16) = off
+    wbits: int | None = None  # 2..8 bits per weight
+    group_size: int = 128  # input columns per scale / zero point; -1 = one group per row
+    clip_lr: float | None = None  # BESA's learned clipping; None: DEFAULT_CLIP_LR[optimizer]
 
     # ---------------------------------------------------------------------------------------
     def validate(self) -> PruneConfig:
@@ -67,12 +74,21 @@ class PruneConfig:
             raise ConfigError(
                 f"unknown optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}"
             )
-        if (
+        if self.wbits == 16:
+            self.wbits = None  # 16 bits = not quantized
+        if self.wbits is not None:
+            QuantSpec(self.wbits, self.group_size).check()
+            if self.clip_lr is not None and not (self.clip_lr > 0):
+                raise ConfigError(f"clip_lr must be > 0, got {self.clip_lr}")
+        quant_only = self.wbits is not None and self.sparsity == 0
+        if not quant_only and (
             not isinstance(self.sparsity, (int, float))
             or not (0.0 < float(self.sparsity) < 1.0)
             or math.isnan(self.sparsity)
         ):
-            raise ConfigError(f"sparsity must be strictly between 0 and 1, got {self.sparsity!r}")
+            raise ConfigError(
+                f"sparsity must be strictly between 0 and 1 (0 only with wbits), got {self.sparsity!r}"
+            )
         check_group(self.group)
         n, m = parse_structure(self.structure)
         if m and self.method == "besa":
@@ -132,12 +148,19 @@ class PruneConfig:
     def learning_rate(self) -> float:
         return float(self.lr if self.lr is not None else DEFAULT_LR[self.optimizer])
 
+    @property
+    def clip_learning_rate(self) -> float:
+        return float(self.clip_lr if self.clip_lr is not None else DEFAULT_CLIP_LR[self.optimizer])
+
     def torch_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         return parse_dtype(self.cache_dtype) if self.cache_dtype else model_dtype
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["lr"] = self.learning_rate if self.method == "besa" else None
+        d["clip_lr"] = (
+            self.clip_learning_rate if self.method == "besa" and self.wbits is not None else None
+        )
         return d
 
     def fingerprint(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_dir, atomic_path, write_json_atomic
+from . import quant
 
 REPORT = "besa_report.json"
 HEATMAP = "sparsity_heatmap.png"
@@ -70,6 +71,10 @@ def write_outputs(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         report = dict(report, outputs={"model_dir": str(out), "report": REPORT, "heatmap": HEATMAP})
+        qfile = quant.write_quant_file(model, tmp)  # quantization.safetensors, if quantized
+        if qfile is not None:
+            report["quantization"] = qfile
+            report["outputs"]["quantization"] = qfile["file"]
         write_json_atomic(tmp / REPORT, report)
         heatmap(report, tmp / HEATMAP)
     return out

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DataError
+from . import quant
 from .adapters import (
     ModelAdapter,
     block_linears,
@@ -125,6 +126,7 @@ def prune_block_baseline(ctx: BlockContext) -> dict[str, Any]:
     for name, lin in ctx.linears.items():
         W = lin.weight.data
         full = f"block {ctx.index} {name}"
+        gptq = quant.column_quantizer(cfg, W, full) if cfg.method == "sparsegpt" else None
         if cfg.method == "magnitude":
             keep = magnitude_mask(W, cfg.sparsity, n, m, cfg.group)
             W.mul_(keep.to(W.dtype))
@@ -141,11 +143,13 @@ def prune_block_baseline(ctx: BlockContext) -> dict[str, Any]:
                 blocksize=cfg.blocksize,
                 percdamp=cfg.percdamp,
                 name=full,
+                quantizer=gptq,  # None without wbits; else SparseGPT's joint pass
             )
             W.copy_(newW)
         else:  # pragma: no cover - validated before
             raise ConfigError(f"unknown method {cfg.method!r}")
         layers.append(layer_info(name, lin, cfg.sparsity, keep))
+        quant.finish_layer(cfg, lin, keep, layers[-1], full, gptq)  # RTN / GPTQ grid; or no-op
         if ctx.progress is not None:
             ctx.progress.update(1)
     del stats
@@ -217,6 +221,7 @@ def run_pruning(
     last = n_blocks if cfg.num_blocks is None else min(n_blocks, first + cfg.num_blocks)
     if first >= n_blocks:
         raise ConfigError(f"first_block {first} is out of range: the model has {n_blocks} blocks")
+    quant.check_groups(adapter, first, last, quant.spec_of(cfg))  # fail before any block
     device = torch.device(cfg.device)
     cache_device = torch.device(cfg.cache_device) if cfg.cache_device else device
     model_dtype = _model_dtype(model)
