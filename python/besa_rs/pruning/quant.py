@@ -211,9 +211,16 @@ def rtn(
 
 # ---------------------------------------------------------------------------------------------
 # learned clipping (OmniQuant's LWC) with straight-through rounding
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """``round(x)`` in value, identity in gradient."""
-    return x + (torch.round(x) - x).detach()
+def ste_code(u: torch.Tensor, offset: torch.Tensor, qmax: int) -> torch.Tensor:
+    """``clamp(round(u) + offset, 0, qmax)`` in value (exact integers; ``offset`` integer
+    valued), and in gradient the identity of ``u + offset`` where the rounded code lies inside
+    ``[0, qmax]`` (bounds included), 0 where it is clamped: rounding passed straight through.
+    The clamp decision is taken on the exact integer code, not on ``u + (round(u) - u)`` whose
+    floating-point value may step over a bound."""
+    r = torch.round(u.detach()) + offset.detach()
+    inside = (r >= 0) & (r <= qmax)
+    v = u + offset
+    return r.clamp(0, qmax) + (v - v.detach()) * inside
 
 
 def init_clip_logits(rows: int, groups: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -226,19 +233,21 @@ def init_clip_logits(rows: int, groups: int, device: torch.device | str = "cpu")
 
 def fake_quant(W: torch.Tensor, clip_logits: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Differentiable quantize-dequantize of ``W`` (fp32 arithmetic, result in ``W``'s dtype):
-    the grid above with ``round`` passed straight through (in ``q`` and in ``z``) and ``clamp``
-    differentiated as usual (zero gradient outside ``[0, 2^N - 1]``). Gradients reach ``W``
+    the grid above with ``round`` passed straight through (in ``q`` and in ``z``, see
+    :func:`ste_code`; zero gradient where a code is clamped); fp64 when ``W`` is fp64.
+    Gradients reach ``W``
     (hence BESA's mask logits) and the clipping logits. Scales are not rounded to the model's
     dtype here (training only)."""
     rows, cols = W.shape
     width = cols // clip_logits.shape[2]
-    g = _grouped(W.float(), width)
-    s = torch.sigmoid(clip_logits)
+    acc = torch.float64 if W.dtype == torch.float64 else torch.float32
+    g = _grouped(W.to(acc), width)
+    s = torch.sigmoid(clip_logits.to(acc))
     hi = s[0] * g.amax(-1).clamp_min(0)
     lo = s[1] * g.amin(-1).clamp_max(0)
     scale = ((hi - lo) / spec.qmax).clamp_min(1e-12).unsqueeze(-1)
-    zero = torch.clamp(-round_ste(lo.unsqueeze(-1) / scale), 0, spec.qmax)
-    q = torch.clamp(round_ste(g / scale) + zero, 0, spec.qmax)
+    zero = ste_code(-lo.unsqueeze(-1) / scale, torch.zeros_like(scale), spec.qmax)
+    q = ste_code(g / scale, zero, spec.qmax)
     return ((q - zero) * scale).reshape(rows, cols).to(W.dtype)
 
 
