@@ -369,7 +369,9 @@ def sparsegpt_quant_prune(
     mask, quantization parameters); the weight equals ``params.dequantize()`` exactly."""
     from .baselines import sparsegpt_prune
 
-    qz = ColumnQuantizer(spec, tuple(weight.shape), weight.dtype, weight.device, clip_logits, name)
+    qz = ColumnQuantizer(
+        spec, (weight.shape[0], weight.shape[1]), weight.dtype, weight.device, clip_logits, name
+    )
     _, keep = sparsegpt_prune(
         weight,
         hessian,
@@ -429,7 +431,9 @@ def column_quantizer(cfg: Any, weight: torch.Tensor, name: str) -> ColumnQuantiz
     spec = spec_of(cfg)
     if spec is None:
         return None
-    return ColumnQuantizer(spec, tuple(weight.shape), weight.dtype, weight.device, None, name)
+    return ColumnQuantizer(
+        spec, (weight.shape[0], weight.shape[1]), weight.dtype, weight.device, None, name
+    )
 
 
 # ---------------------------------------------------------------------------------------------
