@@ -244,6 +244,30 @@ def test_quantization_aware_refit_beats_quantizing_after():
     assert e_q < 0.9 * _out_err(X, W, Wj)
 
 
+def test_besa_final_quantization_uses_the_gptq_pass_with_a_hessian():
+    """``BlockClip.finish`` (BESA's last step): with the Hessian (``--reconstruct``) the GPTQ pass
+    with the mask imposed and the learned clipping; without, RTN with the learned clipping."""
+    from besa_rs.pruning.baselines import refine_masked_lstsq, sparsegpt_prune
+
+    W, X, H = _layer_problem(rows=32, cols=128)
+    keep = wanda_mask(W, (X * X).sum(0), 0.5)
+    Ws, _ = sparsegpt_prune(W, H, mask=keep)
+    Wl = refine_masked_lstsq(W, Ws, keep, H)
+    cfg = PruneConfig(wbits=3, group_size=32)
+    errs = {}
+    for with_h in (False, True):
+        lin = torch.nn.Linear(128, 32, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(Wl)
+        clip = quant.BlockClip.create(cfg, {"l": Wl}, torch.device("cpu"), 0)
+        info = clip.finish("l", lin, keep, H if with_h else None, cfg, 0)
+        p = getattr(lin, quant.ATTR)
+        assert torch.equal(lin.weight.detach(), p.dequantize()) and info["wbits"] == 3
+        assert bool((lin.weight[~keep] == 0).all())
+        errs[with_h] = _out_err(X, W, lin.weight.detach())
+    assert errs[True] < 0.97 * errs[False], errs
+
+
 # ---------------------------------------------------------------------------------------------
 # tiny models, every method
 TOKS = tiny_tokens(n=8, seqlen=32)
@@ -286,11 +310,12 @@ def runs(request):
 
 def test_every_method_puts_weights_exactly_on_the_grid(runs):
     bits, gs, res = runs
-    for name, (model, rep, _) in res.items():
+    for name, (model, rep, err) in res.items():
         if name == "wanda":
             assert quant.collect(model) == {}
             continue
         target = RUNS[name].get("sparsity", 0.5)
+        assert err < 0.2, (name, err)  # a working model, not zeros that happen to be on a grid
         assert abs(rep["totals"]["realised_sparsity"] - target) < 0.005, name
         params = quant.collect(model)
         assert len(params) == 2 * 7, name  # every linear of both blocks, not lm_head

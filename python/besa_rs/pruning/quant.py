@@ -421,6 +421,10 @@ def finish_layer(
         return
     if gptq is not None:
         params = gptq.params()
+        if not torch.equal(lin.weight.detach(), params.dequantize(lin.weight.dtype)):
+            raise NumericalError(
+                f"layer {name}: the joint SparseGPT pass left weights off the grid"
+            )
     else:
         params = rtn(lin.weight.detach() * keep.to(lin.weight.dtype), spec, name=name)
     info.update(attach(lin, params))
