@@ -283,6 +283,7 @@ RUNS = {
     "rtn-wanda-path": dict(method="wanda", sparsity=0.0),
     "gptq": dict(method="sparsegpt", sparsity=0.0),
     "clip": dict(sparsity=0.0, epochs=3),
+    "clip+gptq": dict(sparsity=0.0, epochs=3, reconstruct=True),
 }
 
 
@@ -339,13 +340,14 @@ def test_joint_methods_rank_as_expected(runs):
     assert e["sparsegpt-joint"] < e["joint-wanda"], e
     assert e["clip"] < e["rtn"], e  # learned clipping alone beats round-to-nearest
     assert e["gptq"] < e["rtn"], e
+    assert e["clip+gptq"] < e["clip"], e  # learned clipping through the GPTQ pass
     assert e["rtn-wanda-path"] == e["rtn"]  # quantization only: the same RTN either way
     assert e["joint-wanda"] > e["wanda"]  # quantization costs something
 
 
 def test_besa_joint_learns_the_clipping(runs):
     _, _, res = runs
-    for name in ("besa-joint", "besa-joint+reconstruct", "clip"):
+    for name in ("besa-joint", "besa-joint+reconstruct", "clip", "clip+gptq"):
         _, rep, _ = res[name]
         assert rep["settings"]["clip_lr"] == 0.1
         for b in rep["blocks"]:
@@ -519,3 +521,26 @@ def test_cli_bad_quant_input(tiny_dir, calib_file, tmp_path, capsys, extra, msg)
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("besa-rs prune: error:") and msg in last, last
     assert not out.exists()
+
+
+def test_damaged_side_file_is_a_format_error(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = tiny_model("llama")
+    besa_rs.prune(
+        model, TOKS, PruneConfig(progress=False, method="magnitude", wbits=4, group_size=16)
+    )
+    assert quant.write_quant_file(model, tmp_path)["layers"] == 14
+    path = tmp_path / quant.QUANT_FILE
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    assert len(quant.read_quant_file(tmp_path)) == 14
+    tensors.pop("model.layers.1.mlp.up_proj.weight_scale")
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(FormatError, match="unreadable quantization parameters"):
+        quant.read_quant_file(tmp_path)
+    save_file(load_file(str(path)), str(path), metadata={"format": "other"})
+    with pytest.raises(FormatError, match="not a besa-rs-quant file"):
+        quant.read_quant_file(tmp_path)

@@ -145,7 +145,9 @@ def _expand(t: torch.Tensor, width: int) -> torch.Tensor:
     return t.repeat_interleave(width, dim=1)
 
 
-def clip_strengths(clip_logits: torch.Tensor | None) -> tuple[Any, Any]:
+def clip_strengths(
+    clip_logits: torch.Tensor | None,
+) -> tuple[torch.Tensor | float, torch.Tensor | float]:
     """``(s1, s0)`` = sigmoid of the max- and min-side logits ``[2, rows, groups]`` (1, 1 when
     there are none)."""
     if clip_logits is None:
@@ -167,7 +169,9 @@ def grid_params(
     return scale, zero
 
 
-def codes_for(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> Any:
+def codes_for(
+    W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec
+) -> torch.Tensor:
     """Unsigned codes (fp32 holding integers) of ``W`` on per-column ``scale`` / ``zero``."""
     return torch.clamp(torch.round(W.float() / scale) + zero, 0, spec.qmax)
 
@@ -278,10 +282,9 @@ class ColumnQuantizer:
         self.codes = torch.zeros(rows, cols, dtype=torch.uint8, device=device)
         self.scale = torch.ones(rows, groups, dtype=torch.float32, device=device)
         self.zero = torch.zeros(rows, groups, dtype=torch.float32, device=device)
-        s1, s0 = clip_strengths(None if clip_logits is None else clip_logits.detach())
-        self.s1, self.s0 = s1, s0
-        if isinstance(s1, torch.Tensor):
-            self.s1, self.s0 = s1.to(device), s0.to(device)
+        self.s1, self.s0 = clip_strengths(
+            None if clip_logits is None else clip_logits.detach().to(device)
+        )
 
     def column(
         self,
@@ -694,18 +697,33 @@ def read_quant_file(directory: str | os.PathLike[str]) -> dict[str, QuantParams]
     if not path.is_file():
         raise FormatError(f"{path}: no quantization parameters (the model was not quantized)")
     out: dict[str, QuantParams] = {}
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT_NAME:
-            raise FormatError(f"{path}: not a {FORMAT_NAME} file")
-        layers = json.loads(meta["layers"])
-        for wname, li in layers.items():
-            base = wname[: -len(".weight")]
-            out[wname] = QuantParams(
-                codes=f.get_tensor(_key(base, "weight_codes")),
-                scale=f.get_tensor(_key(base, "weight_scale")),
-                zero=f.get_tensor(_key(base, "weight_zero_point")),
-                bits=int(li["bits"]),
-                group_size=int(li["group_size"]),
-            )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT_NAME:
+                raise FormatError(f"{path}: not a {FORMAT_NAME} file")
+            layers = json.loads(meta["layers"])
+            for wname, li in layers.items():
+                base = wname[: -len(".weight")]
+                p = QuantParams(
+                    codes=f.get_tensor(_key(base, "weight_codes")),
+                    scale=f.get_tensor(_key(base, "weight_scale")),
+                    zero=f.get_tensor(_key(base, "weight_zero_point")),
+                    bits=int(li["bits"]),
+                    group_size=int(li["group_size"]),
+                )
+                rows, cols = p.codes.shape
+                if (
+                    p.scale.shape != p.zero.shape
+                    or p.scale.shape[0] != rows
+                    or cols % p.scale.shape[1]
+                ):
+                    raise FormatError(f"{path}: inconsistent shapes for {wname}")
+                out[wname] = p
+    except FormatError:
+        raise
+    except Exception as e:  # missing tensor or key, bad JSON, unreadable file
+        raise FormatError(
+            f"{path}: unreadable quantization parameters ({type(e).__name__}: {e})"
+        ) from None
     return out
