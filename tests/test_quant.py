@@ -265,6 +265,15 @@ def test_besa_final_quantization_uses_the_gptq_pass_with_a_hessian():
         assert torch.equal(lin.weight.detach(), p.dequantize()) and info["wbits"] == 3
         assert bool((lin.weight[~keep] == 0).all())
         errs[with_h] = _out_err(X, W, lin.weight.detach())
+        # the baselines' hook for a refit (--reconstruct for every method) does the same
+        lin2 = torch.nn.Linear(128, 32, bias=False)
+        with torch.no_grad():
+            lin2.weight.copy_(Wl)
+        quant.finish_layer(cfg, lin2, keep, {}, "l", hessian=H if with_h else None)
+        if with_h:  # plain min/max, no learned clipping
+            assert _out_err(X, W, lin2.weight.detach()) < 0.97 * errs[False]
+        else:
+            assert torch.equal(lin2.weight, quant.rtn(Wl, quant.QuantSpec(3, 32)).dequantize())
     assert errs[True] < 0.97 * errs[False], errs
 
 

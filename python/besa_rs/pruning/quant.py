@@ -415,10 +415,12 @@ def finish_layer(
     info: dict[str, Any],
     name: str,
     gptq: ColumnQuantizer | None = None,
+    hessian: torch.Tensor | None = None,
 ) -> None:
     """Baselines: RTN of the masked weight (magnitude, Wanda), or the parameters recorded by the
-    joint SparseGPT pass (``gptq``); adds the quantization entries to the layer's ``info``. A
-    no-op when ``cfg.wbits`` is None."""
+    joint SparseGPT pass (``gptq``), or, with ``hessian`` (a refit for ``--reconstruct``), the
+    GPTQ pass over the (refitted) weight with ``keep`` imposed; adds the quantization entries to
+    the layer's ``info``. A no-op when ``cfg.wbits`` is None."""
     spec = spec_of(cfg)
     if spec is None:
         return
@@ -428,6 +430,16 @@ def finish_layer(
             raise NumericalError(
                 f"layer {name}: the joint SparseGPT pass left weights off the grid"
             )
+    elif hessian is not None:
+        _, _, params = sparsegpt_quant_prune(
+            lin.weight.detach() * keep.to(lin.weight.dtype),
+            hessian,
+            spec,
+            mask=keep,
+            blocksize=cfg.blocksize,
+            percdamp=cfg.percdamp,
+            name=name,
+        )
     else:
         params = rtn(lin.weight.detach() * keep.to(lin.weight.dtype), spec, name=name)
     info.update(attach(lin, params))
