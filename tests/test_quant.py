@@ -370,9 +370,9 @@ def test_besa_joint_learns_the_clipping(runs):
 @pytest.mark.parametrize("bits,gs", [(4, 32), (3, 16)])
 def test_besa_joint_beats_besa_then_rtn(bits, gs):
     """Learning masks and clipping together beats learning masks, then rounding to nearest with
-    plain min/max, and with the initial clipping (sigmoid(4)): the latter is exactly what the
-    joint run would give if its clipping and its masks did not learn from the quantized
-    forward."""
+    plain min/max, and with the initial clipping (sigmoid(4)): the latter is what the joint run
+    would give if its clipping and masks did not learn from the quantized forward, except that
+    in the joint run later blocks are calibrated on the quantized outputs of earlier ones."""
     errs = []
     for init_clip in (False, True):
         model = tiny_model("llama")
