@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# no hub is reachable from the tests: with `datasets` installed (lm-eval needs it) a hub lookup
+# would otherwise retry for ~20 s before failing
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

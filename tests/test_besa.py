@@ -63,12 +63,110 @@ def test_granularities(granularity, groups, toks):
             assert li["groups"] == groups(li["shape"][0])
 
 
+@pytest.fixture(scope="module")
+def wanda_err(toks):
+    return _run("llama", toks, method="wanda")[2]
+
+
+def _assert_learned(rep, granularity):
+    """The optimisation moved the logits: the first sample's reconstruction error through the
+    finished block is lower than at the first step (with frozen logits the final mask is the
+    first step's Wanda mask, so the two are equal), and the allocation is not uniform."""
+    for b in rep["blocks"]:
+        before, after = b["first_sample_reconstruction"]
+        assert after < 0.95 * before, (b["index"], before, after)
+        realised = [li["realised_sparsity"] for li in b["layers"]]
+        assert max(abs(r - 0.5) for r in realised) > 0.01, realised  # layers differ
+        if granularity != "layer":
+            assert max(li["row_sparsity_std"] for li in b["layers"]) > 0.01  # rows differ
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "prodigy"])
+@pytest.mark.parametrize("granularity", ["row", "rowblock:8", "layer"])
+def test_besa_learns_and_beats_wanda(granularity, optimizer, toks, wanda_err):
+    """For every granularity and optimiser (default settings, 3 epochs of 8 samples): the
+    logits move away from their Wanda start and the pruned model is clearly closer to the
+    dense one than Wanda's. With frozen logits BESA is exactly Wanda (per row, 50%)."""
+    _, rep, err = _run("llama", toks, granularity=granularity, optimizer=optimizer, epochs=3)
+    assert err < 0.85 * wanda_err, (err, wanda_err)
+    _assert_learned(rep, granularity)
+
+
 @pytest.mark.parametrize("metric", ["wanda", "magnitude", "sparsegpt"])
 @pytest.mark.parametrize("optimizer", ["adamw", "prodigy"])
 def test_metrics_and_optimizers(metric, optimizer, toks):
-    _, rep, err = _run("llama", toks, metric=metric, optimizer=optimizer, d_coef=5.0)
+    _, rep, err = _run("llama", toks, metric=metric, optimizer=optimizer, epochs=3)
     assert rep["settings"]["metric"] == metric and rep["settings"]["optimizer"] == optimizer
     assert abs(rep["totals"]["realised_sparsity"] - 0.5) < 0.005 and err == err
+    _assert_learned(rep, "row")
+
+
+def test_prune_dense_optimises_against_the_dense_chain(toks, monkeypatch, wanda_err):
+    """With ``prune_dense`` the targets of block 1 are the dense model's block-1 outputs (the
+    dense chain), and the loss is computed against them; without it they are the dense block
+    applied to the pruned block 0's outputs."""
+    from besa_rs.pruning import besa
+
+    dense = tiny_model("llama", layers=3)
+    chain: list[torch.Tensor] = []
+    h = dense.model.layers[1].register_forward_hook(
+        lambda _m, _i, out: chain.append((out[0] if isinstance(out, tuple) else out).detach())
+    )
+    with torch.no_grad():
+        dense(toks[:1])
+    h.remove()
+    dense_out = chain[0]
+
+    def targets_seen(**kw):
+        seen: list[tuple[torch.Tensor, float]] = []
+        rec = besa.relative_reconstruction
+
+        def spy(y, y_hat):
+            r = rec(y, y_hat)
+            if y_hat.requires_grad:  # an optimisation step (not the final check)
+                seen.append((y.detach().clone(), float(r.detach())))
+            return r
+
+        monkeypatch.setattr(besa, "relative_reconstruction", spy)
+        model = tiny_model("llama", layers=3)
+        with torch.no_grad():
+            ref = model(toks).logits
+        rep = besa_rs.prune(model, toks, PruneConfig(progress=False, epochs=1, **kw))
+        monkeypatch.undo()
+        return seen, rep, _err(model, toks, ref)
+
+    steps = len(toks)
+    seen_d, rep_d, err_d = targets_seen(prune_dense=True)
+    seen_p, rep_p, _ = targets_seen(prune_dense=False)
+    assert len(seen_d) == 3 * steps
+    y_dense, y_pruned = seen_d[steps][0], seen_p[steps][0]  # block 1, first sample
+    assert torch.allclose(y_dense, dense_out, rtol=1e-4, atol=1e-5)
+    gap = (y_pruned - dense_out).norm() / dense_out.norm()
+    assert gap > 1e-3  # the two kinds of target really differ
+    # block 0 sees the same inputs either way; block 1's losses differ with the targets
+    assert rep_d["blocks"][0]["loss"] == rep_p["blocks"][0]["loss"]
+    assert rep_d["blocks"][1]["loss"] != rep_p["blocks"][1]["loss"]
+    assert [r for _, r in seen_d] == rep_d["blocks"][0]["reconstruction"] + rep_d["blocks"][1][
+        "reconstruction"
+    ] + rep_d["blocks"][2]["reconstruction"]
+    _assert_learned(rep_d, "row")
+
+
+def test_step_budget_schedule():
+    """AdamW's default schedule spends the same total step size at every calibration size."""
+    cfg = PruneConfig()
+    assert cfg.step_lr(32) == pytest.approx(0.2)  # the validated 32 x 512 behaviour
+    for steps in (1, 8, 64, 128, 1000):
+        assert cfg.step_lr(steps) * steps == pytest.approx(0.2 * 32)
+    assert PruneConfig(lr_schedule="constant").step_lr(128) == pytest.approx(0.2)
+    assert PruneConfig(optimizer="prodigy").step_lr(128) == 1.0  # Prodigy: lr 1 as published
+    assert PruneConfig().d_coef == 5.0  # published row-wise d_coef (LLaMA-7B/13B)
+
+
+def test_report_shows_the_step_size(toks):
+    rep = besa_rs.prune(tiny_model("llama"), toks[:4], progress=False)
+    for b in rep["blocks"]:
+        assert b["steps"] == 4 and b["lr_per_step"] == pytest.approx(0.2 * 32 / 4)
 
 
 def test_prune_dense_and_no_smoothing_and_other_sparsity(toks):

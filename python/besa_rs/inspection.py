@@ -10,10 +10,12 @@ from . import _native
 from ._table import format_table, human_bytes
 
 
-def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
+def inspect(path: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]:
     """Reads a safetensors file or model directory (sharded or not) and returns, per tensor,
-    name/dtype/shape/size/zero fraction, a per-layer-type summary and totals."""
-    return json.loads(_native.inspect_json(os.fspath(path)))
+    name/dtype/shape/size/zero fraction, a per-layer-type summary and totals. With ``verify``
+    (default) every packed tensor's CRC-32 and structure are checked first (``IntegrityError`` /
+    ``FormatError``); the report's ``verified`` says how many."""
+    return json.loads(_native.inspect_json(os.fspath(path), verify=verify))
 
 
 def format_report(report: dict[str, Any], per_tensor: bool = True) -> str:
@@ -69,6 +71,13 @@ def format_report(report: dict[str, Any], per_tensor: bool = True) -> str:
                 ],
                 rows,
             )
+        )
+    if report.get("packed") is not None:
+        v = report.get("verified")
+        parts.append(
+            f"verified: {v['packed_tensors']} packed tensors ({v['checksums']} CRC-32 checksums) OK"
+            if v
+            else "packed tensors NOT verified (--no-verify)"
         )
     t = report["totals"]
     parts.append(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,16 +100,19 @@ def _convert_builtin(name: str, dest: Path) -> None:
     model.load_state_dict(gguf_model.state_dict(), assign=True)
     model.tie_weights()
     model.eval()
+    from . import _native
+
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    _native.recover_leftovers(dest)  # partial conversions of killed processes
+    tmp = Path(_native.make_partial_dir(dest))
     public_mode(tmp, directory=True)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "BESA_RS_SOURCE").write_text(f"{pkg_dir / fname}\n")
         try:
-            os.replace(tmp, dest)
-        except OSError:
+            _native.commit_dir(tmp, dest, overwrite=False, sync=True)
+        except ConfigError:
             if not (dest / "config.json").is_file():  # someone else won the race: fine
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
@@ -138,6 +140,18 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
     return p
 
 
+def check_model_files(path: str | os.PathLike[str]) -> bool:
+    """Runs every safetensors file of a model directory (or a file) through besa-rs's own
+    validating reader, so a hostile or corrupt file is a one-line :class:`FormatError` before
+    any other library reads it. Returns whether the checkpoint is packed."""
+    from . import _native
+
+    p = Path(path)
+    if p.is_dir() and not any(p.glob("*.safetensors")):
+        return False  # other weight formats (.bin) are left to transformers
+    return bool(_native.PackedReader(os.fspath(p)).is_packed())
+
+
 def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
@@ -154,6 +168,14 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name_or_path)
+    if check_model_files(path):
+        # A packed checkpoint (bitmask, 2:4, CSR): decoded by besa-rs, not by transformers
+        # (which would need compressed-tensors).
+        if kwargs:
+            raise ConfigError(f"{path}: a packed checkpoint loads without extra options")
+        from .packing import from_packed
+
+        return from_packed(path, torch_dtype=parse_dtype(dtype)).to(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), **kwargs)
     except (OSError, ValueError, KeyError) as e:

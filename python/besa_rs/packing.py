@@ -215,27 +215,41 @@ def from_packed(path: str | os.PathLike[str], torch_dtype: Any = None) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .errors import MissingFileError, ModelError
+    from .errors import BesaError, FormatError, MissingFileError, ModelError
 
     root = Path(path)
     cfg_path = root / "config.json"
     if not cfg_path.is_file():
         raise MissingFileError(f"{cfg_path}: no config.json; from_packed needs a model directory")
-    cfg_dict = json.loads(cfg_path.read_text())
+    try:
+        cfg_dict = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise FormatError(f"{cfg_path}: not a readable JSON file ({e})") from None
+    if not isinstance(cfg_dict, dict):
+        raise FormatError(f"{cfg_path}: must hold a JSON object, found {type(cfg_dict).__name__}")
     cfg_dict.pop("quantization_config", None)
     model_type = cfg_dict.get("model_type")
-    if not model_type:
+    if not model_type or not isinstance(model_type, str):
         raise ModelError(f"{cfg_path}: no model_type")
-    with tempfile.TemporaryDirectory(prefix="besa-cfg-") as tmp:
-        (Path(tmp) / "config.json").write_text(json.dumps(cfg_dict))
-        config = AutoConfig.from_pretrained(tmp)
     state = load_packed(root)
-    dtype = torch_dtype
-    if dtype is None:
-        floats = [t.dtype for t in state.values() if t.is_floating_point()]
-        dtype = floats[0] if floats else torch.float32
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        with tempfile.TemporaryDirectory(prefix="besa-cfg-") as tmp:
+            (Path(tmp) / "config.json").write_text(json.dumps(cfg_dict))
+            config = AutoConfig.from_pretrained(tmp)
+        dtype = torch_dtype
+        if dtype is None:
+            floats = [t.dtype for t in state.values() if t.is_floating_point()]
+            dtype = floats[0] if floats else torch.float32
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except Exception as e:  # noqa: BLE001 - any failure to build from a user's config.json
+        if isinstance(e, BesaError):
+            raise
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "mismatch" in ln), lines[0] if lines else "")
+        raise ModelError(
+            f"{root}: config.json does not describe the stored tensors: {first or type(e).__name__}"
+        ) from None
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if isinstance(getattr(model, "_tied_weights_keys", None), dict):
         tied = set(model._tied_weights_keys)

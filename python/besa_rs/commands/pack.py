@@ -45,8 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._io import check_output_dir, check_output_file
     from ..packing import format_report, pack
 
+    check_output_file(args.json, "--json")
+    check_output_dir(args.out, "--out", src=args.model)
     report = pack(
         args.model,
         args.out,

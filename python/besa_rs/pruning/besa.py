@@ -10,11 +10,28 @@ After optimisation the learned per-row rates are shifted by one common offset (f
 bisection) so that the block's realised sparsity equals the target (see docs/pruning.md,
 "Exact sparsity"); then the hard masks are multiplied into the weights and, with
 ``reconstruct``, the kept weights of each layer are refitted to the layer's calibration inputs.
+
+Precision: the logits, the soft mask's gradient accumulation, the loss and the optimiser state
+are float32 whatever the model's dtype. When the block runs in float16 the loss is multiplied
+by a dynamic scale before the backward pass (:class:`LossScaler`): the gradient reaching the
+block's output is about ``2 e / (H L sigma)`` and would otherwise underflow float16 at LLaMA
+widths. A step whose scaled gradients overflow is skipped and the scale halved; the scale
+doubles after ``loss_scale_growth_interval`` good steps and carries over to the next block.
+
+One optimisation loop (:func:`optimise_block`) serves every learned method: BESA (sparsity
+logits), BESA joint with weight quantization (sparsity logits and clipping logits, two
+parameter groups) and learned clipping alone (``sparsity = 0``, clipping logits only,
+:func:`besa_rs.pruning.quant.prune_block_clip_only`). Loss scaling, the step-budget learning
+rate (every parameter group) and the checks on non-finite losses and gradients are the same
+for all of them.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,11 +41,8 @@ from torch.func import functional_call
 from .. import ste
 from ..errors import NumericalError, ShapeError
 from . import quant
-from .baselines import refine_masked_lstsq, sparsegpt_diag_score, sparsegpt_prune, wanda_score
-from .sequential import BlockContext
-
-#: conjugate-gradient steps of the reconstruction's least-squares refinement
-RECONSTRUCT_CG_STEPS = 20
+from .baselines import sparsegpt_diag_score, wanda_score
+from .sequential import BlockContext, refit_layer
 
 
 def importance(
@@ -53,12 +67,85 @@ def groups_for(kind: str, k: int, rows: int, name: str) -> int:
     return rows // k
 
 
-def make_optimizer(params: list[torch.Tensor], cfg: Any) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: list[torch.Tensor] | list[dict[str, Any]], cfg: Any, lr: float | None = None
+) -> torch.optim.Optimizer:
+    """A new optimiser over the (float32) logits: its state is float32 too. ``params``: tensors,
+    or parameter groups (dicts with ``params`` and their own ``lr``)."""
+    rate = cfg.learning_rate if lr is None else lr
     if cfg.optimizer == "prodigy":
         from prodigyopt import Prodigy
 
-        return Prodigy(params, lr=cfg.learning_rate, d_coef=cfg.d_coef, weight_decay=0.0)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+        return Prodigy(params, lr=rate, d_coef=cfg.d_coef, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=rate, weight_decay=0.0)
+
+
+#: smallest loss scale before non-finite gradients are reported as an error
+MIN_LOSS_SCALE = 2.0**-24
+#: largest loss scale (growth stops there)
+MAX_LOSS_SCALE = 2.0**24
+
+
+@dataclass
+class LossScaler:
+    """Dynamic loss scaling (the scheme of mixed-precision training): the loss is multiplied
+    by ``scale`` before ``backward``; the float32 gradients of the logits are divided by it
+    (exactly: the scale is a power of two) before the optimiser step. On a non-finite
+    gradient the step is skipped and the scale halved; after ``growth_interval`` good steps in
+    a row it doubles. Disabled, it is the plain loop (scale 1) and a non-finite gradient is an
+    error."""
+
+    enabled: bool
+    scale: float = 65536.0
+    growth_interval: int = 100
+    good_steps: int = 0
+    skipped: int = 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * self.scale if self.enabled else loss).backward()
+
+    def unscale_and_check(self, params: list[torch.Tensor]) -> bool:
+        """Divides the gradients by the scale; True when every gradient is finite."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return True
+        if self.enabled:
+            inv = 1.0 / self.scale
+            for g in grads:
+                g.mul_(inv)
+        return bool(torch.stack([g.isfinite().all() for g in grads]).all())
+
+    def update(self, finite: bool) -> None:
+        if not self.enabled:
+            return
+        if finite:
+            self.good_steps += 1
+            if self.good_steps >= self.growth_interval:
+                self.scale = min(self.scale * 2.0, MAX_LOSS_SCALE)
+                self.good_steps = 0
+        else:
+            self.skipped += 1
+            self.good_steps = 0
+            self.scale *= 0.5
+
+
+def output_grad_zero_fraction(
+    y: torch.Tensor, y_hat: torch.Tensor, scale: float = 1.0, dtype: torch.dtype | None = None
+) -> float:
+    """Underflow of the gradient reaching the block output: among the entries of
+    ``d(scale * relative_reconstruction(y, y_hat)) / d y_hat`` that are non-zero in float32,
+    the fraction that is exactly zero when the gradient is held in ``dtype`` (default:
+    ``y_hat``'s), as in the block's backward pass."""
+
+    def grad(dt: torch.dtype) -> torch.Tensor:
+        yh = y_hat.detach().to(dt).requires_grad_(True)
+        (relative_reconstruction(y.to(dt), yh) * scale).backward()
+        assert yh.grad is not None
+        return yh.grad
+
+    nonzero = grad(torch.float32) != 0
+    lost = (grad(dtype or y_hat.dtype) == 0) & nonzero
+    return float(lost.sum()) / max(int(nonzero.sum()), 1)
 
 
 def relative_reconstruction(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
@@ -100,6 +187,151 @@ def corrected_prune_counts(
     return counts(t), t
 
 
+@dataclass
+class ParamGroup:
+    """One parameter group of the block loop: float32 leaf tensors and their learning rate at
+    the reference step count (``cfg.step_lr`` turns it into the rate per step)."""
+
+    name: str  #: report key prefix: ``"lr"`` (sparsity logits) or ``"clip_lr"`` (clipping)
+    params: list[torch.Tensor]
+    lr: float
+
+
+@dataclass
+class LoopResult:
+    """What :func:`optimise_block` did: per-step curves and the loss scaler's end state."""
+
+    losses: list[float] = field(default_factory=list)
+    recs: list[float] = field(default_factory=list)
+    penalties: list[float] = field(default_factory=list)  # e.g. the block's expected sparsity
+    skipped_at: list[int] = field(default_factory=list)
+    lr_per_step: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    scaler: LossScaler | None = None
+
+    def report(self) -> dict[str, Any]:
+        sc = self.scaler
+        assert sc is not None
+        return {
+            "loss": self.losses,
+            "reconstruction": self.recs,
+            "steps": len(self.losses),
+            **{f"{k}_per_step": v for k, v in self.lr_per_step.items()},
+            "optimisation_seconds": self.seconds,
+            "loss_scaling": sc.enabled,
+            "loss_scale": sc.scale if sc.enabled else None,
+            "skipped_steps": sc.skipped,
+            "skipped_at": self.skipped_at,
+        }
+
+
+def optimise_block(
+    ctx: BlockContext,
+    targets: list[torch.Tensor],
+    groups: list[ParamGroup],
+    weights_for_step: Callable[[], dict[str, torch.Tensor]],
+    penalty: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    what: str = "BESA",
+) -> LoopResult:
+    """The block-wise optimisation loop shared by every learned method (BESA, BESA joint with
+    quantization, learned clipping alone): ``cfg.epochs`` passes over the calibration samples in
+    batches of ``cfg.batch_size``; each step runs the block with the weights returned by
+    ``weights_for_step()`` (``{"<linear>.weight": tensor}``, differentiable in the groups'
+    parameters) on the pruned-chain inputs, and minimises the relative reconstruction error
+    against ``targets`` plus ``penalty()[0]`` (``penalty()[1]`` is logged, e.g. the block's
+    expected sparsity).
+
+    Every group's rate per step is ``cfg.step_lr(steps, group.lr)`` (the step budget applies to
+    all groups alike). With loss scaling (float16 by default) the loss is scaled before the
+    backward pass, all groups' gradients are unscaled and checked together, and a step with a
+    non-finite gradient is skipped; the scale starts from the previous block's. The block's own
+    parameters are frozen while the loop runs."""
+    cfg = ctx.cfg
+    dev = ctx.device
+    nsamples = len(ctx.xs)
+    steps_total = cfg.epochs * -(-nsamples // cfg.batch_size)
+    res = LoopResult()
+    res.lr_per_step = {g.name: cfg.step_lr(steps_total, g.lr) for g in groups}
+    params = [p for g in groups for p in g.params]
+    opt = make_optimizer(
+        [{"params": g.params, "lr": res.lr_per_step[g.name]} for g in groups],
+        cfg,
+        res.lr_per_step[groups[0].name],
+    )
+    scaler = LossScaler(
+        enabled=cfg.uses_loss_scaling(ctx.compute_dtype),
+        scale=float(cfg.loss_scale_init),
+        growth_interval=cfg.loss_scale_growth_interval,
+    )
+    prev_scale = (ctx.previous or {}).get("loss_scale")
+    if scaler.enabled and prev_scale:
+        scaler.scale = float(prev_scale)  # the previous block's scale: no re-learning it
+    res.scaler = scaler
+    requires = {p: p.requires_grad for p in ctx.block.parameters()}
+    for p in ctx.block.parameters():
+        p.requires_grad_(False)
+    t_opt = time.perf_counter()
+    try:
+        step = 0
+        for _epoch in range(cfg.epochs):
+            for s0 in range(0, nsamples, cfg.batch_size):
+                sl = slice(s0, s0 + cfg.batch_size)
+                x = ctx.batch(ctx.xs, sl)
+                y = torch.cat(targets[sl], dim=0).to(dev)
+                weights = weights_for_step()
+                with ctx.autocast():
+                    out = functional_call(ctx.block, weights, (x, *ctx.args), ctx.kwargs)
+                y_hat = out[0] if isinstance(out, (tuple, list)) else out
+                rec = relative_reconstruction(y, y_hat)
+                loss = rec
+                logged = None
+                if penalty is not None:
+                    term, logged = penalty()
+                    loss = rec + term
+                lv = float(loss.detach())
+                if not math.isfinite(lv):
+                    raise NumericalError(
+                        f"block {ctx.index}: the {what} loss became {lv} at step {step} "
+                        f"(reconstruction {float(rec.detach())}); try a smaller learning rate or float32"
+                    )
+                opt.zero_grad(set_to_none=True)
+                scaler.backward(loss)
+                finite = scaler.unscale_and_check(params)
+                if finite:
+                    opt.step()
+                elif not scaler.enabled:
+                    raise NumericalError(
+                        f"block {ctx.index}: non-finite gradients at step {step} with a finite "
+                        f"loss {lv:.4g}; try float32 or loss_scaling='dynamic'"
+                    )
+                else:
+                    res.skipped_at.append(step)
+                    if scaler.scale * 0.5 < MIN_LOSS_SCALE:
+                        raise NumericalError(
+                            f"block {ctx.index}: gradients stay non-finite at step {step} even "
+                            f"with loss scale {scaler.scale:.3g}; try bfloat16 or float32"
+                        )
+                scaler.update(finite)
+                res.losses.append(lv)
+                res.recs.append(float(rec.detach()))
+                if logged is not None:
+                    res.penalties.append(float(logged.detach()))
+                step += 1
+                if ctx.progress is not None:
+                    ctx.progress.update(1)
+                    post = {"loss": f"{lv:.4g}"}
+                    if logged is not None:
+                        post["s"] = f"{float(logged.detach()):.3f}"
+                    ctx.progress.set_postfix(post, refresh=False)
+                del weights, out, y_hat, loss, rec, x, y
+    finally:
+        for p, r in requires.items():
+            p.requires_grad_(r)
+    res.seconds = time.perf_counter() - t_opt
+    del opt
+    return res
+
+
 def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
     cfg = ctx.cfg
     if cfg.wbits is not None and cfg.sparsity == 0:  # learned clipping alone (quant.py)
@@ -136,7 +368,6 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
         weights[name] = W
         logits[name] = torch.zeros(G, D, dtype=torch.float32, device=dev, requires_grad=True)
     params_per_group = {n: rows_per_group[n] * weights[n].shape[1] for n in names}
-    clip = quant.BlockClip.create(cfg, weights, dev, ctx.index)  # None without wbits
     total_params = sum(weights[n].numel() for n in names)
     target = float(cfg.sparsity)
 
@@ -147,65 +378,34 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
             s = s + a.sum() * params_per_group[n]
         return s / total_params
 
-    # --- 7-10: optimisation
-    requires = {p: p.requires_grad for p in ctx.block.parameters()}
-    for p in ctx.block.parameters():
-        p.requires_grad_(False)
-    opt = make_optimizer([logits[n] for n in names], cfg)
+    clip = quant.BlockClip.create(cfg, weights, dev, ctx.index)  # None without wbits
+
+    def masked_weights() -> dict[str, torch.Tensor]:
+        masked = {
+            f"{n}.weight": ste.ste_mask(weights[n], ranks[n], logits[n], cand, cfg.smoothing)
+            for n in names
+        }
+        if clip is not None:  # joint: the forward uses quantize(W * M), STE rounding
+            masked = clip.fake_quant(masked)
+        return masked
+
+    def sparsity_penalty() -> tuple[torch.Tensor, torch.Tensor]:
+        s = block_sparsity()
+        return cfg.lam * ((s - target) / target) ** 2, s
+
+    # --- 7-10: optimisation (the loop shared with learned clipping alone)
+    groups = [ParamGroup("lr", [logits[n] for n in names], cfg.learning_rate)]
     if clip is not None:
-        clip.add_param_group(opt, cfg)
-    losses: list[float] = []
-    recs: list[float] = []
-    sparsities: list[float] = []
-    nsamples = len(ctx.xs)
-    try:
-        step = 0
-        for _epoch in range(cfg.epochs):
-            for s0 in range(0, nsamples, cfg.batch_size):
-                sl = slice(s0, s0 + cfg.batch_size)
-                x = ctx.batch(ctx.xs, sl)
-                y = torch.cat(targets[sl], dim=0).to(dev)
-                masked = {
-                    f"{n}.weight": ste.ste_mask(
-                        weights[n], ranks[n], logits[n], cand, cfg.smoothing
-                    )
-                    for n in names
-                }
-                if clip is not None:  # joint: the forward uses quantize(W * M), STE rounding
-                    masked = clip.fake_quant(masked)
-                with ctx.autocast():
-                    out = functional_call(ctx.block, masked, (x, *ctx.args), ctx.kwargs)
-                y_hat = out[0] if isinstance(out, (tuple, list)) else out
-                rec = relative_reconstruction(y, y_hat)
-                s = block_sparsity()
-                loss = rec + cfg.lam * ((s - target) / target) ** 2
-                lv = float(loss.detach())
-                if not math.isfinite(lv):
-                    raise NumericalError(
-                        f"block {ctx.index}: the BESA loss became {lv} at step {step} "
-                        f"(reconstruction {float(rec.detach())}); try a smaller learning rate or float32"
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(lv)
-                recs.append(float(rec.detach()))
-                sparsities.append(float(s.detach()))
-                step += 1
-                if ctx.progress is not None:
-                    ctx.progress.update(1)
-                    ctx.progress.set_postfix(
-                        loss=f"{lv:.4g}", s=f"{float(s.detach()):.3f}", refresh=False
-                    )
-                del masked, out, y_hat, loss, rec, x, y
-    finally:
-        for p, r in requires.items():
-            p.requires_grad_(r)
-    del opt, targets
+        groups.append(clip.param_group(cfg))
+    loop = optimise_block(ctx, targets, groups, masked_weights, sparsity_penalty)
+    first = slice(0, cfg.batch_size)
+    first_target = torch.cat(targets[first], dim=0)
+    del targets
 
     # --- 11: hard masks with exact block sparsity, weights updated in place
     with torch.no_grad():
         alphas = {n: ste.expected_sparsity(logits[n].detach(), cand, cfg.smoothing) for n in names}
+        ctx.extra["alphas"] = alphas  # learned per-group rates, before the exact-sparsity shift
         hard_before = {
             n: ste.hard_mask(ranks[n], logits[n].detach(), cand, cfg.smoothing) for n in names
         }
@@ -218,19 +418,12 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
             lin: nn.Linear = ctx.linears[n]
             keep = ranks[n] >= cnt.to(dev).unsqueeze(1)
             W = lin.weight
+            dead: dict[str, Any] = {}
             if cfg.reconstruct:
-                H = stats[n].hessian
-                name = f"block {ctx.index} {n}"
-                Wr, _ = sparsegpt_prune(
-                    W, H, mask=keep, blocksize=cfg.blocksize, percdamp=cfg.percdamp, name=name
-                )
-                Wr = refine_masked_lstsq(
-                    W, Wr, keep, H, iters=RECONSTRUCT_CG_STEPS, percdamp=cfg.percdamp
-                )
-                W.copy_(Wr)
+                keep, dead = refit_layer(W, keep, stats[n].hessian, cfg, f"block {ctx.index} {n}")
             else:
                 W.mul_(keep.to(W.dtype))
-            qinfo = {}
+            qinfo: dict[str, Any] = {}
             if clip is not None:  # learned clipping; with reconstruct the GPTQ pass (quant.py)
                 H = stats[n].hessian if cfg.reconstruct else None
                 qinfo = clip.finish(n, lin, keep, H, cfg, ctx.index)
@@ -249,6 +442,7 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
                     "row_sparsity_min": float(row_rates.min()),
                     "row_sparsity_max": float(row_rates.max()),
                     "row_sparsity_std": float(row_rates.std()) if row_rates.numel() > 1 else 0.0,
+                    **dead,
                     **qinfo,
                 }
             )
@@ -257,13 +451,18 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
             sum((1.0 - float(hard_before[n].float().mean())) * weights[n].numel() for n in names)
             / total_params
         )
+        # the first calibration sample once more, through the finished block: with the first
+        # step's reconstruction error it shows whether the optimisation improved the block
+        rec_after = float(
+            relative_reconstruction(first_target.to(dev), ctx.forward(ctx.batch(ctx.xs, first)))
+        )
     del stats
     return {
         "layers": layers,
         "expected_sparsity": expected,
         "hard_sparsity_learned": hard,
         "sparsity_shift": shift,
-        "loss": losses,
-        "reconstruction": recs,
-        "sparsity_curve": sparsities,
+        **loop.report(),
+        "sparsity_curve": loop.penalties,
+        "first_sample_reconstruction": [loop.recs[0] if loop.recs else float("nan"), rec_after],
     }

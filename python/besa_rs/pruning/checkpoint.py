@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import _native
 from .._io import atomic_path, write_json_atomic
 from ..errors import ConfigError, FormatError
 from . import quant
@@ -118,6 +119,7 @@ class Checkpointer:
         weights.update(quant.block_tensors(adapter.linears(i)))  # codes, scales, zero points
         with atomic_path(self.dir / f"block_{i:03d}.safetensors") as tmp:
             save_file(weights, str(tmp))
+        _native.crash_point("checkpoint-after-block-file")
         nxt = state.next_block
         if nxt < last:
             with atomic_path(self.dir / f"inputs_{nxt:03d}.pt") as tmp:

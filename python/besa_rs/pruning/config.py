@@ -17,8 +17,12 @@ from .quant import QuantSpec
 METHODS = ("besa", "wanda", "sparsegpt", "magnitude")
 METRICS = ("wanda", "magnitude", "sparsegpt")
 OPTIMIZERS = ("adamw", "prodigy")
+LR_SCHEDULES = ("budget", "constant")
+LOSS_SCALINGS = ("auto", "dynamic", "off")
 
-#: default learning rates when ``lr`` is not given
+#: default learning rates when ``lr`` is not given. AdamW's is the rate at the reference step
+#: count (``lr_reference_steps``, 32 = the default 32 calibration sequences): with the default
+#: ``lr_schedule="budget"`` the rate per step is ``lr * lr_reference_steps / steps``.
 DEFAULT_LR = {"adamw": 0.2, "prodigy": 1.0}
 #: default learning rates of the learned weight clipping when ``clip_lr`` is not given
 DEFAULT_CLIP_LR = {"adamw": 0.1, "prodigy": 1.0}
@@ -27,8 +31,9 @@ DEFAULT_CLIP_LR = {"adamw": 0.1, "prodigy": 1.0}
 @dataclass
 class PruneConfig:
     """Every setting of :func:`besa_rs.prune`. Defaults are the ones documented in
-    docs/pruning.md: BESA row-wise, Wanda importance, sigmoid smoothing, lambda 5, AdamW lr 0.2,
-    1 epoch, batch of one sequence."""
+    docs/pruning.md: BESA row-wise, Wanda importance, sigmoid smoothing, lambda 5, AdamW with a
+    step budget of lr 0.2 x 32 steps (lr 0.2 per step at 32 steps), 1 epoch, batch of one
+    sequence, dynamic loss scaling when the block runs in float16."""
 
     method: str = "besa"
     sparsity: float = 0.5
@@ -42,11 +47,20 @@ class PruneConfig:
     lam: float = 5.0  # sparsity penalty weight
     optimizer: str = "adamw"
     lr: float | None = None  # None: DEFAULT_LR[optimizer]
-    d_coef: float = 1.0  # Prodigy
+    # "budget": AdamW's rate per step is lr * lr_reference_steps / steps, so the logits travel
+    # as far with 128 calibration sequences as with 32; "constant": lr on every step
+    lr_schedule: str = "budget"
+    lr_reference_steps: int = 32
+    d_coef: float = 5.0  # Prodigy; the published row-wise setting for LLaMA-7B/13B
+    # float16 gradients underflow at LLaMA widths: "auto" = dynamic loss scaling when the block
+    # runs in float16 (never for bfloat16/float32), "dynamic" = always, "off" = never
+    loss_scaling: str = "auto"
+    loss_scale_init: float = 65536.0
+    loss_scale_growth_interval: int = 100  # good steps before the scale doubles
     epochs: int = 1
     batch_size: int = 1  # calibration sequences per optimisation step
     seed: int = 0
-    reconstruct: bool = False  # after BESA: OBS least-squares update of the kept weights
+    reconstruct: bool = False  # after any method: least-squares refit of the kept weights
     percdamp: float = 0.01  # SparseGPT / reconstruction dampening (fraction of mean diag(H))
     blocksize: int = 128  # SparseGPT column block
     device: str = "cpu"
@@ -109,6 +123,22 @@ class PruneConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.lr is not None and not (self.lr > 0):
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(
+                f"unknown lr_schedule {self.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}"
+            )
+        if not (isinstance(self.lr_reference_steps, int) and self.lr_reference_steps >= 1):
+            raise ConfigError(f"lr_reference_steps must be >= 1, got {self.lr_reference_steps!r}")
+        if self.loss_scaling not in LOSS_SCALINGS:
+            raise ConfigError(
+                f"unknown loss_scaling {self.loss_scaling!r}: expected one of {', '.join(LOSS_SCALINGS)}"
+            )
+        if not (math.isfinite(self.loss_scale_init) and self.loss_scale_init > 0):
+            raise ConfigError(f"loss_scale_init must be > 0, got {self.loss_scale_init}")
+        if self.loss_scale_growth_interval < 1:
+            raise ConfigError(
+                f"loss_scale_growth_interval must be >= 1, got {self.loss_scale_growth_interval}"
+            )
         if not (self.d_coef > 0):
             raise ConfigError(f"d_coef must be > 0, got {self.d_coef}")
         if not (0 <= self.percdamp < 1):
@@ -151,6 +181,27 @@ class PruneConfig:
     @property
     def clip_learning_rate(self) -> float:
         return float(self.clip_lr if self.clip_lr is not None else DEFAULT_CLIP_LR[self.optimizer])
+
+    def step_lr(self, steps: int, lr: float | None = None) -> float:
+        """Learning rate of each optimisation step of a block that takes ``steps`` steps, for the
+        sparsity logits (``lr`` None: :attr:`learning_rate`) or another parameter group of the
+        same loop (``lr``: its rate at the reference step count, e.g. the clipping's
+        :attr:`clip_learning_rate`).
+
+        AdamW with ``lr_schedule="budget"``: ``lr * lr_reference_steps / steps``. Adam's steps
+        have size about ``lr`` whatever the gradient's scale, so the logits' total travel is
+        ``lr * lr_reference_steps`` at every calibration size; more steps average more samples
+        instead of going further. Prodigy estimates its own step size: its ``lr`` is used as is.
+        """
+        lr = self.learning_rate if lr is None else float(lr)
+        if self.optimizer == "adamw" and self.lr_schedule == "budget":
+            return lr * self.lr_reference_steps / max(int(steps), 1)
+        return lr
+
+    def uses_loss_scaling(self, compute_dtype: torch.dtype) -> bool:
+        if self.loss_scaling == "auto":
+            return compute_dtype == torch.float16
+        return self.loss_scaling == "dynamic"
 
     def torch_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         return parse_dtype(self.cache_dtype) if self.cache_dtype else model_dtype

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from torch import nn
 from ..errors import ConfigError, FormatError, NumericalError, ShapeError
 
 if TYPE_CHECKING:
+    from .besa import ParamGroup
     from .sequential import BlockContext
 
 #: initial clipping logit: sigmoid(4.0) = 0.982, i.e. about 2% clipping of max and min at the
@@ -478,14 +478,13 @@ class BlockClip:
             logits[n] = init_clip_logits(rows, cols // width, device)
         return cls(spec, logits)
 
-    def add_param_group(self, opt: torch.optim.Optimizer, cfg: Any) -> None:
-        opt.add_param_group(
-            {
-                "params": list(self.logits.values()),
-                "lr": cfg.clip_learning_rate,
-                "weight_decay": 0.0,
-            }
-        )
+    def param_group(self, cfg: Any) -> ParamGroup:
+        """The clipping logits as a parameter group of BESA's loop (``besa.optimise_block``):
+        rate ``cfg.clip_learning_rate`` at the reference step count, turned into a rate per
+        step by the same step budget as the sparsity logits' (AdamW)."""
+        from .besa import ParamGroup
+
+        return ParamGroup("clip_lr", list(self.logits.values()), cfg.clip_learning_rate)
 
     def fake_quant(self, masked: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{"<layer>.weight": W * M}`` -> the same with every weight fake-quantized."""
@@ -536,11 +535,12 @@ class BlockClip:
 
 def prune_block_clip_only(ctx: BlockContext) -> dict[str, Any]:
     """BESA's block-wise loop without masks (``sparsity = 0``, ``wbits`` set): learned clipping
-    alone, on the same reconstruction loss, then RTN with the learned clipping (or, with
-    ``reconstruct``, the GPTQ pass with it)."""
-    from torch.func import functional_call
-
-    from .besa import make_optimizer, relative_reconstruction
+    alone, on the same reconstruction loss and in the same loop (``besa.optimise_block``: loss
+    scaling, step budget), then RTN with the learned clipping (or, with ``reconstruct``, the
+    refit every method gets, which with nothing pruned only zeroes dead input columns, then the
+    GPTQ pass with the learned clipping)."""
+    from .besa import optimise_block, relative_reconstruction
+    from .sequential import refit_layer
 
     cfg = ctx.cfg
     names = list(ctx.linears)
@@ -548,60 +548,47 @@ def prune_block_clip_only(ctx: BlockContext) -> dict[str, Any]:
     weights = {n: ctx.linears[n].weight.detach() for n in names}
     clip = BlockClip.create(cfg, weights, ctx.device, ctx.index)
     assert clip is not None
-    requires = {p: p.requires_grad for p in ctx.block.parameters()}
-    for p in ctx.block.parameters():
-        p.requires_grad_(False)
-    opt = make_optimizer(list(clip.logits.values()), cfg)
-    for group in opt.param_groups:
-        group["lr"] = cfg.clip_learning_rate
-    losses: list[float] = []
-    try:
-        step = 0
-        for _epoch in range(cfg.epochs):
-            for s0 in range(0, len(ctx.xs), cfg.batch_size):
-                sl = slice(s0, s0 + cfg.batch_size)
-                x = ctx.batch(ctx.xs, sl)
-                y = torch.cat(targets[sl], dim=0).to(ctx.device)
-                wq = clip.fake_quant({f"{n}.weight": weights[n] for n in names})
-                with ctx.autocast():
-                    out = functional_call(ctx.block, wq, (x, *ctx.args), ctx.kwargs)
-                y_hat = out[0] if isinstance(out, (tuple, list)) else out
-                loss = relative_reconstruction(y, y_hat)
-                lv = float(loss.detach())
-                if not math.isfinite(lv):
-                    raise NumericalError(
-                        f"block {ctx.index}: the clipping loss became {lv} at step {step}"
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(lv)
-                step += 1
-                if ctx.progress is not None:
-                    ctx.progress.update(1)
-                    ctx.progress.set_postfix(loss=f"{lv:.4g}", refresh=False)
-                del wq, out, y_hat, loss, x, y
-    finally:
-        for p, r in requires.items():
-            p.requires_grad_(r)
-    del opt, targets
+
+    def quantized_weights() -> dict[str, torch.Tensor]:
+        return clip.fake_quant({f"{n}.weight": weights[n] for n in names})
+
+    loop = optimise_block(ctx, targets, [clip.param_group(cfg)], quantized_weights, what="clipping")
+    first = slice(0, cfg.batch_size)
+    first_target = torch.cat(targets[first], dim=0)
+    del targets
     layers = []
-    for n in names:
-        lin = ctx.linears[n]
-        keep = torch.ones_like(lin.weight, dtype=torch.bool)
-        H = stats[n].hessian if cfg.reconstruct else None
-        q = clip.finish(n, lin, keep, H, cfg, ctx.index)
-        layers.append(
-            {
-                "name": n,
-                "shape": list(lin.weight.shape),
-                "params": lin.weight.numel(),
-                "target_sparsity": 0.0,
-                "realised_sparsity": 0.0,
-                **q,
-            }
+    with torch.no_grad():
+        for n in names:
+            lin = ctx.linears[n]
+            keep = torch.ones_like(lin.weight, dtype=torch.bool)
+            dead: dict[str, Any] = {}
+            H = None
+            if cfg.reconstruct:
+                H = stats[n].hessian
+                keep, dead = refit_layer(lin.weight, keep, H, cfg, f"block {ctx.index} {n}")
+            q = clip.finish(n, lin, keep, H, cfg, ctx.index)
+            layers.append(
+                {
+                    "name": n,
+                    "shape": list(lin.weight.shape),
+                    "params": lin.weight.numel(),
+                    "target_sparsity": 0.0,
+                    "realised_sparsity": 1.0 - float(keep.float().mean()),
+                    **dead,
+                    **q,
+                }
+            )
+        rec_after = float(
+            relative_reconstruction(
+                first_target.to(ctx.device), ctx.forward(ctx.batch(ctx.xs, first))
+            )
         )
-    return {"layers": layers, "loss": losses, "reconstruction": losses}
+    del stats
+    return {
+        "layers": layers,
+        **loop.report(),
+        "first_sample_reconstruction": [loop.recs[0] if loop.recs else float("nan"), rec_after],
+    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,15 @@ from .adapters import (
     get_adapter,
     to_device,
 )
-from .baselines import check_nm, magnitude_mask, parse_structure, sparsegpt_prune, wanda_mask
+from .baselines import (
+    check_nm,
+    dead_columns,
+    magnitude_mask,
+    parse_structure,
+    refit_masked,
+    sparsegpt_prune,
+    wanda_mask,
+)
 from .config import PruneConfig
 from .stats import gather_stats
 
@@ -48,6 +56,7 @@ class BlockContext:
     cache_dtype: torch.dtype
     compute_dtype: torch.dtype
     progress: Any = None
+    previous: dict[str, Any] | None = None  # the previous block's report (e.g. its loss scale)
     # filled by the method
     next_xd: list[torch.Tensor] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -91,7 +100,9 @@ class BlockContext:
         return stats, outs
 
 
-def layer_info(name: str, lin: nn.Linear, target: float, keep: torch.Tensor) -> dict[str, Any]:
+def layer_info(
+    name: str, lin: nn.Linear, target: float, keep: torch.Tensor, **extra: Any
+) -> dict[str, Any]:
     realised = 1.0 - keep.float().mean().item()
     return {
         "name": name,
@@ -99,13 +110,37 @@ def layer_info(name: str, lin: nn.Linear, target: float, keep: torch.Tensor) -> 
         "params": lin.weight.numel(),
         "target_sparsity": target,
         "realised_sparsity": realised,
+        **extra,
+    }
+
+
+def refit_layer(
+    weight: torch.Tensor, keep: torch.Tensor, hessian: torch.Tensor, cfg: PruneConfig, name: str
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``--reconstruct`` for one layer, whatever method chose ``keep``: refits the kept weights of
+    the dense ``weight`` in place (:func:`besa_rs.pruning.baselines.refit_masked`). Returns the
+    final keep mask (dead input columns zeroed, so counted as pruned) and the layer's report
+    fields about dead columns."""
+    fit = refit_masked(
+        weight, keep, hessian, blocksize=cfg.blocksize, percdamp=cfg.percdamp, name=name
+    )
+    with torch.no_grad():
+        weight.copy_(fit.weight)
+    return fit.keep, {
+        "dead_columns": fit.dead_columns,
+        "dead_weights_zeroed": fit.dead_weights_zeroed,
     }
 
 
 def block_summary(layers: list[dict[str, Any]]) -> dict[str, Any]:
     total = sum(li["params"] for li in layers)
     zeros = sum(li["realised_sparsity"] * li["params"] for li in layers)
-    return {"params": total, "realised_sparsity": zeros / total if total else 0.0}
+    return {
+        "params": total,
+        "realised_sparsity": zeros / total if total else 0.0,
+        "dead_columns": sum(li.get("dead_columns") or 0 for li in layers),
+        "dead_weights_zeroed": sum(li.get("dead_weights_zeroed") or 0 for li in layers),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +153,7 @@ def prune_block_baseline(ctx: BlockContext) -> dict[str, Any]:
     for name, lin in ctx.linears.items():
         check_nm(f"block {ctx.index} {name}", lin.in_features, m)
     need_norms = cfg.method == "wanda"
-    need_h = cfg.method == "sparsegpt"
+    need_h = cfg.method == "sparsegpt" or cfg.reconstruct
     stats: dict[str, Any] = {}
     if need_norms or need_h:
         stats, _ = ctx.run_with_stats(ctx.xs, need_norms, need_h, keep_outputs=False)
@@ -127,14 +162,14 @@ def prune_block_baseline(ctx: BlockContext) -> dict[str, Any]:
         W = lin.weight.data
         full = f"block {ctx.index} {name}"
         gptq = quant.column_quantizer(cfg, W, full) if cfg.method == "sparsegpt" else None
+        extra: dict[str, Any] = {}
+        new_w = None
         if cfg.method == "magnitude":
             keep = magnitude_mask(W, cfg.sparsity, n, m, cfg.group)
-            W.mul_(keep.to(W.dtype))
         elif cfg.method == "wanda":
             keep = wanda_mask(W, stats[name].sq_norm, cfg.sparsity, n, m, cfg.group)
-            W.mul_(keep.to(W.dtype))
         elif cfg.method == "sparsegpt":
-            newW, keep = sparsegpt_prune(
+            new_w, keep = sparsegpt_prune(
                 W,
                 stats[name].hessian,
                 cfg.sparsity,
@@ -145,11 +180,24 @@ def prune_block_baseline(ctx: BlockContext) -> dict[str, Any]:
                 name=full,
                 quantizer=gptq,  # None without wbits; else SparseGPT's joint pass
             )
-            W.copy_(newW)
+            # SparseGPT zeroes dead input columns itself (its mask counts them as pruned)
+            extra["dead_columns"] = int(dead_columns(stats[name].hessian).sum())
         else:  # pragma: no cover - validated before
             raise ConfigError(f"unknown method {cfg.method!r}")
-        layers.append(layer_info(name, lin, cfg.sparsity, keep))
-        quant.finish_layer(cfg, lin, keep, layers[-1], full, gptq)  # RTN / GPTQ grid; or no-op
+        hessian = None
+        if cfg.reconstruct:
+            # the control arm: this method's mask, then BESA's refit from the dense weight;
+            # with wbits the refitted weights then go through the GPTQ pass with that mask
+            hessian = stats[name].hessian
+            keep, extra = refit_layer(W, keep, hessian, cfg, full)
+            gptq = None  # the joint pass chose the mask; its weights are not kept
+        elif new_w is not None:
+            W.copy_(new_w)
+        else:
+            W.mul_(keep.to(W.dtype))
+        layers.append(layer_info(name, lin, cfg.sparsity, keep, **extra))
+        # RTN / the joint pass's grid / GPTQ with the mask after a refit; a no-op without wbits
+        quant.finish_layer(cfg, lin, keep, layers[-1], full, gptq, hessian=hessian)
         if ctx.progress is not None:
             ctx.progress.update(1)
     del stats
@@ -236,7 +284,8 @@ def run_pruning(
         adapter, tokens, cache_device=cache_device, cache_dtype=cache_dtype
     )
     # magnitude pruning reads only the weights: no block has to run on calibration data
-    needs_inputs = cfg.method != "magnitude"
+    # (unless --reconstruct refits them to the calibration inputs)
+    needs_inputs = cfg.method != "magnitude" or cfg.reconstruct
     if state is None:
         xs = captured.hidden if needs_inputs else []
         # blocks before first_block are kept dense; their outputs feed first_block
@@ -273,6 +322,7 @@ def run_pruning(
                 cache_dtype=cache_dtype,
                 compute_dtype=model_dtype,
                 progress=progress,
+                previous=state.blocks[-1] if state.blocks else None,
             )
             if progress is not None:
                 progress.set_description(f"block {i}/{last - 1} ({cfg.method})")
@@ -365,6 +415,10 @@ def build_report(
             "pruned_blocks": len(blocks),
             "linear_params": total,
             "realised_sparsity": zeros / total if total else 0.0,
+            # input columns without calibration signal; zeroed (counted in the realised
+            # sparsity) by SparseGPT and by the --reconstruct refit
+            "dead_columns": sum(b.get("dead_columns", 0) for b in blocks),
+            "dead_weights_zeroed": sum(b.get("dead_weights_zeroed", 0) for b in blocks),
             "seconds": seconds,
         },
     }

@@ -216,6 +216,7 @@ class _Plan:
         order = torch.argsort(t, descending=True, stable=True)
         self.t_sorted = t[order]
         self.order = order
+        self.identity_order = bool(torch.all(t[1:] <= t[:-1]))
         with torch.no_grad():
             n_group = prune_counts(_alpha(w, candidates), cols)
         self.n_rows = n_group.repeat_interleave(rows_per_group).to(ranks.dtype)
@@ -291,8 +292,8 @@ class _MaskFn(torch.autograd.Function):
             assert hist is not None
             groups = ranks.shape[0] // plan.rows_per_group
             h = hist.view(groups, plan.rows_per_group, d + 1).sum(1)
-            # dL/dw_d = -sum_{j > d} H[j]
-            suffix = h.flip(1).cumsum(1).flip(1)
+            # dL/dw_d = -sum_{j > d} H[j] (no cumsum on CUDA: see _fallback, "Determinism")
+            suffix = _fallback.suffix_sums(h)
             grad_w = (-suffix[:, 1:]).to(acc)
         if need_w and grad_weight is None:
             if ctx.soft:
@@ -316,7 +317,13 @@ def _apply(
     ranks = ranks.contiguous()
     plan = _Plan(ranks, logits, candidates, smoothing, k)
     assert plan.w is not None
-    w_sorted = plan.w.index_select(1, plan.order)
+    # candidates already sorted (the usual descending grid): no reordering, so the backward has
+    # no index_add (non-deterministic on CUDA); otherwise the index is a permutation, whose
+    # backward adds exactly one term to each zero and so has a unique result
+    if plan.identity_order:
+        w_sorted = plan.w
+    else:
+        w_sorted = plan.w.index_select(1, plan.order)
     plan.w = None  # ctx keeps the plan: hold no autograd-tracked tensor in it
     use_ext = backend(ranks.device) == "cuda-ext"
     return _MaskFn.apply(weight, w_sorted, ranks, plan.n_rows, plan.t_sorted, plan, soft, use_ext)

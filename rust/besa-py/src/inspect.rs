@@ -7,10 +7,12 @@ use pyo3::prelude::*;
 use crate::errors::run;
 
 /// Inspects a safetensors file or model directory; returns the report as a JSON string.
+/// With `verify` (default) every packed tensor's checksum and structure are verified.
 #[pyfunction]
-fn inspect_json(py: Python<'_>, path: PathBuf) -> PyResult<String> {
+#[pyo3(signature = (path, verify=true))]
+fn inspect_json(py: Python<'_>, path: PathBuf, verify: bool) -> PyResult<String> {
     run(py, move || {
-        let report = besa_sparse::inspect::inspect(&path)?;
+        let report = besa_sparse::inspect::inspect_with(&path, verify)?;
         Ok(serde_json::to_string(&report).expect("report serializes"))
     })
 }

@@ -142,7 +142,53 @@ impl PackedReader {
     }
 }
 
+/// Repairs leftovers of killed runs next to output directory `out` (restores a previous output
+/// moved aside, deletes partial directories of dead processes); returns one line per action.
+#[pyfunction]
+fn recover_leftovers(py: Python<'_>, out: PathBuf) -> PyResult<Vec<String>> {
+    run(py, move || besa_sparse::writer::recover_leftovers(&out))
+}
+
+/// Creates a fresh `.NAME.partial-PID-N` directory next to `out`; returns its path.
+#[pyfunction]
+fn make_partial_dir(py: Python<'_>, out: PathBuf) -> PyResult<PathBuf> {
+    run(py, move || besa_sparse::writer::make_partial_dir(&out))
+}
+
+/// Moves the complete directory `tmp` onto `out` (atomic swap with an existing `out` when
+/// `overwrite`; refused when `out` exists and not `overwrite`).
+#[pyfunction]
+#[pyo3(signature = (tmp, out, overwrite=false, sync=true))]
+fn commit_dir(
+    py: Python<'_>,
+    tmp: PathBuf,
+    out: PathBuf,
+    overwrite: bool,
+    sync: bool,
+) -> PyResult<()> {
+    run(py, move || {
+        besa_sparse::writer::commit_dir(&tmp, &out, overwrite, sync)
+    })
+}
+
+/// Test-only crash hook shared with the Rust code (see `besa_sparse::writer::crash_point`).
+#[pyfunction]
+fn crash_point(step: &str) {
+    besa_sparse::writer::crash_point(step)
+}
+
+/// Refuses an output path that is the input, inside it or contains it (symlinks resolved).
+#[pyfunction]
+fn check_out(py: Python<'_>, src: PathBuf, out: PathBuf) -> PyResult<()> {
+    run(py, move || besa_sparse::pack::check_out(&src, &out))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(recover_leftovers, m)?)?;
+    m.add_function(wrap_pyfunction!(make_partial_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(commit_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(crash_point, m)?)?;
+    m.add_function(wrap_pyfunction!(check_out, m)?)?;
     m.add_function(wrap_pyfunction!(pack_json, m)?)?;
     m.add_function(wrap_pyfunction!(unpack_json, m)?)?;
     m.add_class::<PackedReader>()?;

@@ -43,9 +43,11 @@ pub fn open_source(path: &Path) -> Result<Box<dyn MatrixSource>> {
     let model = Model::open(path)?;
     if looks_packed(&model)? {
         drop(model);
-        return Ok(Box::new(PackedSource {
-            model: PackedModel::open(path)?,
-        }));
+        // Verified up front (checksums and structure), so a corrupt file is refused before
+        // any matrix is simulated or any progress reported.
+        let model = PackedModel::open(path)?;
+        model.verify_all()?;
+        return Ok(Box::new(PackedSource { model }));
     }
     Ok(Box::new(SafetensorsSource { model }))
 }

@@ -310,15 +310,10 @@ mod tests {
             .expect("q_proj is packed");
         bytes[8 + hlen + info.data_offsets.0 + 1] ^= 0x55;
         std::fs::write(&f, bytes).unwrap();
-        let src = open_source(&packed).unwrap();
-        let errs: Vec<_> = src
-            .tensors()
-            .iter()
-            .filter_map(|t| src.mask(&t.name).err())
-            .collect();
-        assert!(
-            errs.iter().any(|e| e.kind == ErrorKind::Integrity),
-            "{errs:?}"
-        );
+        // Refused when opened (every packed tensor is verified up front), before any matrix
+        // is simulated or any progress is reported.
+        let err = open_source(&packed).err().expect("corrupt file refused");
+        assert_eq!(err.kind, ErrorKind::Integrity, "{err:?}");
+        assert!(err.message.contains("checksum mismatch"), "{err:?}");
     }
 }

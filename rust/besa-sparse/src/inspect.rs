@@ -64,6 +64,18 @@ pub struct InspectReport {
     /// Packed checkpoints only: per packed tensor, format, dense shape, nnz, sparsity, size.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub packed: Option<Vec<PackedTensorInfo>>,
+    /// Packed checkpoints only: what was verified (`None` when verification was skipped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verified: Option<Verified>,
+}
+
+/// Result of verifying every packed tensor of a checkpoint (checksums and structure).
+#[derive(Debug, Clone, Serialize)]
+pub struct Verified {
+    /// Packed tensors whose structure (popcounts, offsets, indices) was checked.
+    pub packed_tensors: usize,
+    /// Of those, the ones whose CRC-32 was checked (files written by besa-rs carry one each).
+    pub checksums: usize,
 }
 
 /// The layer type of a tensor name: the components after the last all-digit component.
@@ -87,8 +99,25 @@ pub fn in_numbered_block(name: &str) -> bool {
 /// Inspects a model path (file or directory), plain or packed. For a packed checkpoint the
 /// per-tensor list shows the stored parts, `packed` lists the packed matrices, and the
 /// block-linear sparsity counts packed matrices by their dense shape and kept count.
+///
+/// Every packed tensor is verified (checksum and structure, an `IntegrityError` /
+/// `FormatError` on any defect); [`inspect_with`] with `verify = false` skips that.
 pub fn inspect(path: &Path) -> Result<InspectReport> {
+    inspect_with(path, true)
+}
+
+/// [`inspect`], verifying packed tensors only when `verify`.
+pub fn inspect_with(path: &Path, verify: bool) -> Result<InspectReport> {
     let pm = PackedModel::open(path)?;
+    let verified = if verify && pm.is_packed() {
+        let (packed_tensors, checksums) = pm.verify_all()?;
+        Some(Verified {
+            packed_tensors,
+            checksums,
+        })
+    } else {
+        None
+    };
     let mut report = inspect_model(pm.model());
     if pm.is_packed() {
         let info = pm.packed_info();
@@ -134,6 +163,7 @@ pub fn inspect(path: &Path) -> Result<InspectReport> {
         report.totals.block_linear_sparsity = ratio(lin_zeros, lin_numel);
         report.packed = Some(info);
     }
+    report.verified = verified;
     Ok(report)
 }
 
@@ -235,6 +265,7 @@ fn summarize(model: &Model, tensors: Vec<TensorStats>) -> InspectReport {
         tensors,
         groups,
         packed: None,
+        verified: None,
     }
 }
 

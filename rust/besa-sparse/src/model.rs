@@ -44,6 +44,25 @@ impl Model {
                 config,
             });
         }
+        if !meta.is_dir() {
+            let ft = meta.file_type();
+            use std::os::unix::fs::FileTypeExt;
+            let what = if ft.is_fifo() {
+                "a FIFO (named pipe)"
+            } else if ft.is_char_device() {
+                "a character device"
+            } else if ft.is_block_device() {
+                "a block device"
+            } else if ft.is_socket() {
+                "a socket"
+            } else {
+                "an unsupported kind of file"
+            };
+            return Err(Error::format(format!(
+                "{}: is {what}, not a safetensors file or a model directory",
+                path.display()
+            )));
+        }
         let files = Self::shard_paths(path)?
             .iter()
             .map(|p| StFile::open(p))

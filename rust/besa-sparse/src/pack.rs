@@ -15,7 +15,10 @@ use crate::inspect::in_numbered_block;
 use crate::model::{read_json, INDEX_NAME};
 use crate::packed::{PackedModel, Storage, META_CRC_PREFIX, META_FORMAT};
 use crate::st::{dtype_itemsize, dtype_name};
-use crate::writer::{align_order, plan_shards, shard_name, AtomicDir, PlannedTensor, ShardWriter};
+use crate::writer::{
+    align_order, crash_point, plan_shards, recover_leftovers, shard_name, AtomicDir, PlannedTensor,
+    ShardWriter,
+};
 
 /// Default shard size (bytes of tensor data per file), as `save_pretrained`'s "5GB".
 pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
@@ -183,18 +186,29 @@ fn open_for_output(
     out: &Path,
     shard_size: u64,
     overwrite: bool,
-) -> Result<PackedModel> {
+) -> Result<(PackedModel, Vec<String>)> {
     if shard_size == 0 {
         return Err(Error::config("shard_size must be positive"));
     }
+    check_out(src, out)?;
+    // Killed runs' leftovers first, so that a previous output moved aside is back in place
+    // before deciding anything about it.
+    let notes = recover_leftovers(out)?;
     if out.exists() && !overwrite {
-        return Err(Error::config(format!(
+        let mut msg = format!(
             "output directory {} already exists (pass --overwrite to replace it)",
             out.display()
-        )));
+        );
+        for n in &notes {
+            msg.push_str("; ");
+            msg.push_str(n);
+        }
+        return Err(Error::config(msg));
     }
-    check_out(src, out)?;
-    PackedModel::open(src)
+    if overwrite {
+        check_replaceable(out)?;
+    }
+    Ok((PackedModel::open(src)?, notes))
 }
 
 /// Last step of pack and unpack: copies the tokenizer/generation files next to the written
@@ -208,6 +222,7 @@ fn finish_output(
     if let Some(d) = model_dir(src) {
         copy_aux_files(&d, dir.path())?;
     }
+    crash_point("pack-before-commit");
     let out_files = files
         .iter()
         .map(|n| FileReport {
@@ -229,18 +244,92 @@ fn model_dir(src: &Path) -> Option<PathBuf> {
     }
 }
 
-fn check_out(src: &Path, out: &Path) -> Result<()> {
+/// `p` with symlinks resolved, also when it does not exist yet (its nearest existing
+/// ancestor is resolved and the rest appended).
+pub fn resolve_lenient(p: &Path) -> Result<PathBuf> {
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| Error::io(Path::new("."), e))?
+            .join(p)
+    };
+    let mut rest = Vec::new();
+    let mut cur = abs.as_path();
+    loop {
+        if let Ok(c) = std::fs::canonicalize(cur) {
+            let mut out = c;
+            for part in rest.iter().rev() {
+                out.push(part);
+            }
+            return Ok(out);
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                cur = parent;
+            }
+            _ => return Ok(abs),
+        }
+    }
+}
+
+/// Refuses an output that is the input, inside it or contains it (symlinks resolved), whether
+/// or not the output exists yet.
+pub fn check_out(src: &Path, out: &Path) -> Result<()> {
     let s = std::fs::canonicalize(src).map_err(|e| Error::io(src, e))?;
-    if let Ok(o) = std::fs::canonicalize(out) {
-        if o == s || s.starts_with(&o) || o.starts_with(&s) {
+    let o = resolve_lenient(out)?;
+    if o == s || s.starts_with(&o) || o.starts_with(&s) {
+        return Err(Error::config(format!(
+            "output {} overlaps the input {} (it is the input, inside it or contains it): choose an output outside the input",
+            out.display(),
+            src.display()
+        )));
+    }
+    Ok(())
+}
+
+/// With `--overwrite`, an existing output directory is replaced only when everything in it is
+/// something pack/unpack writes (safetensors shards, their index, config.json, tokenizer and
+/// generation files): a directory holding anything else was not made by besa-rs and is refused.
+fn check_replaceable(out: &Path) -> Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(out) else {
+        return Ok(());
+    };
+    if !meta.is_dir() {
+        return Err(Error::config(format!(
+            "output {} exists and is not a directory",
+            out.display()
+        )));
+    }
+    let rd = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?;
+    for e in rd {
+        let e = e.map_err(|e| Error::io(out, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_file = e.file_type().map(|t| t.is_file()).unwrap_or(false);
+        let ours = is_file
+            && (name.ends_with(".safetensors")
+                || name == INDEX_NAME
+                || name == "config.json"
+                || is_aux_file(&name));
+        if !ours {
             return Err(Error::config(format!(
-                "output {} overlaps the input {}",
-                out.display(),
-                src.display()
+                "refusing to replace {}: it holds {name:?}, which pack/unpack does not write (not a besa-rs output?); move it away or choose another --out",
+                out.display()
             )));
         }
     }
     Ok(())
+}
+
+/// Appends the notes not already in `warnings` (leftovers are looked at twice: before the
+/// input is read and when the output directory is created).
+fn add_notes(warnings: &mut Vec<String>, notes: &[String]) {
+    for n in notes {
+        if !warnings.contains(n) {
+            warnings.push(n.clone());
+        }
+    }
 }
 
 /// One group of the output: a dense tensor copied, or a packed module's parts.
@@ -300,7 +389,7 @@ pub fn pack(src: &Path, out: &Path, opts: &PackOptions) -> Result<Report> {
     if opts.force_24 && opts.format != PackFormat::TwoFour {
         return Err(Error::config("--force-24 only applies to --format 2:4"));
     }
-    let pm = open_for_output(src, out, opts.shard_size, opts.overwrite)?;
+    let (pm, notes) = open_for_output(src, out, opts.shard_size, opts.overwrite)?;
     if pm.is_packed() {
         return Err(Error::format(format!(
             "{} is already a packed checkpoint (unpack it first)",
@@ -508,6 +597,8 @@ pub fn pack(src: &Path, out: &Path, opts: &PackOptions) -> Result<Report> {
     let shards = plan_shards(&group_bytes, opts.shard_size);
     let n_shards = shards.len();
     let dir = AtomicDir::new(out, opts.overwrite)?;
+    warnings.extend(notes);
+    add_notes(&mut warnings, dir.notes());
     let mut weight_map = BTreeMap::new();
     let mut files = Vec::new();
     let mut total_stored = 0u64;
@@ -759,12 +850,14 @@ impl Default for UnpackOptions {
 
 /// Unpacks a packed checkpoint at `src` into a plain Hugging Face checkpoint at `out`.
 pub fn unpack(src: &Path, out: &Path, opts: &UnpackOptions) -> Result<Report> {
-    let pm = open_for_output(src, out, opts.shard_size, opts.overwrite)?;
+    let (pm, notes) = open_for_output(src, out, opts.shard_size, opts.overwrite)?;
     let tensors = pm.tensors();
     let bytes: Vec<usize> = tensors.iter().map(|t| t.nbytes()).collect();
     let shards = plan_shards(&bytes, opts.shard_size);
     let n_shards = shards.len();
     let dir = AtomicDir::new(out, opts.overwrite)?;
+    let mut warnings = notes;
+    add_notes(&mut warnings, dir.notes());
     let mut weight_map = BTreeMap::new();
     let mut files = Vec::new();
     let mut total = 0u64;
@@ -858,7 +951,7 @@ pub fn unpack(src: &Path, out: &Path, opts: &UnpackOptions) -> Result<Report> {
             0,
         ),
         tensors: reports,
-        warnings: Vec::new(),
+        warnings,
     })
 }
 

@@ -190,18 +190,31 @@ impl PackedModel {
                     (part("compressed"), part("row_offsets"))
                 };
                 let shape = part("shape");
-                let complete = shape.is_some() && values.is_some() && (!csr || extra.is_some());
-                if !complete {
+                // What this file or config.json says the module must be stored as.
+                let file_format = f
+                    .metadata()
+                    .get(META_FORMAT)
+                    .and_then(|n| PackFormat::parse(n).ok());
+                let want_bitmask = !csr
+                    && (format == Some(PackFormat::Bitmask)
+                        || file_format == Some(PackFormat::Bitmask));
+                let mut missing: Vec<&str> = Vec::new();
+                if shape.is_none() {
+                    missing.push("shape");
+                }
+                if values.is_none() {
+                    missing.push(if csr { "values" } else { "compressed" });
+                }
+                if extra.is_none() && (csr || want_bitmask) {
+                    missing.push(if csr { "col_indices" } else { "row_offsets" });
+                }
+                if !missing.is_empty() {
                     if declared {
-                        let need = if csr {
-                            "shape, col_indices and values"
-                        } else {
-                            "shape and compressed"
-                        };
-                        return Err(Error::format(format!(
-                            "{}: tensor {:?} has no sibling {need} tensors (incomplete packed module {prefix:?})",
+                        return Err(Error::integrity(format!(
+                            "{}: packed module {prefix:?} is incomplete: its {} part{} missing",
                             f.path().display(),
-                            t.name
+                            missing.join(" and "),
+                            if missing.len() == 1 { " is" } else { "s are" }
                         )));
                     }
                     continue;
@@ -268,6 +281,9 @@ impl PackedModel {
                     },
                 ));
             }
+        }
+        if declared {
+            check_nothing_orphaned(&model, &logical, format)?;
         }
         // Stored order: by file, then by offset of the anchor / tensor.
         logical.sort_by_key(|(l, _)| (l.0, entry(*l).data_offsets));
@@ -557,6 +573,20 @@ impl PackedModel {
         }
     }
 
+    /// Verifies every packed tensor (checksum and bit-level structure, as [`Self::validate`]);
+    /// returns how many were verified and how many of them carried a checksum.
+    pub fn verify_all(&self) -> Result<(usize, usize)> {
+        let (mut n, mut crc) = (0, 0);
+        for t in &self.tensors {
+            if let Storage::Packed(p) = &t.storage {
+                self.validate(t, p)?;
+                n += 1;
+                crc += usize::from(p.crc32.is_some());
+            }
+        }
+        Ok((n, crc))
+    }
+
     /// Decodes (or copies) the logical tensor `t` into `out` (`t.nbytes()` bytes).
     pub fn read_into(&self, t: &LogicalTensor, out: &mut [u8]) -> Result<()> {
         if out.len() != t.nbytes() {
@@ -697,6 +727,108 @@ impl PackedModel {
             })
             .collect()
     }
+}
+
+/// Part names of packed modules, by the suffix after the module's prefix.
+const PART_SUFFIXES: [&str; 7] = [
+    "shape",
+    "compressed",
+    "bitmask",
+    "row_offsets",
+    "crow_indices",
+    "col_indices",
+    "values",
+];
+
+/// In a checkpoint declared packed (config.json or besa-rs file metadata), every module that
+/// the declaration names must be complete: a stored part whose anchor (`bitmask` /
+/// `crow_indices`) is gone, a checksum without its module, or a module of
+/// `sparsity_config.targets` stored nowhere is an `Integrity` error (the module's weight would
+/// otherwise silently disappear).
+fn check_nothing_orphaned(
+    model: &Model,
+    logical: &[(Loc, LogicalTensor)],
+    format: Option<PackFormat>,
+) -> Result<()> {
+    let packed: std::collections::HashSet<&str> = logical
+        .iter()
+        .filter_map(|(_, t)| match &t.storage {
+            Storage::Packed(p) => Some(p.prefix.strip_suffix(".weight").unwrap_or(&p.prefix)),
+            Storage::Dense(_) => None,
+        })
+        .collect();
+    for (_, t) in logical {
+        let Storage::Dense((fi, _)) = t.storage else {
+            continue;
+        };
+        let f = &model.files()[fi];
+        let declared_here = format.is_some() || f.metadata().contains_key(META_FORMAT);
+        let Some((prefix, suffix)) = t.name.rsplit_once('.') else {
+            continue;
+        };
+        if !declared_here || !PART_SUFFIXES.contains(&suffix) {
+            continue;
+        }
+        // `values` and `shape` are plausible names of plain tensors; they are parts only when
+        // they look like one (a `shape` is I64 with two entries; `values` only in CSR files).
+        let looks_like_part = match suffix {
+            "shape" => t.dtype == Dtype::I64 && t.numel() == 2,
+            "values" => {
+                format == Some(PackFormat::Csr)
+                    || f.metadata().get(META_FORMAT).map(|s| s.as_str()) == Some("csr")
+            }
+            _ => true,
+        };
+        if !looks_like_part {
+            continue;
+        }
+        let module = prefix.strip_suffix(".weight").unwrap_or(prefix);
+        let anchor = if matches!(suffix, "col_indices" | "values") {
+            "crow_indices"
+        } else {
+            "bitmask"
+        };
+        return Err(Error::integrity(format!(
+            "{}: packed module {module:?} is incomplete: tensor {:?} is stored but its {anchor} part is missing",
+            f.path().display(),
+            t.name
+        )));
+    }
+    for f in model.files() {
+        for key in f.metadata().keys() {
+            if let Some(module) = key.strip_prefix(META_CRC_PREFIX) {
+                if !packed.contains(module) {
+                    return Err(Error::integrity(format!(
+                        "{}: the metadata holds checksum {key:?} but no part of packed module {module:?} is stored",
+                        f.path().display()
+                    )));
+                }
+            }
+        }
+    }
+    let targets = model
+        .config()
+        .and_then(|c| c.get("quantization_config"))
+        .and_then(|q| q.get("sparsity_config"))
+        .and_then(|s| s.get("targets"))
+        .and_then(|t| t.as_array());
+    if let (Some(targets), Some(_)) = (targets, format) {
+        for t in targets.iter().filter_map(|t| t.as_str()) {
+            // Module paths only: compressed-tensors also uses class names ("Linear") and
+            // regular expressions ("re:...") here.
+            let is_path = t.contains('.')
+                && !t.starts_with("re:")
+                && t.chars()
+                    .all(|c| c.is_alphanumeric() || c == '.' || c == '_');
+            if is_path && !packed.contains(t) {
+                return Err(Error::integrity(format!(
+                    "{}: config.json lists {t:?} as packed (sparsity_config.targets) but no packed part of it is stored",
+                    model.root().display()
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn read_i32s(bytes: &[u8]) -> Vec<i32> {

@@ -103,6 +103,13 @@ impl StFile {
                 path.display()
             )));
         }
+        let header = &mmap[8..8 + declared as usize];
+        if let Some(name) = duplicate_key(header) {
+            return Err(Error::format(format!(
+                "{}: invalid safetensors file: tensor name {name:?} appears twice in the header",
+                path.display()
+            )));
+        }
         let (n, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
             Error::format(format!(
                 "{}: invalid safetensors file: {}",
@@ -120,6 +127,22 @@ impl StFile {
                 data_offsets: info.data_offsets,
             })
             .collect();
+        for t in &tensors {
+            // A zero dimension makes the element count 0 whatever the others are, so the
+            // safetensors crate accepts e.g. [0, 2^63, 2^63]; no consumer (numpy, torch) can
+            // represent such a shape: every product of dimensions must fit in an i64.
+            let fits = t.shape.iter().try_fold(1i64, |acc, &d| {
+                i64::try_from(d.max(1)).ok()?.checked_mul(acc)
+            });
+            if fits.is_none() {
+                return Err(Error::format(format!(
+                    "{}: invalid safetensors file: tensor {:?} has shape {:?} whose dimensions overflow when multiplied out",
+                    path.display(),
+                    t.name,
+                    t.shape
+                )));
+            }
+        }
         tensors.sort_by_key(|t| t.data_offsets);
         Ok(Self {
             path: path.to_path_buf(),
@@ -153,6 +176,36 @@ impl StFile {
     pub fn data(&self, t: &TensorEntry) -> &[u8] {
         &self.mmap[self.data_start + t.data_offsets.0..self.data_start + t.data_offsets.1]
     }
+}
+
+/// The first top-level key that appears twice in a JSON header object (`serde_json` and the
+/// `safetensors` crate keep the last one silently); `None` when there is none or the header is
+/// not a JSON object (the `safetensors` crate reports that).
+fn duplicate_key(header: &[u8]) -> Option<String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Dup;
+    impl<'de> Visitor<'de> for Dup {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let mut dup = None;
+            while let Some(k) = map.next_key::<String>()? {
+                map.next_value::<IgnoredAny>()?;
+                if dup.is_none() && !seen.insert(k.clone()) {
+                    dup = Some(k);
+                }
+            }
+            Ok(dup)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(header);
+    de.deserialize_map(Dup).ok().flatten()
 }
 
 /// Names the first tensor whose byte length disagrees with dtype x shape, or whose range runs
