@@ -410,6 +410,106 @@ def test_bf16_model_grid_is_exact():
 
 
 # ---------------------------------------------------------------------------------------------
+# one optimisation loop for every learned method; quantization-aware refit for every method
+def test_clip_only_runs_in_the_shared_loop_with_float16_loss_scaling():
+    """Learned clipping alone (``sparsity = 0``) runs in BESA's loop: in float16 a loss scale far
+    too large overflows the gradients, those steps are skipped and the scale halves (no error,
+    no silent inf update), the next block starts from the scale the previous one ended with,
+    and the clipping rate follows the step budget like the sparsity logits' rate."""
+    model = tiny_model("llama").half()
+    cfg = PruneConfig(progress=False, sparsity=0.0, wbits=4, group_size=32, loss_scale_init=2.0**22)
+    rep = besa_rs.prune(model, TOKS, cfg)
+    b0, b1 = rep["blocks"]
+    assert b0["loss_scaling"] is True
+    assert b0["skipped_steps"] >= 1 and b0["skipped_at"][0] == 0
+    assert b0["loss_scale"] <= 2.0 ** (22 - b0["skipped_steps"])
+    assert b0["skipped_steps"] < b0["steps"] == TOKS.shape[0]  # it learned on the others
+    assert b1["skipped_steps"] <= 1  # started from block 0's scale
+    assert b0["clip_lr_per_step"] == pytest.approx(0.1 * 32 / TOKS.shape[0])
+    for b in rep["blocks"]:
+        assert all(np.isfinite(b["loss"]))
+        for li in b["layers"]:
+            assert li["clip_max_min"] < 0.98  # the clipping moved
+    sd = model.state_dict()
+    for wname, p in quant.collect(model).items():
+        assert torch.equal(sd[wname], p.dequantize(torch.float16)), wname
+
+
+def test_besa_joint_float16_shares_the_scaler_and_the_budget():
+    """BESA joint (masks + clipping) in float16: the same scaler, both groups on the budget."""
+    model = tiny_model("llama").half()
+    cfg = PruneConfig(progress=False, wbits=4, group_size=32, loss_scale_init=2.0**22)
+    b0 = besa_rs.prune(model, TOKS, cfg)["blocks"][0]
+    assert b0["loss_scaling"] is True and b0["skipped_at"][:1] == [0]
+    steps = TOKS.shape[0]
+    assert b0["lr_per_step"] == pytest.approx(0.2 * 32 / steps)
+    assert b0["clip_lr_per_step"] == pytest.approx(0.1 * 32 / steps)
+    assert abs(b0["realised_sparsity"] - 0.5) < 0.005
+
+
+def _block0_error(model, dense, toks):
+    """Relative error of block 0's output against the dense model's (same inputs)."""
+    got = []
+
+    def hook(_m, _i, out):
+        got.append(out[0] if isinstance(out, (tuple, list)) else out)
+
+    for m in (model, dense):
+        h = m.model.layers[0].register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                m(toks)
+        finally:
+            h.remove()
+    y, yd = got
+    return float(((y - yd) ** 2).sum() / (yd**2).sum())
+
+
+def test_wanda_reconstruct_with_wbits_is_quantization_aware():
+    """``--method wanda --reconstruct --wbits 3``: Wanda's mask, the shared refit, then the GPTQ
+    pass with the mask: exact grid values, the same mask, and a lower block error than Wanda +
+    RTN (no reconstruct) and than the refit followed by plain RTN (a refit that is not
+    quantization-aware)."""
+    import copy
+
+    spec = quant.QuantSpec(3, 32)
+    dense = tiny_model("llama")
+    runs = {}
+    for name, kw in {
+        "wanda+rtn": dict(wbits=3),
+        "wanda+refit+gptq": dict(wbits=3, reconstruct=True),
+        "wanda+refit": dict(reconstruct=True),
+    }.items():
+        model = copy.deepcopy(dense)
+        rep = besa_rs.prune(
+            model,
+            TOKS,
+            PruneConfig(method="wanda", group_size=32, num_blocks=1, progress=False, **kw),
+        )
+        runs[name] = (model, rep)
+    # the refit, then RTN of the refitted weights
+    rtn_after = copy.deepcopy(runs["wanda+refit"][0])
+    for mod in rtn_after.model.layers[0].modules():
+        if isinstance(mod, torch.nn.Linear):
+            quant.attach(mod, quant.rtn(mod.weight.detach(), spec))
+    model, rep = runs["wanda+refit+gptq"]
+    assert rep["settings"]["reconstruct"] is True
+    params = quant.collect(model)
+    assert len(params) == 7  # block 0's linears
+    sd = model.state_dict()
+    for wname, p in params.items():
+        assert torch.equal(sd[wname], p.dequantize(sd[wname].dtype)), wname
+        # the mask of the refit (Wanda's) survives: pruned weights stay 0
+        assert bool((sd[wname][runs["wanda+refit"][0].state_dict()[wname] == 0] == 0).all())
+    for li in rep["blocks"][0]["layers"]:
+        assert li["wbits"] == 3 and "dead_columns" in li
+    e = {k: _block0_error(m, dense, TOKS) for k, (m, _) in runs.items()}
+    e["wanda+refit+rtn"] = _block0_error(rtn_after, dense, TOKS)
+    assert e["wanda+refit+gptq"] < 0.9 * e["wanda+rtn"], e
+    assert e["wanda+refit+gptq"] < e["wanda+refit+rtn"], e
+
+
+# ---------------------------------------------------------------------------------------------
 # saving, CLI, resume
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
@@ -436,6 +536,7 @@ def _args(model, out, calib, *extra):
         ("--method", "wanda", "--wbits", "4", "--group-size", "32"),
         ("--wbits", "3", "--group-size", "-1", "--reconstruct", "--clip-lr", "0.05"),
         ("--method", "sparsegpt", "--wbits", "4", "--sparsity", "0", "--group-size", "16"),
+        ("--method", "wanda", "--reconstruct", "--wbits", "3", "--group-size", "32"),
     ],
 )
 def test_cli_saves_grid_values_and_parameters(tiny_dir, calib_file, tmp_path, extra):
