@@ -8,7 +8,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from .errors import BesaError
+from .errors import BesaError, first_line
 
 #: Subcommands, in help order. Each module has ``register(subparsers)``.
 COMMANDS: tuple[str, ...] = ("inspect", "eval", "prune", "simulate", "pack", "unpack")
@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except BesaError as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         print(f"besa-rs {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except OSError as e:

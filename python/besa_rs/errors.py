@@ -52,6 +52,13 @@ class BesaIOError(BesaError, OSError):
     """An operating-system I/O failure."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (its class name when it has none):
+    what a one-line error quotes of a library's multi-line message."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 __all__ = [
     "BesaError",
     "BesaIOError",
@@ -64,4 +71,5 @@ __all__ = [
     "ModelError",
     "NumericalError",
     "ShapeError",
+    "first_line",
 ]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._io import public_mode
-from .errors import ConfigError, MissingFileError, ModelError
+from .errors import ConfigError, MissingFileError, ModelError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -179,7 +179,7 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), **kwargs)
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ModelError(f"{path}: cannot load as a causal LM: {first}") from e
     model.eval()
     return model.to(device)

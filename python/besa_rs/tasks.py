@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, DataError, MissingFileError, ModelError
+from .errors import ConfigError, DataError, MissingFileError, ModelError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -77,7 +77,7 @@ def _load_model(model: Any, tokenizer: Any, dtype: str, device: str | None) -> t
         try:
             tok = tokenizer if tokenizer is not None else load_tokenizer(path)
         except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise ModelError(f"{path}: cannot load its tokenizer: {first}") from e
         return m, tok, f"{name} ({source})"
     if not hasattr(model, "config") or not callable(model):
@@ -186,7 +186,7 @@ def evaluate_tasks(
             fewshot_random_seed=seed,
         )
     except (ConnectionError, FileNotFoundError) as e:  # datasets: hub unreachable, missing file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise DataError(
             f"a task's dataset could not be loaded ({first}); without hub access use local "
             f"task files (--include-path, docs: README 'Zero-shot')"
