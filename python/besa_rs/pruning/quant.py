@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, FormatError, NumericalError, ShapeError
+from ..errors import ConfigError, FormatError, NumericalError, ShapeError, first_line
 
 if TYPE_CHECKING:
     from .besa import ParamGroup
@@ -723,6 +723,6 @@ def read_quant_file(directory: str | os.PathLike[str]) -> dict[str, QuantParams]
         raise
     except Exception as e:  # missing tensor or key, bad JSON, unreadable file
         raise FormatError(
-            f"{path}: unreadable quantization parameters ({type(e).__name__}: {e})"
+            f"{path}: unreadable quantization parameters ({type(e).__name__}: {first_line(e)})"
         ) from None
     return out
