@@ -24,7 +24,10 @@ def register(sub: Any) -> None:
         "--method", default="besa", help="besa | wanda | sparsegpt | magnitude (default besa)"
     )
     p.add_argument(
-        "--sparsity", type=float, default=0.5, help="target sparsity in (0, 1) (default 0.5)"
+        "--sparsity",
+        type=float,
+        default=0.5,
+        help="target sparsity in (0, 1); 0 with --wbits (default 0.5)",
     )
     p.add_argument(
         "--structure", default="unstructured", help="unstructured | 2:4 | 4:8 (N:M for baselines)"
@@ -96,7 +99,29 @@ def register(sub: Any) -> None:
         "--reconstruct",
         action="store_true",
         help="after any method, refit the kept weights to the calibration inputs (least squares; "
-        "the mask is kept)",
+        "the mask is kept); with --wbits the refitted weights then go through the GPTQ pass",
+    )
+    p.add_argument(
+        "--wbits",
+        type=int,
+        default=None,
+        metavar="N",
+        help="quantize the pruned weights to N bits, 2..8 (default: off; 16 = off); "
+        "--sparsity 0 quantizes only",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=128,
+        metavar="G",
+        help="input columns per quantization scale/zero point; -1 = whole rows (default 128)",
+    )
+    p.add_argument(
+        "--clip-lr",
+        type=float,
+        default=None,
+        help="BESA learned clipping learning rate (default: adamw 0.1 at 32 steps, same "
+        "--lr-schedule as --lr; prodigy 1.0)",
     )
     p.add_argument("--device", default="cpu", help="compute device: cpu | cuda[:N]")
     p.add_argument(
@@ -155,6 +180,9 @@ def run(args: argparse.Namespace) -> int:
         cache_dtype=args.cache_dtype,
         num_blocks=args.blocks,
         progress=not args.quiet,
+        wbits=args.wbits,
+        group_size=args.group_size,
+        clip_lr=args.clip_lr,
     ).validate()
     dtype = parse_dtype(args.dtype)
     from ..pruning.output import check_prune_paths

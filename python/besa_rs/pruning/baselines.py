@@ -10,10 +10,14 @@ Masks are boolean with ``True`` = keep. Every function works on one weight matri
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import ConfigError, NumericalError, ShapeError
+
+if TYPE_CHECKING:
+    from .quant import ColumnQuantizer
 
 
 def parse_structure(structure: str) -> tuple[int, int]:
@@ -163,6 +167,7 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     name: str = "",
+    quantizer: ColumnQuantizer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT: prune column block by column block (``blocksize`` columns) and compensate the
     error of each pruned weight on the not-yet-processed columns with the optimal brain surgeon
@@ -174,6 +179,10 @@ def sparsegpt_prune(
     to zero, as in the SparseGPT reference, and the returned mask counts them as pruned.
     Otherwise the mask is chosen per column block (unstructured: the lowest
     ``w^2 / [H^-1]_jj^2`` over the block, ``sparsity`` of it) or per ``m`` columns (N:M).
+
+    With ``quantizer`` (:class:`besa_rs.pruning.quant.ColumnQuantizer`), SparseGPT's joint
+    pass: each kept weight is replaced by its grid value and the quantization error is fed
+    forward like a pruning error (GPTQ); see ``quant.sparsegpt_quant_prune``.
 
     Returns (new weight in the input's dtype, keep mask).
     """
@@ -211,6 +220,8 @@ def sparsegpt_prune(
                 idx = torch.argsort(score, dim=1, stable=True)[:, :n]
                 prune1.scatter_(1, i + idx, True)
             q = torch.where(prune1[:, i], torch.zeros_like(w), w)
+            if quantizer is not None:  # joint pass: the kept weights take their grid values
+                q = quantizer.column(i1 + i, q, W, W1, Err1, Hinv, prune1, mask, i1)
             err = (w - q) / d
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Q1[:, i] = q

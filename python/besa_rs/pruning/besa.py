@@ -17,13 +17,21 @@ by a dynamic scale before the backward pass (:class:`LossScaler`): the gradient 
 block's output is about ``2 e / (H L sigma)`` and would otherwise underflow float16 at LLaMA
 widths. A step whose scaled gradients overflow is skipped and the scale halved; the scale
 doubles after ``loss_scale_growth_interval`` good steps and carries over to the next block.
+
+One optimisation loop (:func:`optimise_block`) serves every learned method: BESA (sparsity
+logits), BESA joint with weight quantization (sparsity logits and clipping logits, two
+parameter groups) and learned clipping alone (``sparsity = 0``, clipping logits only,
+:func:`besa_rs.pruning.quant.prune_block_clip_only`). Loss scaling, the step-budget learning
+rate (every parameter group) and the checks on non-finite losses and gradients are the same
+for all of them.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +40,7 @@ from torch.func import functional_call
 
 from .. import ste
 from ..errors import NumericalError, ShapeError
+from . import quant
 from .baselines import sparsegpt_diag_score, wanda_score
 from .sequential import BlockContext, refit_layer
 
@@ -59,9 +68,10 @@ def groups_for(kind: str, k: int, rows: int, name: str) -> int:
 
 
 def make_optimizer(
-    params: list[torch.Tensor], cfg: Any, lr: float | None = None
+    params: list[torch.Tensor] | list[dict[str, Any]], cfg: Any, lr: float | None = None
 ) -> torch.optim.Optimizer:
-    """A new optimiser over the (float32) logits: its state is float32 too."""
+    """A new optimiser over the (float32) logits: its state is float32 too. ``params``: tensors,
+    or parameter groups (dicts with ``params`` and their own ``lr``)."""
     rate = cfg.learning_rate if lr is None else lr
     if cfg.optimizer == "prodigy":
         from prodigyopt import Prodigy
@@ -177,8 +187,155 @@ def corrected_prune_counts(
     return counts(t), t
 
 
+@dataclass
+class ParamGroup:
+    """One parameter group of the block loop: float32 leaf tensors and their learning rate at
+    the reference step count (``cfg.step_lr`` turns it into the rate per step)."""
+
+    name: str  #: report key prefix: ``"lr"`` (sparsity logits) or ``"clip_lr"`` (clipping)
+    params: list[torch.Tensor]
+    lr: float
+
+
+@dataclass
+class LoopResult:
+    """What :func:`optimise_block` did: per-step curves and the loss scaler's end state."""
+
+    losses: list[float] = field(default_factory=list)
+    recs: list[float] = field(default_factory=list)
+    penalties: list[float] = field(default_factory=list)  # e.g. the block's expected sparsity
+    skipped_at: list[int] = field(default_factory=list)
+    lr_per_step: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    scaler: LossScaler | None = None
+
+    def report(self) -> dict[str, Any]:
+        sc = self.scaler
+        assert sc is not None
+        return {
+            "loss": self.losses,
+            "reconstruction": self.recs,
+            "steps": len(self.losses),
+            **{f"{k}_per_step": v for k, v in self.lr_per_step.items()},
+            "optimisation_seconds": self.seconds,
+            "loss_scaling": sc.enabled,
+            "loss_scale": sc.scale if sc.enabled else None,
+            "skipped_steps": sc.skipped,
+            "skipped_at": self.skipped_at,
+        }
+
+
+def optimise_block(
+    ctx: BlockContext,
+    targets: list[torch.Tensor],
+    groups: list[ParamGroup],
+    weights_for_step: Callable[[], dict[str, torch.Tensor]],
+    penalty: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    what: str = "BESA",
+) -> LoopResult:
+    """The block-wise optimisation loop shared by every learned method (BESA, BESA joint with
+    quantization, learned clipping alone): ``cfg.epochs`` passes over the calibration samples in
+    batches of ``cfg.batch_size``; each step runs the block with the weights returned by
+    ``weights_for_step()`` (``{"<linear>.weight": tensor}``, differentiable in the groups'
+    parameters) on the pruned-chain inputs, and minimises the relative reconstruction error
+    against ``targets`` plus ``penalty()[0]`` (``penalty()[1]`` is logged, e.g. the block's
+    expected sparsity).
+
+    Every group's rate per step is ``cfg.step_lr(steps, group.lr)`` (the step budget applies to
+    all groups alike). With loss scaling (float16 by default) the loss is scaled before the
+    backward pass, all groups' gradients are unscaled and checked together, and a step with a
+    non-finite gradient is skipped; the scale starts from the previous block's. The block's own
+    parameters are frozen while the loop runs."""
+    cfg = ctx.cfg
+    dev = ctx.device
+    nsamples = len(ctx.xs)
+    steps_total = cfg.epochs * -(-nsamples // cfg.batch_size)
+    res = LoopResult()
+    res.lr_per_step = {g.name: cfg.step_lr(steps_total, g.lr) for g in groups}
+    params = [p for g in groups for p in g.params]
+    opt = make_optimizer(
+        [{"params": g.params, "lr": res.lr_per_step[g.name]} for g in groups],
+        cfg,
+        res.lr_per_step[groups[0].name],
+    )
+    scaler = LossScaler(
+        enabled=cfg.uses_loss_scaling(ctx.compute_dtype),
+        scale=float(cfg.loss_scale_init),
+        growth_interval=cfg.loss_scale_growth_interval,
+    )
+    prev_scale = (ctx.previous or {}).get("loss_scale")
+    if scaler.enabled and prev_scale:
+        scaler.scale = float(prev_scale)  # the previous block's scale: no re-learning it
+    res.scaler = scaler
+    requires = {p: p.requires_grad for p in ctx.block.parameters()}
+    for p in ctx.block.parameters():
+        p.requires_grad_(False)
+    t_opt = time.perf_counter()
+    try:
+        step = 0
+        for _epoch in range(cfg.epochs):
+            for s0 in range(0, nsamples, cfg.batch_size):
+                sl = slice(s0, s0 + cfg.batch_size)
+                x = ctx.batch(ctx.xs, sl)
+                y = torch.cat(targets[sl], dim=0).to(dev)
+                weights = weights_for_step()
+                with ctx.autocast():
+                    out = functional_call(ctx.block, weights, (x, *ctx.args), ctx.kwargs)
+                y_hat = out[0] if isinstance(out, (tuple, list)) else out
+                rec = relative_reconstruction(y, y_hat)
+                loss = rec
+                logged = None
+                if penalty is not None:
+                    term, logged = penalty()
+                    loss = rec + term
+                lv = float(loss.detach())
+                if not math.isfinite(lv):
+                    raise NumericalError(
+                        f"block {ctx.index}: the {what} loss became {lv} at step {step} "
+                        f"(reconstruction {float(rec.detach())}); try a smaller learning rate or float32"
+                    )
+                opt.zero_grad(set_to_none=True)
+                scaler.backward(loss)
+                finite = scaler.unscale_and_check(params)
+                if finite:
+                    opt.step()
+                elif not scaler.enabled:
+                    raise NumericalError(
+                        f"block {ctx.index}: non-finite gradients at step {step} with a finite "
+                        f"loss {lv:.4g}; try float32 or loss_scaling='dynamic'"
+                    )
+                else:
+                    res.skipped_at.append(step)
+                    if scaler.scale * 0.5 < MIN_LOSS_SCALE:
+                        raise NumericalError(
+                            f"block {ctx.index}: gradients stay non-finite at step {step} even "
+                            f"with loss scale {scaler.scale:.3g}; try bfloat16 or float32"
+                        )
+                scaler.update(finite)
+                res.losses.append(lv)
+                res.recs.append(float(rec.detach()))
+                if logged is not None:
+                    res.penalties.append(float(logged.detach()))
+                step += 1
+                if ctx.progress is not None:
+                    ctx.progress.update(1)
+                    post = {"loss": f"{lv:.4g}"}
+                    if logged is not None:
+                        post["s"] = f"{float(logged.detach()):.3f}"
+                    ctx.progress.set_postfix(post, refresh=False)
+                del weights, out, y_hat, loss, rec, x, y
+    finally:
+        for p, r in requires.items():
+            p.requires_grad_(r)
+    res.seconds = time.perf_counter() - t_opt
+    del opt
+    return res
+
+
 def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
     cfg = ctx.cfg
+    if cfg.wbits is not None and cfg.sparsity == 0:  # learned clipping alone (quant.py)
+        return quant.prune_block_clip_only(ctx)
     kind, k = cfg.granularity_rows()
     dev = ctx.device
     names = list(ctx.linears)
@@ -221,90 +378,29 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
             s = s + a.sum() * params_per_group[n]
         return s / total_params
 
-    # --- 7-10: optimisation
-    requires = {p: p.requires_grad for p in ctx.block.parameters()}
-    for p in ctx.block.parameters():
-        p.requires_grad_(False)
-    params = [logits[n] for n in names]
-    nsamples = len(ctx.xs)
-    steps_total = cfg.epochs * -(-nsamples // cfg.batch_size)
-    lr = cfg.step_lr(steps_total)
-    opt = make_optimizer(params, cfg, lr)
-    scaler = LossScaler(
-        enabled=cfg.uses_loss_scaling(ctx.compute_dtype),
-        scale=float(cfg.loss_scale_init),
-        growth_interval=cfg.loss_scale_growth_interval,
-    )
-    prev_scale = (ctx.previous or {}).get("loss_scale")
-    if scaler.enabled and prev_scale:
-        scaler.scale = float(prev_scale)  # the previous block's scale: no re-learning it
-    losses: list[float] = []
-    recs: list[float] = []
-    sparsities: list[float] = []
-    skipped_at: list[int] = []
-    t_opt = time.perf_counter()
+    clip = quant.BlockClip.create(cfg, weights, dev, ctx.index)  # None without wbits
 
     def masked_weights() -> dict[str, torch.Tensor]:
-        return {
+        masked = {
             f"{n}.weight": ste.ste_mask(weights[n], ranks[n], logits[n], cand, cfg.smoothing)
             for n in names
         }
+        if clip is not None:  # joint: the forward uses quantize(W * M), STE rounding
+            masked = clip.fake_quant(masked)
+        return masked
 
-    try:
-        step = 0
-        for _epoch in range(cfg.epochs):
-            for s0 in range(0, nsamples, cfg.batch_size):
-                sl = slice(s0, s0 + cfg.batch_size)
-                x = ctx.batch(ctx.xs, sl)
-                y = torch.cat(targets[sl], dim=0).to(dev)
-                masked = masked_weights()
-                with ctx.autocast():
-                    out = functional_call(ctx.block, masked, (x, *ctx.args), ctx.kwargs)
-                y_hat = out[0] if isinstance(out, (tuple, list)) else out
-                rec = relative_reconstruction(y, y_hat)
-                s = block_sparsity()
-                loss = rec + cfg.lam * ((s - target) / target) ** 2
-                lv = float(loss.detach())
-                if not math.isfinite(lv):
-                    raise NumericalError(
-                        f"block {ctx.index}: the BESA loss became {lv} at step {step} "
-                        f"(reconstruction {float(rec.detach())}); try a smaller learning rate or float32"
-                    )
-                opt.zero_grad(set_to_none=True)
-                scaler.backward(loss)
-                finite = scaler.unscale_and_check(params)
-                if finite:
-                    opt.step()
-                elif not scaler.enabled:
-                    raise NumericalError(
-                        f"block {ctx.index}: non-finite gradients at step {step} with a finite "
-                        f"loss {lv:.4g}; try float32 or loss_scaling='dynamic'"
-                    )
-                else:
-                    skipped_at.append(step)
-                    if scaler.scale * 0.5 < MIN_LOSS_SCALE:
-                        raise NumericalError(
-                            f"block {ctx.index}: gradients stay non-finite at step {step} even "
-                            f"with loss scale {scaler.scale:.3g}; try bfloat16 or float32"
-                        )
-                scaler.update(finite)
-                losses.append(lv)
-                recs.append(float(rec.detach()))
-                sparsities.append(float(s.detach()))
-                step += 1
-                if ctx.progress is not None:
-                    ctx.progress.update(1)
-                    ctx.progress.set_postfix(
-                        loss=f"{lv:.4g}", s=f"{float(s.detach()):.3f}", refresh=False
-                    )
-                del masked, out, y_hat, loss, rec, x, y
-    finally:
-        for p, r in requires.items():
-            p.requires_grad_(r)
-    opt_seconds = time.perf_counter() - t_opt
+    def sparsity_penalty() -> tuple[torch.Tensor, torch.Tensor]:
+        s = block_sparsity()
+        return cfg.lam * ((s - target) / target) ** 2, s
+
+    # --- 7-10: optimisation (the loop shared with learned clipping alone)
+    groups = [ParamGroup("lr", [logits[n] for n in names], cfg.learning_rate)]
+    if clip is not None:
+        groups.append(clip.param_group(cfg))
+    loop = optimise_block(ctx, targets, groups, masked_weights, sparsity_penalty)
     first = slice(0, cfg.batch_size)
     first_target = torch.cat(targets[first], dim=0)
-    del opt, targets
+    del targets
 
     # --- 11: hard masks with exact block sparsity, weights updated in place
     with torch.no_grad():
@@ -327,6 +423,10 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
                 keep, dead = refit_layer(W, keep, stats[n].hessian, cfg, f"block {ctx.index} {n}")
             else:
                 W.mul_(keep.to(W.dtype))
+            qinfo: dict[str, Any] = {}
+            if clip is not None:  # learned clipping; with reconstruct the GPTQ pass (quant.py)
+                H = stats[n].hessian if cfg.reconstruct else None
+                qinfo = clip.finish(n, lin, keep, H, cfg, ctx.index)
             a = alphas[n]
             row_rates = 1.0 - keep.float().mean(1)
             layers.append(
@@ -343,6 +443,7 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
                     "row_sparsity_max": float(row_rates.max()),
                     "row_sparsity_std": float(row_rates.std()) if row_rates.numel() > 1 else 0.0,
                     **dead,
+                    **qinfo,
                 }
             )
         expected = sum(float(alphas[n].sum()) * params_per_group[n] for n in names) / total_params
@@ -361,15 +462,7 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
         "expected_sparsity": expected,
         "hard_sparsity_learned": hard,
         "sparsity_shift": shift,
-        "loss": losses,
-        "reconstruction": recs,
-        "sparsity_curve": sparsities,
-        "first_sample_reconstruction": [recs[0] if recs else float("nan"), rec_after],
-        "steps": len(losses),
-        "lr_per_step": lr,
-        "optimisation_seconds": opt_seconds,
-        "loss_scaling": scaler.enabled,
-        "loss_scale": scaler.scale if scaler.enabled else None,
-        "skipped_steps": scaler.skipped,
-        "skipped_at": skipped_at,
+        **loop.report(),
+        "sparsity_curve": loop.penalties,
+        "first_sample_reconstruction": [loop.recs[0] if loop.recs else float("nan"), rec_after],
     }

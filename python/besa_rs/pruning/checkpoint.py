@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from .. import _native
 from .._io import atomic_path, write_json_atomic
 from ..errors import ConfigError, FormatError
+from . import quant
 from .adapters import ModelAdapter
 from .config import PruneConfig
 from .sequential import RunState
@@ -61,6 +62,7 @@ class Checkpointer:
             "tokens": tokens_digest(tokens),
         }
         self.resumed_from: int | None = None
+        self.quant_spec = quant.spec_of(cfg)
 
     # ---------------------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -92,6 +94,7 @@ class Checkpointer:
                     raise FormatError(f"{path}: tensor {name!r} missing")
                 with torch.no_grad():
                     lin.weight.copy_(tensors[name].to(lin.weight.dtype))
+            quant.restore_block(lins, tensors, self.quant_spec)
         ipath = self.dir / f"inputs_{nxt:03d}.pt"
         if ipath.is_file():
             inputs = torch.load(ipath, weights_only=True)
@@ -113,6 +116,7 @@ class Checkpointer:
             name: lin.weight.detach().to("cpu").contiguous()
             for name, lin in adapter.linears(i).items()
         }
+        weights.update(quant.block_tensors(adapter.linears(i)))  # codes, scales, zero points
         with atomic_path(self.dir / f"block_{i:03d}.safetensors") as tmp:
             save_file(weights, str(tmp))
         _native.crash_point("checkpoint-after-block-file")

@@ -12,6 +12,7 @@ import torch
 from ..errors import ConfigError
 from ..models import parse_dtype
 from .baselines import check_group, parse_structure
+from .quant import QuantSpec
 
 METHODS = ("besa", "wanda", "sparsegpt", "magnitude")
 METRICS = ("wanda", "magnitude", "sparsegpt")
@@ -23,6 +24,8 @@ LOSS_SCALINGS = ("auto", "dynamic", "off")
 #: count (``lr_reference_steps``, 32 = the default 32 calibration sequences): with the default
 #: ``lr_schedule="budget"`` the rate per step is ``lr * lr_reference_steps / steps``.
 DEFAULT_LR = {"adamw": 0.2, "prodigy": 1.0}
+#: default learning rates of the learned weight clipping when ``clip_lr`` is not given
+DEFAULT_CLIP_LR = {"adamw": 0.1, "prodigy": 1.0}
 
 
 @dataclass
@@ -66,6 +69,10 @@ class PruneConfig:
     first_block: int = 0
     num_blocks: int | None = None  # prune only this many blocks (from first_block); None = all
     progress: bool = True
+    # weight quantization (docs/pruning.md, "Quantization"); wbits None (or 16) = off
+    wbits: int | None = None  # 2..8 bits per weight
+    group_size: int = 128  # input columns per scale / zero point; -1 = one group per row
+    clip_lr: float | None = None  # BESA's learned clipping; None: DEFAULT_CLIP_LR[optimizer]
 
     # ---------------------------------------------------------------------------------------
     def validate(self) -> PruneConfig:
@@ -81,12 +88,21 @@ class PruneConfig:
             raise ConfigError(
                 f"unknown optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}"
             )
-        if (
+        if self.wbits == 16:
+            self.wbits = None  # 16 bits = not quantized
+        if self.wbits is not None:
+            QuantSpec(self.wbits, self.group_size).check()
+            if self.clip_lr is not None and not (self.clip_lr > 0):
+                raise ConfigError(f"clip_lr must be > 0, got {self.clip_lr}")
+        quant_only = self.wbits is not None and self.sparsity == 0
+        if not quant_only and (
             not isinstance(self.sparsity, (int, float))
             or not (0.0 < float(self.sparsity) < 1.0)
             or math.isnan(self.sparsity)
         ):
-            raise ConfigError(f"sparsity must be strictly between 0 and 1, got {self.sparsity!r}")
+            raise ConfigError(
+                f"sparsity must be strictly between 0 and 1 (0 only with wbits), got {self.sparsity!r}"
+            )
         check_group(self.group)
         n, m = parse_structure(self.structure)
         if m and self.method == "besa":
@@ -162,15 +178,22 @@ class PruneConfig:
     def learning_rate(self) -> float:
         return float(self.lr if self.lr is not None else DEFAULT_LR[self.optimizer])
 
-    def step_lr(self, steps: int) -> float:
-        """Learning rate of each optimisation step of a block that takes ``steps`` steps.
+    @property
+    def clip_learning_rate(self) -> float:
+        return float(self.clip_lr if self.clip_lr is not None else DEFAULT_CLIP_LR[self.optimizer])
+
+    def step_lr(self, steps: int, lr: float | None = None) -> float:
+        """Learning rate of each optimisation step of a block that takes ``steps`` steps, for the
+        sparsity logits (``lr`` None: :attr:`learning_rate`) or another parameter group of the
+        same loop (``lr``: its rate at the reference step count, e.g. the clipping's
+        :attr:`clip_learning_rate`).
 
         AdamW with ``lr_schedule="budget"``: ``lr * lr_reference_steps / steps``. Adam's steps
         have size about ``lr`` whatever the gradient's scale, so the logits' total travel is
         ``lr * lr_reference_steps`` at every calibration size; more steps average more samples
         instead of going further. Prodigy estimates its own step size: its ``lr`` is used as is.
         """
-        lr = self.learning_rate
+        lr = self.learning_rate if lr is None else float(lr)
         if self.optimizer == "adamw" and self.lr_schedule == "budget":
             return lr * self.lr_reference_steps / max(int(steps), 1)
         return lr
@@ -186,6 +209,9 @@ class PruneConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["lr"] = self.learning_rate if self.method == "besa" else None
+        d["clip_lr"] = (
+            self.clip_learning_rate if self.method == "besa" and self.wbits is not None else None
+        )
         return d
 
     def fingerprint(self) -> dict[str, Any]:

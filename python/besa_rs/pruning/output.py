@@ -12,6 +12,7 @@ from typing import Any
 
 from .._io import atomic_dir, atomic_path, check_output_dir, check_output_file, write_json_atomic
 from ..errors import ConfigError
+from . import quant
 
 REPORT = "besa_report.json"
 HEATMAP = "sparsity_heatmap.png"
@@ -150,6 +151,10 @@ def write_outputs(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         report = dict(report, outputs={"model_dir": str(out), "report": REPORT, "heatmap": HEATMAP})
+        qfile = quant.write_quant_file(model, tmp)  # quantization.safetensors, if quantized
+        if qfile is not None:
+            report["quantization"] = qfile
+            report["outputs"]["quantization"] = qfile["file"]
         write_json_atomic(tmp / REPORT, report)
         heatmap(report, tmp / HEATMAP)
     return out

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DataError
+from . import quant
 from .adapters import (
     ModelAdapter,
     block_linears,
@@ -160,6 +161,7 @@ def prune_block_baseline(ctx: BlockContext) -> dict[str, Any]:
     for name, lin in ctx.linears.items():
         W = lin.weight.data
         full = f"block {ctx.index} {name}"
+        gptq = quant.column_quantizer(cfg, W, full) if cfg.method == "sparsegpt" else None
         extra: dict[str, Any] = {}
         new_w = None
         if cfg.method == "magnitude":
@@ -176,19 +178,26 @@ def prune_block_baseline(ctx: BlockContext) -> dict[str, Any]:
                 blocksize=cfg.blocksize,
                 percdamp=cfg.percdamp,
                 name=full,
+                quantizer=gptq,  # None without wbits; else SparseGPT's joint pass
             )
             # SparseGPT zeroes dead input columns itself (its mask counts them as pruned)
             extra["dead_columns"] = int(dead_columns(stats[name].hessian).sum())
         else:  # pragma: no cover - validated before
             raise ConfigError(f"unknown method {cfg.method!r}")
+        hessian = None
         if cfg.reconstruct:
-            # the control arm: this method's mask, then BESA's refit from the dense weight
-            keep, extra = refit_layer(W, keep, stats[name].hessian, cfg, full)
+            # the control arm: this method's mask, then BESA's refit from the dense weight;
+            # with wbits the refitted weights then go through the GPTQ pass with that mask
+            hessian = stats[name].hessian
+            keep, extra = refit_layer(W, keep, hessian, cfg, full)
+            gptq = None  # the joint pass chose the mask; its weights are not kept
         elif new_w is not None:
             W.copy_(new_w)
         else:
             W.mul_(keep.to(W.dtype))
         layers.append(layer_info(name, lin, cfg.sparsity, keep, **extra))
+        # RTN / the joint pass's grid / GPTQ with the mask after a refit; a no-op without wbits
+        quant.finish_layer(cfg, lin, keep, layers[-1], full, gptq, hessian=hessian)
         if ctx.progress is not None:
             ctx.progress.update(1)
     del stats
@@ -260,6 +269,7 @@ def run_pruning(
     last = n_blocks if cfg.num_blocks is None else min(n_blocks, first + cfg.num_blocks)
     if first >= n_blocks:
         raise ConfigError(f"first_block {first} is out of range: the model has {n_blocks} blocks")
+    quant.check_groups(adapter, first, last, quant.spec_of(cfg))  # fail before any block
     device = torch.device(cfg.device)
     cache_device = torch.device(cfg.cache_device) if cfg.cache_device else device
     model_dtype = _model_dtype(model)
