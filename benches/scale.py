@@ -50,15 +50,20 @@ def memory_formula(
     bytes_a: int,
     largest_layer: int,
 ) -> dict[str, float]:
-    """docs/pruning.md, "Memory" (BESA row-wise, caches on the compute device), in bytes."""
+    """docs/pruning.md, "Memory" (BESA row-wise, caches on the compute device), in bytes: the
+    optimisation's peak, or the ranking's (before it, not at the same time) if larger."""
     parts = {
         "weights, ranks, masked weights + grads": params * (bytes_w + 4 + 2 * bytes_w),
         "caches (inputs, targets, next inputs)": 3 * nsamples * seqlen * hidden * bytes_a,
         "autograd activations (one sequence)": seqlen * (10 * hidden + 4 * ffn) * 4,
         "logits + AdamW moments": rows * CANDIDATES * 4 * 3,
-        "ranking transient (largest layer)": largest_layer * 16,
     }
-    parts["total"] = sum(parts.values())
+    optimisation = sum(parts.values())
+    ranking = (
+        params * (bytes_w + 4) + largest_layer * 16 + parts["caches (inputs, targets, next inputs)"]
+    )
+    parts["ranking phase (weights, ranks, largest layer's sort)"] = ranking
+    parts["total"] = max(optimisation, ranking)
     return parts
 
 

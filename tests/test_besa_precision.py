@@ -199,3 +199,26 @@ def test_loss_scaling_settings_are_validated(toks):
     ):
         with pytest.raises(ConfigError):
             PruneConfig(**bad).validate()
+
+
+def test_cli_passes_schedule_precision_and_prodigy_settings(tmp_path):
+    import json
+
+    from _tiny import SAMPLE_TEXT, save_tiny
+
+    from besa_rs.cli import main
+
+    model = save_tiny(tmp_path / "m", "llama", layers=1)
+    calib = tmp_path / "c.txt"
+    calib.write_text(SAMPLE_TEXT * 20)
+    out = tmp_path / "o"
+    args = ["prune", str(model), "--out", str(out), "--calib", str(calib), "--nsamples", "4"]
+    args += ["--seqlen", "16", "--quiet", "--dtype", "float16", "--loss-scaling", "off"]
+    args += ["--lr-schedule", "constant", "--lr", "0.1", "--json", str(tmp_path / "r.json")]
+    assert main(args) == 0
+    rep = json.loads((tmp_path / "r.json").read_text())
+    st = rep["settings"]
+    assert st["lr_schedule"] == "constant" and st["loss_scaling"] == "off" and st["d_coef"] == 5.0
+    b = rep["blocks"][0]
+    assert b["lr_per_step"] == pytest.approx(0.1) and b["loss_scaling"] is False
+    assert main(args[:-2] + ["--overwrite", "--loss-scaling", "sometimes"]) == 2
