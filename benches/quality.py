@@ -120,6 +120,11 @@ def fmt(r: dict[str, Any]) -> str:
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation of the measured values (NaN = not measured, e.g.
+    the 2048-token column under BESA_RS_BENCH_SKIP_2048); NaN when none was measured."""
+    xs = [x for x in xs if math.isfinite(x)]
+    if not xs:
+        return math.nan, math.nan
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
