@@ -103,3 +103,11 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def prune_args(model, out, calib, *extra):
+    """``besa-rs prune`` arguments for a tiny model: 4 x 32 calibration tokens, quiet."""
+    return [
+        "prune", str(model), "--out", str(out), "--calib", str(calib),
+        "--nsamples", "4", "--seqlen", "32", "--quiet", *extra,
+    ]  # fmt: skip

@@ -75,3 +75,21 @@ def tiny_llama_dir(tmp_path, tiny_llama, tiny_tokenizer) -> Path:
     tiny_llama.save_pretrained(d)
     tiny_tokenizer.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A saved tiny random LLaMA (2 blocks), one per test module (a module may override it)."""
+    from _tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("m") / "tiny-llama", "llama", layers=2)
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    """A calibration text file for the tiny models."""
+    from _tiny import SAMPLE_TEXT
+
+    p = tmp_path_factory.mktemp("c") / "calib.txt"
+    p.write_text(SAMPLE_TEXT * 20)
+    return p

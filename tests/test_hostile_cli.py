@@ -49,13 +49,6 @@ def tiny_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("c") / "calib.txt"
-    p.write_text(SAMPLE_TEXT * 20)
-    return p
-
-
 def _prune_args(model, out, calib, *extra):
     return [
         "prune", str(model), "--out", str(out), "--calib", str(calib), "--method", "magnitude",

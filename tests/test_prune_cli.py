@@ -14,33 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import SAMPLE_TEXT, save_tiny, single_thread  # noqa: E402, F401
+from _tiny import SAMPLE_TEXT, prune_args, save_tiny, single_thread  # noqa: E402, F401
 
 from besa_rs.cli import main  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("m") / "tiny-llama", "llama", layers=2)
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("c") / "calib.txt"
-    p.write_text(SAMPLE_TEXT * 20)
-    return p
-
-
-def _args(model, out, calib, *extra):
-    return [
-        "prune", str(model), "--out", str(out), "--calib", str(calib),
-        "--nsamples", "4", "--seqlen", "32", "--quiet", *extra,
-    ]  # fmt: skip
-
-
 def test_prune_cli_besa_writes_model_report_heatmap(tiny_dir, calib_file, tmp_path):
     out = tmp_path / "pruned"
-    assert main(_args(tiny_dir, out, calib_file, "--json", str(tmp_path / "r.json"))) == 0
+    assert main(prune_args(tiny_dir, out, calib_file, "--json", str(tmp_path / "r.json"))) == 0
     for f in [
         "config.json",
         "model.safetensors",
@@ -75,7 +56,9 @@ def test_prune_cli_besa_writes_model_report_heatmap(tiny_dir, calib_file, tmp_pa
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
 def test_prune_cli_baselines(tiny_dir, calib_file, tmp_path, method):
     out = tmp_path / method
-    assert main(_args(tiny_dir, out, calib_file, "--method", method, "--structure", "2:4")) == 0
+    assert (
+        main(prune_args(tiny_dir, out, calib_file, "--method", method, "--structure", "2:4")) == 0
+    )
     rep = json.loads((out / "besa_report.json").read_text())
     assert rep["totals"]["realised_sparsity"] == pytest.approx(0.5)
 
@@ -98,7 +81,7 @@ BAD = [
 @pytest.mark.parametrize("extra,msg", BAD)
 def test_prune_cli_bad_settings(tiny_dir, calib_file, tmp_path, capsys, extra, msg):
     out = tmp_path / "o"
-    assert main(_args(tiny_dir, out, calib_file, *extra)) == 2
+    assert main(prune_args(tiny_dir, out, calib_file, *extra)) == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert last.startswith("besa-rs prune: error:") and msg in last, err
@@ -108,7 +91,9 @@ def test_prune_cli_bad_settings(tiny_dir, calib_file, tmp_path, capsys, extra, m
 def test_nm_needs_divisible_columns_cli(tmp_path, calib_file, capsys):
     model = save_tiny(tmp_path / "m100", "llama", intermediate=100)
     assert (
-        main(_args(model, tmp_path / "o", calib_file, "--method", "wanda", "--structure", "4:8"))
+        main(
+            prune_args(model, tmp_path / "o", calib_file, "--method", "wanda", "--structure", "4:8")
+        )
         == 2
     )
     assert "100 input features are not divisible by M=8" in capsys.readouterr().err
@@ -117,12 +102,12 @@ def test_nm_needs_divisible_columns_cli(tmp_path, calib_file, capsys):
 def test_too_short_calibration_text(tiny_dir, tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    assert main(_args(tiny_dir, tmp_path / "o", short)) == 2
+    assert main(prune_args(tiny_dir, tmp_path / "o", short)) == 2
     err = capsys.readouterr().err
     assert "at least 33 are needed" in err and "9 tokens" in err
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
-    assert main(_args(tiny_dir, tmp_path / "o", empty)) == 2
+    assert main(prune_args(tiny_dir, tmp_path / "o", empty)) == 2
     assert "empty" in capsys.readouterr().err
 
 
@@ -130,14 +115,14 @@ def test_output_exists_is_refused(tiny_dir, calib_file, tmp_path, capsys):
     out = tmp_path / "exists"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    assert main(_args(tiny_dir, out, calib_file, "--method", "magnitude")) == 2
+    assert main(prune_args(tiny_dir, out, calib_file, "--method", "magnitude")) == 2
     assert "already exists (pass --overwrite" in capsys.readouterr().err
     # --overwrite replaces only a previous besa-rs output (issue 14, item 1)
-    assert main(_args(tiny_dir, out, calib_file, "--method", "magnitude", "--overwrite")) == 2
+    assert main(prune_args(tiny_dir, out, calib_file, "--method", "magnitude", "--overwrite")) == 2
     assert "not a besa-rs prune output" in capsys.readouterr().err
     (out / "keep.txt").unlink()
-    assert main(_args(tiny_dir, out, calib_file, "--method", "magnitude", "--overwrite")) == 0
-    assert main(_args(tiny_dir, out, calib_file, "--method", "wanda", "--overwrite")) == 0
+    assert main(prune_args(tiny_dir, out, calib_file, "--method", "magnitude", "--overwrite")) == 0
+    assert main(prune_args(tiny_dir, out, calib_file, "--method", "wanda", "--overwrite")) == 0
     assert json.loads((out / "besa_report.json").read_text())["settings"]["method"] == "wanda"
 
 
@@ -151,7 +136,7 @@ def test_unsupported_model_type(tmp_path, calib_file, capsys):
     from _tiny import tiny_tokenizer
 
     tiny_tokenizer().save_pretrained(d)
-    assert main(_args(d, tmp_path / "o", calib_file)) == 2
+    assert main(prune_args(d, tmp_path / "o", calib_file)) == 2
     assert "t5" in capsys.readouterr().err
 
 
@@ -164,7 +149,7 @@ def test_nan_loss_stops_with_clear_error_and_writes_nothing(tmp_path, calib_file
         m.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     m.save_pretrained(d)
     out = tmp_path / "o"
-    assert main(_args(d, out, calib_file)) == 2
+    assert main(prune_args(d, out, calib_file)) == 2
     err = capsys.readouterr().err
     assert "block 1: the BESA loss became nan" in err
     assert not out.exists()
@@ -184,11 +169,11 @@ def _run_cli(args, env=None, **kw):
 def test_resume_after_kill_is_bit_identical(tmp_path, calib_file, capsys):
     model = save_tiny(tmp_path / "m4", "llama", layers=3)
     ref = tmp_path / "ref"
-    assert main(_args(model, ref, calib_file)) == 0  # uninterrupted, in this process
+    assert main(prune_args(model, ref, calib_file)) == 0  # uninterrupted, in this process
 
     out = tmp_path / "out"
     state = Path(str(out) + ".checkpoint") / "state.json"
-    p = _run_cli(_args(model, out, calib_file), env={"BESA_RS_TEST_BLOCK_DELAY": "3"})
+    p = _run_cli(prune_args(model, out, calib_file), env={"BESA_RS_TEST_BLOCK_DELAY": "3"})
     deadline = time.time() + 600
     while time.time() < deadline and p.poll() is None:
         if state.is_file() and json.loads(state.read_text())["next_block"] >= 1:
@@ -199,9 +184,9 @@ def test_resume_after_kill_is_bit_identical(tmp_path, calib_file, capsys):
     p.wait()
     assert not out.exists()
     # a plain rerun refuses to clobber the checkpoint
-    assert main(_args(model, out, calib_file)) == 2
+    assert main(prune_args(model, out, calib_file)) == 2
     assert "--resume" in capsys.readouterr().err
-    assert main(_args(model, out, calib_file, "--resume")) == 0
+    assert main(prune_args(model, out, calib_file, "--resume")) == 0
     rep = json.loads((out / "besa_report.json").read_text())
     assert rep["resumed_from_block"] == 1
     a = load_file(str(ref / "model.safetensors"))
@@ -234,21 +219,21 @@ def test_resume_refuses_other_settings(tmp_path, calib_file, capsys, monkeypatch
 
     monkeypatch.setattr(Checkpointer, "save", save_then_stop)
     with pytest.raises(Stop):
-        main(_args(model, out, calib_file))
+        main(prune_args(model, out, calib_file))
     monkeypatch.undo()
     assert json.loads((ck / "state.json").read_text())["next_block"] == 1
     for other in (["--lambda", "3"], ["--sparsity", "0.6"], ["--optimizer", "prodigy"]):
-        assert main(_args(model, out, calib_file, "--resume", *other)) == 2, other
+        assert main(prune_args(model, out, calib_file, "--resume", *other)) == 2, other
         assert "checkpoint was made with different settings" in capsys.readouterr().err
     other_calib = tmp_path / "other.txt"
     other_calib.write_text(SAMPLE_TEXT.upper() * 20)
-    assert main(_args(model, out, other_calib, "--resume")) == 2  # other calibration tokens
+    assert main(prune_args(model, out, other_calib, "--resume")) == 2  # other calibration tokens
     assert "different settings, model or calibration" in capsys.readouterr().err
     assert not out.exists() and (ck / "state.json").is_file()  # nothing was touched
-    assert main(_args(model, out, calib_file, "--resume")) == 0
+    assert main(prune_args(model, out, calib_file, "--resume")) == 0
     assert json.loads((out / "besa_report.json").read_text())["resumed_from_block"] == 1
     # without a checkpoint there is nothing to resume
-    assert main(_args(model, tmp_path / "o2", calib_file, "--resume")) == 2
+    assert main(prune_args(model, tmp_path / "o2", calib_file, "--resume")) == 2
     assert "no checkpoint to resume" in capsys.readouterr().err
 
 
@@ -262,7 +247,7 @@ def test_resume_after_the_last_block(tmp_path, calib_file):
 
     model_dir = save_tiny(tmp_path / "m", "llama", layers=2)
     out = tmp_path / "o"
-    args = _args(model_dir, out, calib_file, "--method", "wanda")
+    args = prune_args(model_dir, out, calib_file, "--method", "wanda")
     cfg = PruneConfig(method="wanda", progress=False)
     toks = calibration_set(load_tokenizer(model_dir), [str(calib_file)], 4, 32, seed=0)
     ck = Checkpointer(Path(str(out) + ".checkpoint"), cfg, toks, resume=False)

@@ -12,7 +12,14 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import SAMPLE_TEXT, save_tiny, single_thread, tiny_model, tiny_tokens  # noqa: E402, F401
+from _tiny import (  # noqa: E402, F401
+    SAMPLE_TEXT,
+    prune_args,
+    save_tiny,
+    single_thread,
+    tiny_model,
+    tiny_tokens,
+)
 
 import besa_rs  # noqa: E402
 from besa_rs.cli import main  # noqa: E402
@@ -511,23 +518,6 @@ def test_wanda_reconstruct_with_wbits_is_quantization_aware():
 
 # ---------------------------------------------------------------------------------------------
 # saving, CLI, resume
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("m") / "tiny-llama", "llama", layers=2)
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("c") / "calib.txt"
-    p.write_text(SAMPLE_TEXT * 20)
-    return p
-
-
-def _args(model, out, calib, *extra):
-    return [
-        "prune", str(model), "--out", str(out), "--calib", str(calib),
-        "--nsamples", "4", "--seqlen", "32", "--quiet", *extra,
-    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -541,7 +531,7 @@ def _args(model, out, calib, *extra):
 )
 def test_cli_saves_grid_values_and_parameters(tiny_dir, calib_file, tmp_path, extra):
     out = tmp_path / "q"
-    assert main(_args(tiny_dir, out, calib_file, *extra)) == 0
+    assert main(prune_args(tiny_dir, out, calib_file, *extra)) == 0
     rep = json.loads((out / "besa_report.json").read_text())
     bits = int(extra[extra.index("--wbits") + 1])
     assert rep["quantization"]["file"] == quant.QUANT_FILE and rep["quantization"]["bits"] == bits
@@ -562,7 +552,7 @@ def test_cli_saves_grid_values_and_parameters(tiny_dir, calib_file, tmp_path, ex
 
 def test_no_side_file_without_wbits(tiny_dir, calib_file, tmp_path):
     out = tmp_path / "plain"
-    assert main(_args(tiny_dir, out, calib_file, "--method", "magnitude")) == 0
+    assert main(prune_args(tiny_dir, out, calib_file, "--method", "magnitude")) == 0
     assert not (out / quant.QUANT_FILE).exists()
     assert "quantization" not in json.loads((out / "besa_report.json").read_text())
     with pytest.raises(FormatError, match="was not quantized"):
@@ -642,7 +632,7 @@ def test_group_size_must_divide_every_layer():
 )
 def test_cli_bad_quant_input(tiny_dir, calib_file, tmp_path, capsys, extra, msg):
     out = tmp_path / "o"
-    assert main(_args(tiny_dir, out, calib_file, *extra)) == 2
+    assert main(prune_args(tiny_dir, out, calib_file, *extra)) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("besa-rs prune: error:") and msg in last, last
     assert not out.exists()
