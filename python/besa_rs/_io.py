@@ -176,10 +176,16 @@ def check_output_file(path: str | os.PathLike[str] | None, what: str) -> None:
         raise ConfigError(f"{what} {p}: is an existing directory, expected a file path")
     if p.exists() and not p.is_file():
         raise ConfigError(f"{what} {p}: exists and is not a regular file")
+    _writable_parent(p, what)
+
+
+def _writable_parent(p: Path, what: str) -> Path:
+    """The nearest existing ancestor of ``p``'s parent, checked to be a writable directory."""
     anc = _existing_ancestor(p.parent)
     if not anc.is_dir():
         raise ConfigError(f"{what} {p}: {anc} is not a directory")
     _probe_write(anc, f"{what} {p}")
+    return anc
 
 
 def check_output_dir(
@@ -198,10 +204,7 @@ def check_output_dir(
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ConfigError(f"{what} {p}: exists and is not a directory")
-    anc = _existing_ancestor(p.parent)
-    if not anc.is_dir():
-        raise ConfigError(f"{what} {p}: {anc} is not a directory")
-    _probe_write(anc, f"{what} {p}")
+    anc = _writable_parent(p, what)
     if need_bytes:
         st = os.statvfs(anc)
         free = st.f_bavail * st.f_frsize

@@ -165,10 +165,23 @@ def load_model(
     **kwargs: Any,
 ) -> PreTrainedModel:
     """Loads a causal LM in eval mode (offline; the default model comes from the cache)."""
+    path = resolve_model(name_or_path)
+    return load_resolved_model(path, check_model_files(path), dtype, device, **kwargs)
+
+
+def load_resolved_model(
+    path: Path,
+    packed: bool,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    **kwargs: Any,
+) -> PreTrainedModel:
+    """:func:`load_model` for a directory already resolved and checked by
+    :func:`check_model_files` (``packed``: its answer), so callers that need to know whether
+    the checkpoint is packed validate it once."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model(name_or_path)
-    if check_model_files(path):
+    if packed:
         # A packed checkpoint (bitmask, 2:4, CSR): decoded by besa-rs, not by transformers
         # (which would need compressed-tensors).
         if kwargs:

@@ -66,14 +66,15 @@ def _include_paths(include_path: Any) -> list[Path]:
 def _load_model(model: Any, tokenizer: Any, dtype: str, device: str | None) -> tuple[Any, Any, str]:
     """Resolves a path (plain, pruned or packed) or a model object; returns (model, tokenizer,
     description)."""
-    from .models import check_model_files, load_model, load_tokenizer, resolve_model
+    from .models import check_model_files, load_resolved_model, load_tokenizer, resolve_model
 
     if isinstance(model, (str, os.PathLike)):
         name = os.fspath(model)
         path = resolve_model(name)
         # load_model validates every file with besa-rs's reader and decodes packed checkpoints
-        source = "packed" if check_model_files(path) else "huggingface"
-        m = load_model(path, dtype=dtype, device=device or "cpu")
+        packed = check_model_files(path)
+        source = "packed" if packed else "huggingface"
+        m = load_resolved_model(path, packed, dtype=dtype, device=device or "cpu")
         try:
             tok = tokenizer if tokenizer is not None else load_tokenizer(path)
         except (OSError, ValueError) as e:
