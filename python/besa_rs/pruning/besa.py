@@ -1,4 +1,6 @@
-"""BESA for one transformer block (spec/besa.md, steps 1-11).
+"""BESA for one transformer block (docs/pruning.md, "BESA, as implemented"), in the steps of
+the BESA paper's algorithm: 1-3 target and importance statistics, 4-6 ranks, candidate
+sparsities and logits, 7-10 optimisation, 11 hard masks with the exact block sparsity.
 
 Weights stay frozen; per linear layer we learn logits over candidate sparsities (one vector per
 output row, per group of K rows, or per layer). The block's forward uses ``W * M`` with ``M``

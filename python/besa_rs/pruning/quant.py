@@ -1,4 +1,4 @@
-"""Weight quantization that composes with sparsity masks (issue 11, spec/quant.md).
+"""Weight quantization that composes with sparsity masks (docs/pruning.md, "Quantization").
 
 One idea: an asymmetric uniform integer grid per output row and group of ``G`` consecutive input
 columns (``G = -1``: the whole row), ``N`` bits (2..8), and the three ways besa-rs puts weights
