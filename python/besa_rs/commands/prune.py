@@ -24,9 +24,18 @@ def _with_default(help: str, value: Any) -> str:
 
 
 def register(sub: Any) -> None:
-    from ..pruning.config import LOSS_SCALINGS, LR_SCHEDULES, METHODS, METRICS, OPTIMIZERS
+    from ..pruning.config import (
+        DEFAULT_CLIP_LR,
+        DEFAULT_LR,
+        LOSS_SCALINGS,
+        LR_SCHEDULES,
+        METHODS,
+        METRICS,
+        OPTIMIZERS,
+    )
 
     d = _defaults()
+    steps = d["lr_reference_steps"]
     p = sub.add_parser(
         "prune",
         help="prune a causal LM (BESA, Wanda, SparseGPT, magnitude) and save it",
@@ -41,6 +50,7 @@ def register(sub: Any) -> None:
         if kw.get("action") in ("store_true", "store_false"):
             p.add_argument(flag, dest=dest, default=d[dest], help=help, **kw)
         else:
+            kw.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
             p.add_argument(
                 flag, dest=dest, default=d[dest], help=_with_default(help, d[dest]), **kw
             )
@@ -74,13 +84,15 @@ def register(sub: Any) -> None:
     field(
         "--lr",
         "lr",
-        "learning rate (default: adamw 0.2 at 32 steps, see --lr-schedule; prodigy 1.0)",
+        f"learning rate (default: adamw {DEFAULT_LR['adamw']} at {steps} steps, see "
+        f"--lr-schedule; prodigy {DEFAULT_LR['prodigy']})",
         type=float,
     )
     field(
         "--lr-schedule",
         "lr_schedule",
-        f"{' | '.join(LR_SCHEDULES)}; adamw budget: lr x 32 / steps per step, constant: lr per step",
+        f"{' | '.join(LR_SCHEDULES)}; adamw budget: lr x {steps} / steps per step, constant: "
+        "lr per step",
     )
     field("--d-coef", "d_coef", "Prodigy d_coef", type=float)
     field(
@@ -127,8 +139,8 @@ def register(sub: Any) -> None:
     field(
         "--clip-lr",
         "clip_lr",
-        "BESA learned clipping learning rate (default: adamw 0.1 at 32 steps, same "
-        "--lr-schedule as --lr; prodigy 1.0)",
+        f"BESA learned clipping learning rate (default: adamw {DEFAULT_CLIP_LR['adamw']} at "
+        f"{steps} steps, same --lr-schedule as --lr; prodigy {DEFAULT_CLIP_LR['prodigy']})",
         type=float,
     )
     field("--device", "device", "compute device: cpu | cuda[:N]")
