@@ -22,7 +22,14 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-FORMATS: tuple[str, ...] = ("bitmask", "2:4", "csr")
+# The packed formats as the Rust codecs list them: canonical names, and every accepted
+# spelling (config.json names, aliases) mapped to its canonical name.
+FORMATS: tuple[str, ...] = tuple(name for name, _, _ in _native.formats())
+_FORMAT_NAMES: dict[str, str] = {
+    spelling: name
+    for name, config_name, aliases in _native.formats()
+    for spelling in (name, config_name, *aliases)
+}
 DEFAULT_SHARD_SIZE = 5_000_000_000
 
 _UNITS = {
@@ -55,9 +62,10 @@ def parse_size(size: int | str) -> int:
 
 
 def _check_format(format: str) -> str:
-    if format not in FORMATS:
+    """The canonical name of a format given by any accepted spelling."""
+    if format not in _FORMAT_NAMES:
         raise ConfigError(f"unknown format {format!r} (expected one of: {', '.join(FORMATS)})")
-    return format
+    return _FORMAT_NAMES[format]
 
 
 def pack(
@@ -75,7 +83,7 @@ def pack(
     """Packs a checkpoint directory (or a safetensors file, or an in-memory transformers model,
     saved first to a temporary directory) into ``out``. Returns the report (per tensor: action,
     format, sizes, ratio; totals; warnings)."""
-    _check_format(format)
+    format = _check_format(format)
     size = parse_size(shard_size)
     if isinstance(model_or_path, (str, os.PathLike)):
         return json.loads(

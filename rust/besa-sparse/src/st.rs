@@ -10,21 +10,7 @@ use safetensors::tensor::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
 
-/// Bytes per element of a dtype (sub-byte dtypes are refused by the callers that need this).
-pub fn dtype_itemsize(dtype: Dtype) -> usize {
-    dtype.bitsize().div_ceil(8)
-}
-
-/// The canonical string of a dtype, as written in safetensors headers ("F32", "BF16", ...).
-pub fn dtype_name(dtype: Dtype) -> String {
-    format!("{dtype:?}")
-}
-
-/// Parses a dtype string as written in safetensors headers.
-pub fn parse_dtype(name: &str) -> Result<Dtype> {
-    serde_json::from_value(serde_json::Value::String(name.to_string()))
-        .map_err(|_| Error::dtype(format!("unknown dtype {name:?}")))
-}
+pub use crate::dtype::{itemsize as dtype_itemsize, name as dtype_name, parse as parse_dtype};
 
 /// One tensor of a mapped file: its header entry and its bytes.
 #[derive(Debug, Clone)]
@@ -175,6 +161,40 @@ impl StFile {
     /// The bytes of a tensor of this file.
     pub fn data(&self, t: &TensorEntry) -> &[u8] {
         &self.mmap[self.data_start + t.data_offsets.0..self.data_start + t.data_offsets.1]
+    }
+
+    /// Drops the pages of tensor `t` of this file from the process's page tables (they stay in
+    /// the page cache): consumers reading a model once, matrix by matrix, keep their resident
+    /// set at the matrices in flight. Only whole pages inside the tensor's range of this
+    /// read-only file map are touched, so no byte any borrower sees can change (a later read
+    /// faults the same bytes back in from the file).
+    pub fn release(&self, t: &TensorEntry) {
+        #[cfg(target_os = "linux")]
+        {
+            let (a, b) = (
+                self.data_start + t.data_offsets.0,
+                self.data_start + t.data_offsets.1,
+            );
+            if b > self.mmap.len() || a >= b {
+                return;
+            }
+            // SAFETY: sysconf has no preconditions.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+            let page = if page > 0 { page as usize } else { 4096 };
+            let base = self.mmap.as_ptr() as usize;
+            let first = (base + a).div_ceil(page) * page;
+            let end = (base + b) / page * page;
+            if end > first {
+                // SAFETY: [first, end) is made of whole pages inside this file's read-only shared
+                // map (`self.mmap`, alive as long as `self`); MADV_DONTNEED on such a map
+                // only drops this process's page-table entries.
+                unsafe {
+                    libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED);
+                }
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = t;
     }
 }
 

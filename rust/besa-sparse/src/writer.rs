@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use std::os::unix::fs::FileExt;
 
+use crate::dtype::itemsize as dtype_itemsize;
 use crate::error::{Error, Result};
-use crate::st::dtype_itemsize;
 
 /// Header size limit of the format (same as the reader's).
 pub const MAX_HEADER: usize = 100_000_000;
@@ -223,6 +223,45 @@ impl ShardWriter {
                 .map_err(|e| Error::io(&self.path, e))?;
         }
         Ok(r)
+    }
+
+    /// Writes tensor `name` (rows of `row_bytes` bytes) chunk by chunk: `f(rows, buf)` fills
+    /// the bytes of rows `rows` into `buf`, which is then written at its offset. Chunks are a
+    /// few MB, so the data goes from the cache to the file without a full-size buffer.
+    pub fn fill_rows(
+        &mut self,
+        name: &str,
+        row_bytes: usize,
+        mut f: impl FnMut(std::ops::Range<usize>, &mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        const CHUNK: usize = 1 << 23;
+        let (a, b) = self.slot(name)?;
+        let rows = (b - a).checked_div(row_bytes).unwrap_or(0);
+        crate::ensure!(
+            rows * row_bytes == b - a,
+            shape,
+            "tensor {name:?}: {} bytes are not whole rows of {row_bytes}",
+            b - a
+        );
+        let per = (CHUNK / row_bytes.max(1)).max(1);
+        let mut r = 0;
+        while r < rows {
+            let end = (r + per).min(rows);
+            let len = (end - r) * row_bytes;
+            if self.scratch.len() < len {
+                self.scratch.resize(len, 0);
+            }
+            let mut buf = std::mem::take(&mut self.scratch);
+            let res = f(r..end, &mut buf[..len]).and_then(|()| {
+                self.file
+                    .write_all_at(&buf[..len], (self.data_start + a + r * row_bytes) as u64)
+                    .map_err(|e| Error::io(&self.path, e))
+            });
+            self.scratch = buf;
+            res?;
+            r = end;
+        }
+        Ok(())
     }
 
     /// Rewrites the header with new metadata values; the new header must have exactly the
