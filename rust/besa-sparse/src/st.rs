@@ -290,3 +290,58 @@ fn describe(
         other => other.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::writer::{serialize, PlannedTensor};
+
+    fn file_with(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    fn open_bytes(bytes: &[u8]) -> Result<StFile> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.safetensors");
+        std::fs::write(&p, bytes).unwrap();
+        StFile::open(&p)
+    }
+
+    #[test]
+    fn reads_what_the_writer_writes_in_offset_order() {
+        let a = PlannedTensor::new("b", Dtype::F32, vec![2]);
+        let b = PlannedTensor::new("a", Dtype::U8, vec![3]);
+        let md: BTreeMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+        let bytes = serialize(&[(a, &[1u8; 8][..]), (b, &[2u8; 3][..])], Some(&md)).unwrap();
+        let f = open_bytes(&bytes).unwrap();
+        let names: Vec<&str> = f.tensors().iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["b", "a"]);
+        assert_eq!(f.data(f.get("a").unwrap()), &[2, 2, 2]);
+        assert_eq!(f.metadata()["format"], "pt");
+        f.release(f.get("b").unwrap());
+        assert_eq!(f.data(f.get("b").unwrap()), &[1u8; 8]);
+    }
+
+    #[test]
+    fn header_defects_are_named() {
+        let msg = |bytes: &[u8]| open_bytes(bytes).unwrap_err().message;
+        assert!(msg(&[1, 2, 3]).contains("only 3 bytes"));
+        let mut big = 200_000_000u64.to_le_bytes().to_vec();
+        big.extend_from_slice(b"{}");
+        assert!(msg(&big).contains("exceeds the 100 MB limit"));
+        let mut long = 50u64.to_le_bytes().to_vec();
+        long.extend_from_slice(b"{}");
+        assert!(msg(&long).contains("larger than the file"));
+        let dup = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#;
+        assert!(msg(&file_with(dup, &[0, 0])).contains("\"a\" appears twice"));
+        let short = r#"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#;
+        assert!(msg(&file_with(short, &[0; 8])).contains("needs 12 bytes"));
+        let past = r#"{"w":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#;
+        assert!(msg(&file_with(past, &[0; 2])).contains("beyond the 2-byte data buffer"));
+        let huge = r#"{"w":{"dtype":"U8","shape":[0,9223372036854775807,4],"data_offsets":[0,0]}}"#;
+        assert!(msg(&file_with(huge, &[])).contains("overflow"));
+    }
+}
