@@ -280,19 +280,21 @@ pub fn commit_dir(tmp: &Path, final_path: &Path, overwrite: bool, sync: bool) ->
         }
         // final_path exists.
         if !overwrite {
-            return Err(Error::config(format!(
+            crate::bail!(
+                config,
                 "output directory {} was created by another process while this run was writing; nothing was replaced and this run's output was discarded (pass --overwrite to replace it)",
                 final_path.display()
-            )));
+            );
         }
         let is_dir = std::fs::symlink_metadata(final_path)
             .map(|m| m.is_dir())
             .unwrap_or(false);
         if !is_dir {
-            return Err(Error::config(format!(
+            crate::bail!(
+                config,
                 "output {} exists and is not a directory; nothing was replaced",
                 final_path.display()
-            )));
+            );
         }
         match renameat2(tmp, final_path, RenameFlag::Exchange) {
             Ok(()) => {
@@ -364,16 +366,18 @@ impl AtomicDir {
     pub fn new(final_path: &Path, overwrite: bool) -> Result<Self> {
         let notes = recover_leftovers(final_path)?;
         if final_path.exists() && !overwrite {
-            return Err(Error::config(format!(
+            crate::bail!(
+                config,
                 "output directory {} already exists (pass --overwrite to replace it)",
                 final_path.display()
-            )));
+            );
         }
         if final_path.exists() && !final_path.is_dir() {
-            return Err(Error::config(format!(
+            crate::bail!(
+                config,
                 "output {} exists and is not a directory",
                 final_path.display()
-            )));
+            );
         }
         let tmp = make_partial_dir(final_path)?;
         Ok(Self {

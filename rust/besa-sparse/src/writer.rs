@@ -56,10 +56,11 @@ pub fn header_bytes(
     let mut off = 0usize;
     for t in tensors {
         if !seen.insert(t.name.as_str()) || t.name == "__metadata__" {
-            return Err(Error::format(format!(
+            crate::bail!(
+                format,
                 "tensor name {:?} is used twice (or reserved)",
                 t.name
-            )));
+            );
         }
         let n = t.nbytes();
         offsets.push((off, off + n));
@@ -109,10 +110,11 @@ pub fn header_bytes(
     let mut bytes = h.into_bytes();
     bytes.resize(bytes.len().next_multiple_of(8), b' ');
     if bytes.len() > MAX_HEADER {
-        return Err(Error::format(format!(
+        crate::bail!(
+            format,
             "header of {} bytes exceeds the 100 MB limit",
             bytes.len()
-        )));
+        );
     }
     Ok((bytes, offsets))
 }
@@ -183,11 +185,12 @@ impl ShardWriter {
     pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<()> {
         let (a, b) = self.slot(name)?;
         if data.len() != b - a {
-            return Err(Error::shape(format!(
+            crate::bail!(
+                shape,
                 "tensor {name:?}: {} bytes given, {} planned",
                 data.len(),
                 b - a
-            )));
+            );
         }
         self.file
             .write_all_at(data, (self.data_start + a) as u64)
@@ -274,10 +277,11 @@ impl ShardWriter {
     ) -> Result<()> {
         let (header, _) = header_bytes(tensors, Some(metadata))?;
         if 8 + header.len() != self.data_start {
-            return Err(Error::config(format!(
+            crate::bail!(
+                config,
                 "{}: rewritten header changes length",
                 self.path.display()
-            )));
+            );
         }
         self.file
             .write_all_at(&header, 8)
@@ -302,12 +306,13 @@ pub fn write_file(
     let plan: Vec<PlannedTensor> = tensors.iter().map(|(t, _)| t.clone()).collect();
     for (t, d) in tensors {
         if d.len() != t.nbytes() {
-            return Err(Error::shape(format!(
+            crate::bail!(
+                shape,
                 "tensor {:?}: {} bytes given, dtype and shape need {}",
                 t.name,
                 d.len(),
                 t.nbytes()
-            )));
+            );
         }
     }
     let mut w = ShardWriter::create(path, &plan, metadata)?;
@@ -329,10 +334,7 @@ pub fn serialize(
     out.extend_from_slice(&header);
     for (t, d) in tensors {
         if d.len() != t.nbytes() {
-            return Err(Error::shape(format!(
-                "tensor {:?}: wrong byte length",
-                t.name
-            )));
+            crate::bail!(shape, "tensor {:?}: wrong byte length", t.name);
         }
         out.extend_from_slice(d);
     }
