@@ -23,6 +23,7 @@ __all__ = [
     "pack_json",
     "unpack_json",
     "PackedReader",
+    "formats",
     "recover_leftovers",
     "make_partial_dir",
     "commit_dir",
@@ -77,6 +78,7 @@ def unpack_json(
     overwrite: bool = False,
     sync: bool = True,
 ) -> str: ...
+def formats() -> list[tuple[str, str, list[str]]]: ...
 def recover_leftovers(out: str | os.PathLike[str]) -> list[str]: ...
 def make_partial_dir(out: str | os.PathLike[str]) -> str: ...
 def commit_dir(

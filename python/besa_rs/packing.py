@@ -23,7 +23,14 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-FORMATS: tuple[str, ...] = ("bitmask", "2:4", "csr")
+# The packed formats as the Rust codecs list them: canonical names, and every accepted
+# spelling (config.json names, aliases) mapped to its canonical name.
+FORMATS: tuple[str, ...] = tuple(name for name, _, _ in _native.formats())
+_FORMAT_NAMES: dict[str, str] = {
+    spelling: name
+    for name, config_name, aliases in _native.formats()
+    for spelling in (name, config_name, *aliases)
+}
 DEFAULT_SHARD_SIZE = 5_000_000_000
 
 _UNITS = {
@@ -56,9 +63,10 @@ def parse_size(size: int | str) -> int:
 
 
 def _check_format(format: str) -> str:
-    if format not in FORMATS:
+    """The canonical name of a format given by any accepted spelling."""
+    if format not in _FORMAT_NAMES:
         raise ConfigError(f"unknown format {format!r} (expected one of: {', '.join(FORMATS)})")
-    return format
+    return _FORMAT_NAMES[format]
 
 
 def pack(
@@ -78,7 +86,7 @@ def pack(
     ``save_pretrained``, config included) or a state dict (name -> torch tensor or numpy array;
     saved as one safetensors file), written first to a temporary directory next to ``out``.
     Returns the report (per tensor: action, format, sizes, ratio; totals; warnings)."""
-    _check_format(format)
+    format = _check_format(format)
     size = parse_size(shard_size)
     if isinstance(model_or_path, (str, os.PathLike)):
         return json.loads(

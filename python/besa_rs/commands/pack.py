@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..packing import FORMATS
 from . import add_common, emit_json
 
 
@@ -23,9 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", required=True, help="output directory (refused if it exists, unless --overwrite)"
     )
-    p.add_argument(
-        "--format", default="bitmask", choices=["bitmask", "2:4", "csr"], help="default: bitmask"
-    )
+    p.add_argument("--format", default="bitmask", choices=FORMATS, help="default: bitmask")
     p.add_argument("--shard-size", default="5GB", help="max tensor bytes per file (default 5GB)")
     p.add_argument(
         "--min-sparsity",

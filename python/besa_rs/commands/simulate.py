@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..packing import FORMATS
 from . import add_common, emit_json
 
 
@@ -59,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--index-bits", type=int, help="bits per CSR column index (default 32)")
     f.add_argument(
         "--format",
-        choices=("bitmask", "csr", "2:4"),
+        choices=FORMATS,
         help="weight storage format (default bitmask)",
     )
     f.add_argument(

@@ -3,10 +3,10 @@
 
 use std::path::PathBuf;
 
+use besa_sparse::dtype::name as dtype_name;
 use besa_sparse::pack::{PackOptions, UnpackOptions};
 use besa_sparse::packed::PackedModel;
-use besa_sparse::st::dtype_name;
-use besa_sparse::{Error, PackFormat};
+use besa_sparse::{codec, Error, PackFormat};
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::prelude::*;
 
@@ -113,18 +113,7 @@ impl PackedReader {
     /// Decodes tensor `name` into `out`, a writable contiguous uint8 array of exactly its
     /// dense byte size. Validates structure and checksum first.
     fn read_into(&self, py: Python<'_>, name: &str, out: &Bound<'_, PyArray1<u8>>) -> PyResult<()> {
-        let t = self.inner.get(name).ok_or_else(|| {
-            to_py(
-                py,
-                Error::new(
-                    besa_sparse::ErrorKind::NotFound,
-                    format!(
-                        "{}: no tensor {name:?}",
-                        self.inner.model().root().display()
-                    ),
-                ),
-            )
-        })?;
+        let t = self.inner.require(name).map_err(|e| to_py(py, e))?;
         let mut rw = out.readwrite();
         let slice = rw.as_slice_mut().map_err(|e| {
             to_py(
@@ -140,6 +129,15 @@ impl PackedReader {
     fn packed_info_json(&self) -> String {
         serde_json::to_string(&self.inner.packed_info()).expect("serialises")
     }
+}
+
+/// The packed formats: (name, config.json name, other accepted names), in listing order.
+#[pyfunction]
+fn formats() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
+    codec::all()
+        .iter()
+        .map(|f| (f.name(), f.config_name(), f.aliases().to_vec()))
+        .collect()
 }
 
 /// Repairs leftovers of killed runs next to output directory `out` (restores a previous output
@@ -184,6 +182,7 @@ fn check_out(py: Python<'_>, src: PathBuf, out: PathBuf) -> PyResult<()> {
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(formats, m)?)?;
     m.add_function(wrap_pyfunction!(recover_leftovers, m)?)?;
     m.add_function(wrap_pyfunction!(make_partial_dir, m)?)?;
     m.add_function(wrap_pyfunction!(commit_dir, m)?)?;

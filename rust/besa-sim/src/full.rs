@@ -15,38 +15,15 @@
 
 use serde::{Deserialize, Serialize};
 
+use besa_sparse::codec::{BITMASK, CSR, TWO_FOUR};
 use besa_sparse::{Error, Result};
 
 use crate::mask::MaskView;
 
-/// Storage format of the sparse weights (what the metadata bytes are).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Format {
-    /// One bit per weight position (`R * ceil(C/8)` bytes) + kept values.
-    #[serde(rename = "bitmask")]
-    Bitmask,
-    /// Column index per kept value (`index_bits`) + `R + 1` 32-bit row pointers + kept values.
-    #[serde(rename = "csr")]
-    Csr,
-    /// 2:4 semi-structured: `C/2` values per row (padded) + 2-bit position per stored value.
-    #[serde(rename = "2:4")]
-    TwoFour,
-}
-
-impl Format {
-    pub fn parse(name: &str) -> Result<Self> {
-        Ok(match name {
-            "bitmask" => Format::Bitmask,
-            "csr" => Format::Csr,
-            "2:4" | "24" | "2of4" => Format::TwoFour,
-            other => {
-                return Err(Error::config(format!(
-                    "unknown storage format {other:?} (expected bitmask, csr or 2:4)"
-                )))
-            }
-        })
-    }
-}
+/// Storage format of the sparse weights (what the metadata bytes are): a codec of
+/// `besa_sparse::codec` (bitmask: one bit per position; CSR: a column index per kept value and
+/// `R + 1` row pointers; 2:4: `C/2` values per row and a 2-bit position per stored value).
+pub use besa_sparse::PackFormat as Format;
 
 /// Hardware and workload parameters of the full model.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,7 +62,7 @@ impl Default for FullParams {
             value_bits: 16,
             act_bits: 16,
             index_bits: 32,
-            format: Format::Bitmask,
+            format: BITMASK,
             prefill_tokens: 2048,
             weight_buffer: 2 * 53 * 1024,
             index_buffer: 20 * 1024,
@@ -157,16 +134,16 @@ fn bytes_of(bits: u64) -> u64 {
 
 /// Weight bytes (values, metadata) of the mask in a format.
 fn storage(rows: u64, cols: u64, kept: u64, format: Format, p: &FullParams) -> (u64, u64) {
-    match format {
-        Format::Bitmask => (bytes_of(kept * p.value_bits), rows * cols.div_ceil(8)),
-        Format::Csr => (
+    if format == CSR {
+        (
             bytes_of(kept * p.value_bits),
             bytes_of(kept * p.index_bits) + (rows + 1) * 4,
-        ),
-        Format::TwoFour => {
-            let stored = rows * cols.div_ceil(4) * 2;
-            (bytes_of(stored * p.value_bits), bytes_of(stored * 2))
-        }
+        )
+    } else if format == TWO_FOUR {
+        let stored = rows * cols.div_ceil(4) * 2;
+        (bytes_of(stored * p.value_bits), bytes_of(stored * 2))
+    } else {
+        (bytes_of(kept * p.value_bits), rows * cols.div_ceil(8))
     }
 }
 
@@ -238,8 +215,8 @@ pub fn simulate_full(view: &MaskView<'_>, deg: &[u32], p: &FullParams) -> FullRe
     let rows = view.rows() as u64;
     let cols = view.cols() as u64;
     let kept: u64 = deg.iter().map(|&d| d as u64).sum();
-    let format_ok = p.format != Format::TwoFour || view.is_n_of_m(2, 4);
-    let format = if format_ok { p.format } else { Format::Bitmask };
+    let format_ok = p.format != TWO_FOUR || view.is_n_of_m(2, 4);
+    let format = if format_ok { p.format } else { BITMASK };
     let (value_bytes, metadata_bytes) = storage(rows, cols, kept, format, p);
     let sparse_bytes = value_bytes + metadata_bytes;
     let dense_bytes = bytes_of(rows * cols * p.value_bits);
@@ -301,13 +278,13 @@ mod tests {
         // 50% in fp16: bitmask 1.78x, CSR with 32-bit indices 0.67x (row pointers aside).
         let (r, c) = (4096u64, 4096u64);
         let p = FullParams::default();
-        let (v, m) = storage(r, c, r * c / 2, Format::Bitmask, &p);
+        let (v, m) = storage(r, c, r * c / 2, BITMASK, &p);
         let b = (r * c * 2) as f64 / (v + m) as f64;
         assert!((b - 1.7778).abs() < 1e-3, "{b}");
-        let (v, m) = storage(r, c, r * c / 2, Format::Csr, &p);
+        let (v, m) = storage(r, c, r * c / 2, CSR, &p);
         let b = (r * c * 2) as f64 / (v + m) as f64;
         assert!((b - 0.6667).abs() < 1e-3, "{b}");
-        let (v, m) = storage(r, c, r * c / 2, Format::TwoFour, &p);
+        let (v, m) = storage(r, c, r * c / 2, TWO_FOUR, &p);
         let b = (r * c * 2) as f64 / (v + m) as f64;
         assert!((b - 1.7778).abs() < 1e-3, "{b}");
     }

@@ -3,13 +3,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use besa_sparse::st::dtype_name;
-use besa_sparse::{Error, Model, PackedModel, Result};
+use besa_sparse::{Error, PackedModel, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::full::{ratio, simulate_full, FullParams, FullResult};
-use crate::mask::{Elem, MaskView};
+use crate::mask::MaskView;
 pub use crate::packed_source::PackedSource;
 use crate::reference::{simulate_matrix_with_degrees, ChunkResult, RefParams};
 
@@ -35,103 +34,16 @@ pub trait MatrixSource: Send + Sync {
     fn release(&self, _name: &str) {}
 }
 
-/// Opens a model for simulation: the single place that decides how a path is read. A packed
-/// checkpoint (config.json declares a sparsity format, a file carries the besa-rs format tag,
-/// or a tensor is a packed part) is read through [`PackedSource`]; anything else through
-/// [`SafetensorsSource`].
+/// Opens a model for simulation: every checkpoint, plain or packed, is read through
+/// besa-sparse's packed reader. Packed tensors are verified up front (checksums and
+/// structure), so a corrupt file is refused before any matrix is simulated or any progress
+/// reported.
 pub fn open_source(path: &Path) -> Result<Box<dyn MatrixSource>> {
-    let model = Model::open(path)?;
-    if looks_packed(&model)? {
-        drop(model);
-        // Verified up front (checksums and structure), so a corrupt file is refused before
-        // any matrix is simulated or any progress reported.
-        let model = PackedModel::open(path)?;
+    let model = PackedModel::open(path)?;
+    if model.is_packed() {
         model.verify_all()?;
-        return Ok(Box::new(PackedSource { model }));
     }
-    Ok(Box::new(SafetensorsSource { model }))
-}
-
-/// Whether a checkpoint is (or claims to be) packed; cheap: config and headers only.
-fn looks_packed(model: &Model) -> Result<bool> {
-    let config_where = model.root().join("config.json").display().to_string();
-    if besa_sparse::packed::config_format(model.config(), &config_where)?.is_some() {
-        return Ok(true);
-    }
-    Ok(model.files().iter().any(|f| {
-        f.metadata().contains_key(besa_sparse::packed::META_FORMAT)
-            || f.tensors()
-                .iter()
-                .any(|t| t.name.ends_with(".bitmask") || t.name.ends_with(".crow_indices"))
-    }))
-}
-
-/// Safetensors file or Hugging Face directory (sharded or not), read through the mmap.
-pub struct SafetensorsSource {
-    pub model: Model,
-}
-
-impl MatrixSource for SafetensorsSource {
-    fn describe(&self) -> String {
-        self.model.root().display().to_string()
-    }
-    fn tensors(&self) -> Vec<TensorMeta> {
-        self.model
-            .tensors()
-            .map(|t| TensorMeta {
-                name: t.entry.name.clone(),
-                shape: t.entry.shape.clone(),
-                dtype: dtype_name(t.entry.dtype),
-            })
-            .collect()
-    }
-    fn mask(&self, name: &str) -> Result<MaskView<'_>> {
-        let t = self.model.find(name).ok_or_else(|| {
-            Error::new(
-                besa_sparse::ErrorKind::NotFound,
-                format!("{}: no tensor named {name:?}", self.describe()),
-            )
-        })?;
-        let what = format!("tensor {name:?}");
-        if t.entry.shape.len() != 2 {
-            return Err(Error::shape(format!(
-                "{what} has shape {:?}; the simulator needs a 2-D weight",
-                t.entry.shape
-            )));
-        }
-        let elem = Elem::from_dtype(t.entry.dtype, &what)?;
-        MaskView::new(self.model.data(t), elem, t.entry.shape[0], t.entry.shape[1])
-            .map_err(|e| e.context(&what))
-    }
-    fn release(&self, name: &str) {
-        if let Some(t) = self.model.find(name) {
-            release_pages(self.model.data(t));
-        }
-    }
-}
-
-/// Drops the pages of a memory-mapped, read-only file range from this process's page tables.
-/// Harmless for such a map (a later read faults the same bytes back in from the page cache);
-/// it only keeps the resident set from growing to the size of the model.
-pub(crate) fn release_pages(bytes: &[u8]) {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        let page = if page > 0 { page as usize } else { 4096 };
-        let start = bytes.as_ptr() as usize;
-        let first = start.div_ceil(page) * page;
-        let end = (start + bytes.len()) / page * page;
-        if end > first {
-            // SAFETY: [first, end) lies inside the mapping (whole pages of `bytes`); the map is
-            // a read-only file map, so MADV_DONTNEED cannot change the bytes any borrower sees.
-            unsafe {
-                libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED);
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = bytes;
+    Ok(Box::new(PackedSource { model }))
 }
 
 /// The projection type of a tensor name (`q`, `k`, `v`, `o`, `gate`, `up`, `down`, `qkv`,
@@ -196,11 +108,7 @@ pub struct Skipped {
 /// when a file has none (a bare matrix file), every 2-D tensor. Everything else is skipped with
 /// a reason.
 pub fn plan(tensors: &[TensorMeta]) -> (Vec<Planned>, Vec<Skipped>) {
-    let in_block = |t: &TensorMeta| {
-        t.shape.len() == 2
-            && t.name.ends_with("weight")
-            && besa_sparse::inspect::in_numbered_block(&t.name)
-    };
+    let in_block = |t: &TensorMeta| besa_sparse::inspect::is_block_linear(&t.name, &t.shape);
     let any_block = tensors.iter().any(in_block);
     let mut planned = Vec::new();
     let mut skipped = Vec::new();

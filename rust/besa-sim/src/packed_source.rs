@@ -1,107 +1,24 @@
-//! Packed checkpoints (`besa-rs pack --format bitmask|2:4|csr`, or compressed-tensors
-//! sparse-bitmask / sparse-24-bitmask) as a [`MatrixSource`].
+//! Every checkpoint, plain or packed (any format of `besa_sparse::codec`), as a
+//! [`MatrixSource`], read through besa-sparse's packed reader (one open, no sniffing).
 //!
-//! A packed matrix's keep-mask comes from its stored index (bitmask or CSR column indices) and
-//! the stored kept values, never from a dense decode: every stored position is marked kept
+//! A packed matrix's keep-mask comes from its codec (`Codec::keep_mask`: the stored index and
+//! the stored kept values), never from a dense decode: every stored position is marked kept
 //! unless its stored value is zero (the zero fillers of 2:4, or explicit zeros some writers
 //! keep), so the mask equals `W != 0` of the unpacked matrix and simulating a packed checkpoint
 //! gives exactly the numbers of simulating its dense original. Tensors left dense in the
 //! checkpoint are read from their values, as in a plain checkpoint.
 
-use besa_sparse::formats::{bitmask_row_bytes, PackFormat};
-use besa_sparse::packed::{LogicalTensor, PackedParts, Storage};
-use besa_sparse::st::{dtype_itemsize, dtype_name};
-use besa_sparse::{Error, ErrorKind, PackedModel, Result};
-use rayon::prelude::*;
+use besa_sparse::dtype::name as dtype_name;
+use besa_sparse::packed::Storage;
+use besa_sparse::{PackedModel, Result};
 
 use crate::mask::{Elem, MaskView};
-use crate::model::{release_pages, MatrixSource, TensorMeta};
+use crate::model::{MatrixSource, TensorMeta};
 
-/// A packed checkpoint, read through besa-sparse's packed reader; tensors have their logical
-/// (dense) names, shapes and dtypes.
+/// A checkpoint (plain or packed) read through besa-sparse's packed reader; tensors have their
+/// logical (dense) names, shapes and dtypes.
 pub struct PackedSource {
     pub model: PackedModel,
-}
-
-/// Whether the little-endian float `e` is non-zero (`-0.0` is zero).
-#[inline]
-fn nonzero(e: &[u8]) -> bool {
-    let (last, rest) = e.split_last().expect("itemsize >= 1");
-    last & 0x7f != 0 || rest.iter().any(|&b| b != 0)
-}
-
-impl PackedSource {
-    fn where_(&self, t: &LogicalTensor) -> String {
-        format!("{}: tensor {:?}", self.describe(), t.name)
-    }
-
-    /// Checks a packed tensor (checksum, index structure, value count; the structural checks
-    /// are besa-sparse's own) and returns its kept count per row.
-    fn row_counts(&self, t: &LogicalTensor, p: &PackedParts) -> Result<Vec<u64>> {
-        let m = &self.model;
-        let counts = m.validate(t, p)?;
-        let total: u64 = counts.iter().sum();
-        let n = dtype_itemsize(t.dtype);
-        let have = m.part_data(p.values).len() as u64;
-        if total != p.nnz as u64 || have != total * n as u64 {
-            return Err(Error::format(format!(
-                "{}: the index keeps {total} values but {have} bytes of {n}-byte values are \
-                 stored ({} expected)",
-                self.where_(t),
-                p.nnz
-            )));
-        }
-        Ok(counts)
-    }
-
-    /// The keep-mask of a packed tensor, one byte per weight (1 = kept and non-zero).
-    fn packed_mask(&self, t: &LogicalTensor, p: &PackedParts) -> Result<Vec<u8>> {
-        let counts = self.row_counts(t, p)?;
-        let m = &self.model;
-        let (rows, cols) = (p.rows, p.cols);
-        let n = dtype_itemsize(t.dtype);
-        let values = m.part_data(p.values);
-        let index = m.part_data(p.index);
-        let cols_idx = p.extra.map(|l| m.part_data(l));
-        let mut starts = Vec::with_capacity(rows);
-        let mut acc = 0usize;
-        for &c in &counts {
-            starts.push(acc);
-            acc += c as usize;
-        }
-        let mut out = vec![0u8; rows * cols];
-        if cols == 0 {
-            return Ok(out);
-        }
-        let wb = bitmask_row_bytes(cols);
-        out.par_chunks_mut(cols)
-            .zip(starts.par_iter().zip(counts.par_iter()))
-            .enumerate()
-            .for_each(|(r, (row, (&start, &count)))| {
-                let vals = &values[start * n..(start + count as usize) * n];
-                let mut vals = vals.chunks_exact(n);
-                match p.format {
-                    PackFormat::Bitmask | PackFormat::TwoFour => {
-                        for (b, &byte) in index[r * wb..(r + 1) * wb].iter().enumerate() {
-                            let mut bits = byte;
-                            while bits != 0 {
-                                let j = 8 * b + bits.trailing_zeros() as usize;
-                                row[j] = nonzero(vals.next().expect("validated count")) as u8;
-                                bits &= bits - 1;
-                            }
-                        }
-                    }
-                    PackFormat::Csr => {
-                        let ci = cols_idx.expect("csr has col_indices");
-                        for c in ci[start * 4..(start + count as usize) * 4].chunks_exact(4) {
-                            let j = i32::from_le_bytes(c.try_into().expect("4 bytes")) as usize;
-                            row[j] = nonzero(vals.next().expect("validated count")) as u8;
-                        }
-                    }
-                }
-            });
-        Ok(out)
-    }
 }
 
 impl MatrixSource for PackedSource {
@@ -120,18 +37,14 @@ impl MatrixSource for PackedSource {
             .collect()
     }
     fn mask(&self, name: &str) -> Result<MaskView<'_>> {
-        let t = self.model.get(name).ok_or_else(|| {
-            Error::new(
-                ErrorKind::NotFound,
-                format!("{}: no tensor named {name:?}", self.describe()),
-            )
-        })?;
+        let t = self.model.require(name)?;
         let what = format!("tensor {name:?}");
         if t.shape.len() != 2 {
-            return Err(Error::shape(format!(
+            besa_sparse::bail!(
+                shape,
                 "{what} has shape {:?}; the simulator needs a 2-D weight",
                 t.shape
-            )));
+            );
         }
         let (rows, cols) = (t.shape[0], t.shape[1]);
         match &t.storage {
@@ -141,22 +54,15 @@ impl MatrixSource for PackedSource {
                     .map_err(|e| e.context(&what))
             }
             Storage::Packed(p) => {
-                // Errors of packed_mask already name the file and tensor.
-                let mask = self.packed_mask(t, p)?;
+                // Errors of keep_mask already name the file and tensor.
+                let mask = self.model.keep_mask(t, p)?;
                 MaskView::new(mask, Elem::Byte, rows, cols).map_err(|e| e.context(&what))
             }
         }
     }
     fn release(&self, name: &str) {
         if let Some(t) = self.model.get(name) {
-            match &t.storage {
-                Storage::Dense(l) => release_pages(self.model.part_data(*l)),
-                Storage::Packed(p) => {
-                    for l in p.parts() {
-                        release_pages(self.model.part_data(l));
-                    }
-                }
-            }
+            self.model.release(t);
         }
     }
 }
@@ -169,6 +75,9 @@ mod tests {
     use besa_sparse::pack::{pack, PackOptions};
     use safetensors::tensor::{Dtype, TensorView};
 
+    use besa_sparse::codec::{PackFormat, BITMASK, CSR, TWO_FOUR};
+    use besa_sparse::ErrorKind;
+
     use super::*;
     use crate::full::FullParams;
     use crate::model::{open_source, simulate_path, SimParams};
@@ -176,9 +85,9 @@ mod tests {
     /// A tiny "model" with F32 weights: rows pruned at random, some all-zero and all-dense
     /// rows, one 2:4 matrix with an all-zero row (fillers), one dense (unpruned) matrix.
     fn write_model(dir: &Path, fmt: PackFormat) {
-        let two_four = fmt == PackFormat::TwoFour;
+        let two_four = fmt == TWO_FOUR;
         // CSR only pays off below ~50% density (it is copied through otherwise).
-        let keep_one_in = if fmt == PackFormat::Csr { 4 } else { 2 };
+        let keep_one_in = if fmt == CSR { 4 } else { 2 };
         let mut seed = 12345u64;
         let mut rnd = move || {
             seed ^= seed << 13;
@@ -240,7 +149,7 @@ mod tests {
     #[test]
     fn packed_checkpoints_simulate_like_their_dense_original() {
         let tmp = tempfile::tempdir().unwrap();
-        for fmt in [PackFormat::Bitmask, PackFormat::Csr, PackFormat::TwoFour] {
+        for fmt in [BITMASK, CSR, TWO_FOUR] {
             let dense = tmp.path().join(format!("dense-{}", fmt.name()));
             let packed = tmp.path().join(format!("packed-{}", fmt.name()));
             write_model(&dense, fmt);
@@ -296,7 +205,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dense = tmp.path().join("d");
         let packed = tmp.path().join("p");
-        write_model(&dense, PackFormat::Bitmask);
+        write_model(&dense, BITMASK);
         let opts = PackOptions {
             sync: false,
             ..PackOptions::default()

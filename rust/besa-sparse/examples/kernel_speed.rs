@@ -1,7 +1,7 @@
 //! In-memory speed of the bitmask kernels (no files): `cargo run --release --example kernel_speed`.
 use std::time::Instant;
 
-use besa_sparse::formats::{bitmask_decode, bitmask_encode, bitmask_row_counts, row_nnz};
+use besa_sparse::codec::kernels::{bitmask_decode, bitmask_encode, bitmask_row_counts, row_nnz};
 use safetensors::tensor::Dtype;
 
 fn main() {
@@ -47,7 +47,7 @@ fn main() {
         let mut out = vec![0u8; data.len()];
         let t = Instant::now();
         let c2 = bitmask_row_counts(&mask, rows, cols).unwrap();
-        bitmask_decode(2, &mask, &vals, rows, cols, &c2, &mut out).unwrap();
+        bitmask_decode(2, &mask, &vals, cols, &c2, 0..rows, &mut out).unwrap();
         let t_dec = t.elapsed().as_secs_f64();
         assert_eq!(out, data);
         let t = Instant::now();

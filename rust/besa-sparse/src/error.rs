@@ -77,3 +77,22 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+/// Returns early with an [`Error`] of the given kind (`format`, `shape`, `dtype`, `config`,
+/// `integrity`) and a `format!` message: `bail!(shape, "{n} columns")`.
+#[macro_export]
+macro_rules! bail {
+    ($kind:ident, $($arg:tt)+) => {
+        return Err($crate::Error::$kind(format!($($arg)+)))
+    };
+}
+
+/// [`bail!`] unless the condition holds: `ensure!(cols % 4 == 0, shape, "{cols} columns")`.
+#[macro_export]
+macro_rules! ensure {
+    ($cond:expr, $kind:ident, $($arg:tt)+) => {
+        if !$cond {
+            $crate::bail!($kind, $($arg)+);
+        }
+    };
+}

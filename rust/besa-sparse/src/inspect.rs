@@ -90,6 +90,12 @@ pub fn layer_kind(name: &str) -> String {
     }
 }
 
+/// The prunable block linear rule (pack's default selection, the simulator's selection and
+/// inspect's block-linear sparsity): a 2-D `<module>.weight` inside a numbered block.
+pub fn is_block_linear(name: &str, shape: &[usize]) -> bool {
+    shape.len() == 2 && name.ends_with(".weight") && in_numbered_block(name)
+}
+
 /// True for names inside a numbered block (`...layers.<i>....`).
 pub fn in_numbered_block(name: &str) -> bool {
     name.split('.')
@@ -121,11 +127,7 @@ pub fn inspect_with(path: &Path, verify: bool) -> Result<InspectReport> {
     let mut report = inspect_model(pm.model());
     if pm.is_packed() {
         let info = pm.packed_info();
-        let fmt = pm
-            .declared_format()
-            .or_else(|| pm.tensors().iter().find_map(|t| t.format()))
-            .map(|f| f.name())
-            .unwrap_or("dense");
+        let fmt = pm.format().map(|f| f.name()).unwrap_or("dense");
         report.format = format!("safetensors (packed: {fmt})");
         let zeros_of: BTreeMap<&str, Option<u64>> = report
             .tensors
@@ -134,7 +136,7 @@ pub fn inspect_with(path: &Path, verify: bool) -> Result<InspectReport> {
             .collect();
         let (mut lin_numel, mut lin_zeros) = (0u64, 0u64);
         for t in pm.tensors() {
-            if t.shape.len() != 2 || !in_numbered_block(&t.name) {
+            if !is_block_linear(&t.name, &t.shape) {
                 continue;
             }
             let numel = t.numel() as u64;
@@ -143,7 +145,7 @@ pub fn inspect_with(path: &Path, verify: bool) -> Result<InspectReport> {
                     // kept = stored values that are not zero: 2:4 stores zero fillers in groups
                     // that keep fewer than two weights
                     let stored_zeros = zeros_of
-                        .get(pm.part_name(p.values))
+                        .get(pm.part_name(p.values()))
                         .copied()
                         .flatten()
                         .unwrap_or(0);
@@ -230,7 +232,7 @@ fn summarize(model: &Model, tensors: Vec<TensorStats>) -> InspectReport {
             zeros += z;
             float_numel += t.numel;
             g.zeros += z;
-            if t.shape.len() == 2 && in_numbered_block(&t.name) {
+            if is_block_linear(&t.name, &t.shape) {
                 lin_numel += t.numel;
                 lin_zeros += z;
             }

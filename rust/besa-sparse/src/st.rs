@@ -10,21 +10,7 @@ use safetensors::tensor::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
 
-/// Bytes per element of a dtype (sub-byte dtypes are refused by the callers that need this).
-pub fn dtype_itemsize(dtype: Dtype) -> usize {
-    dtype.bitsize().div_ceil(8)
-}
-
-/// The canonical string of a dtype, as written in safetensors headers ("F32", "BF16", ...).
-pub fn dtype_name(dtype: Dtype) -> String {
-    format!("{dtype:?}")
-}
-
-/// Parses a dtype string as written in safetensors headers.
-pub fn parse_dtype(name: &str) -> Result<Dtype> {
-    serde_json::from_value(serde_json::Value::String(name.to_string()))
-        .map_err(|_| Error::dtype(format!("unknown dtype {name:?}")))
-}
+pub use crate::dtype::{itemsize as dtype_itemsize, name as dtype_name, parse as parse_dtype};
 
 /// One tensor of a mapped file: its header entry and its bytes.
 #[derive(Debug, Clone)]
@@ -70,17 +56,15 @@ impl StFile {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
         if !meta.is_file() {
-            return Err(Error::format(format!(
-                "{}: not a regular file",
-                path.display()
-            )));
+            crate::bail!(format, "{}: not a regular file", path.display());
         }
         if meta.len() < 8 {
-            return Err(Error::format(format!(
+            crate::bail!(
+                format,
                 "{}: not a safetensors file (only {} bytes, the 8-byte header length is missing)",
                 path.display(),
                 meta.len()
-            )));
+            );
         }
         // SAFETY: the map is read-only; a file truncated by another process while mapped is
         // outside what this library can defend against (same contract as safetensors/memmap2).
@@ -92,23 +76,26 @@ impl StFile {
         let declared = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes checked"));
         let file_len = mmap.len() as u64;
         if declared > 100_000_000 {
-            return Err(Error::format(format!(
+            crate::bail!(
+                format,
                 "{}: header length {declared} exceeds the 100 MB limit (corrupt or not a safetensors file)",
                 path.display()
-            )));
+            );
         }
         if declared > file_len - 8 {
-            return Err(Error::format(format!(
+            crate::bail!(
+                format,
                 "{}: header length {declared} is larger than the file ({file_len} bytes): truncated or corrupt",
                 path.display()
-            )));
+            );
         }
         let header = &mmap[8..8 + declared as usize];
         if let Some(name) = duplicate_key(header) {
-            return Err(Error::format(format!(
+            crate::bail!(
+                format,
                 "{}: invalid safetensors file: tensor name {name:?} appears twice in the header",
                 path.display()
-            )));
+            );
         }
         let (n, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
             Error::format(format!(
@@ -135,12 +122,13 @@ impl StFile {
                 i64::try_from(d.max(1)).ok()?.checked_mul(acc)
             });
             if fits.is_none() {
-                return Err(Error::format(format!(
+                crate::bail!(
+                    format,
                     "{}: invalid safetensors file: tensor {:?} has shape {:?} whose dimensions overflow when multiplied out",
                     path.display(),
                     t.name,
                     t.shape
-                )));
+                );
             }
         }
         tensors.sort_by_key(|t| t.data_offsets);
@@ -175,6 +163,40 @@ impl StFile {
     /// The bytes of a tensor of this file.
     pub fn data(&self, t: &TensorEntry) -> &[u8] {
         &self.mmap[self.data_start + t.data_offsets.0..self.data_start + t.data_offsets.1]
+    }
+
+    /// Drops the pages of tensor `t` of this file from the process's page tables (they stay in
+    /// the page cache): consumers reading a model once, matrix by matrix, keep their resident
+    /// set at the matrices in flight. Only whole pages inside the tensor's range of this
+    /// read-only file map are touched, so no byte any borrower sees can change (a later read
+    /// faults the same bytes back in from the file).
+    pub fn release(&self, t: &TensorEntry) {
+        #[cfg(target_os = "linux")]
+        {
+            let (a, b) = (
+                self.data_start + t.data_offsets.0,
+                self.data_start + t.data_offsets.1,
+            );
+            if b > self.mmap.len() || a >= b {
+                return;
+            }
+            // SAFETY: sysconf has no preconditions.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+            let page = if page > 0 { page as usize } else { 4096 };
+            let base = self.mmap.as_ptr() as usize;
+            let first = (base + a).div_ceil(page) * page;
+            let end = (base + b) / page * page;
+            if end > first {
+                // SAFETY: [first, end) is made of whole pages inside this file's read-only shared
+                // map (`self.mmap`, alive as long as `self`); MADV_DONTNEED on such a map
+                // only drops this process's page-table entries.
+                unsafe {
+                    libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED);
+                }
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = t;
     }
 }
 
@@ -268,5 +290,60 @@ fn describe(
         }
         E::ValidationOverflow => "a tensor's shape overflows when multiplied out".to_string(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::writer::{serialize, PlannedTensor};
+
+    fn file_with(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    fn open_bytes(bytes: &[u8]) -> Result<StFile> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.safetensors");
+        std::fs::write(&p, bytes).unwrap();
+        StFile::open(&p)
+    }
+
+    #[test]
+    fn reads_what_the_writer_writes_in_offset_order() {
+        let a = PlannedTensor::new("b", Dtype::F32, vec![2]);
+        let b = PlannedTensor::new("a", Dtype::U8, vec![3]);
+        let md: BTreeMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+        let bytes = serialize(&[(a, &[1u8; 8][..]), (b, &[2u8; 3][..])], Some(&md)).unwrap();
+        let f = open_bytes(&bytes).unwrap();
+        let names: Vec<&str> = f.tensors().iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["b", "a"]);
+        assert_eq!(f.data(f.get("a").unwrap()), &[2, 2, 2]);
+        assert_eq!(f.metadata()["format"], "pt");
+        f.release(f.get("b").unwrap());
+        assert_eq!(f.data(f.get("b").unwrap()), &[1u8; 8]);
+    }
+
+    #[test]
+    fn header_defects_are_named() {
+        let msg = |bytes: &[u8]| open_bytes(bytes).unwrap_err().message;
+        assert!(msg(&[1, 2, 3]).contains("only 3 bytes"));
+        let mut big = 200_000_000u64.to_le_bytes().to_vec();
+        big.extend_from_slice(b"{}");
+        assert!(msg(&big).contains("exceeds the 100 MB limit"));
+        let mut long = 50u64.to_le_bytes().to_vec();
+        long.extend_from_slice(b"{}");
+        assert!(msg(&long).contains("larger than the file"));
+        let dup = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#;
+        assert!(msg(&file_with(dup, &[0, 0])).contains("\"a\" appears twice"));
+        let short = r#"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#;
+        assert!(msg(&file_with(short, &[0; 8])).contains("needs 12 bytes"));
+        let past = r#"{"w":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#;
+        assert!(msg(&file_with(past, &[0; 2])).contains("beyond the 2-byte data buffer"));
+        let huge = r#"{"w":{"dtype":"U8","shape":[0,9223372036854775807,4],"data_offsets":[0,0]}}"#;
+        assert!(msg(&file_with(huge, &[])).contains("overflow"));
     }
 }
