@@ -28,7 +28,7 @@ fn pack_json(
     tensors: Option<Vec<String>>,
     sync: bool,
 ) -> PyResult<String> {
-    let format = PackFormat::parse(format).map_err(|e| to_py(py, e))?;
+    let format = PackFormat::parse(format).map_err(to_py)?;
     let opts = PackOptions {
         format,
         min_sparsity,
@@ -114,23 +114,19 @@ impl PackedReader {
     /// dense byte size. Validates structure and checksum first.
     fn read_into(&self, py: Python<'_>, name: &str, out: &Bound<'_, PyArray1<u8>>) -> PyResult<()> {
         let t = self.inner.get(name).ok_or_else(|| {
-            to_py(
-                py,
-                Error::new(
-                    besa_sparse::ErrorKind::NotFound,
-                    format!(
-                        "{}: no tensor {name:?}",
-                        self.inner.model().root().display()
-                    ),
+            to_py(Error::new(
+                besa_sparse::ErrorKind::NotFound,
+                format!(
+                    "{}: no tensor {name:?}",
+                    self.inner.model().root().display()
                 ),
-            )
+            ))
         })?;
         let mut rw = out.readwrite();
         let slice = rw.as_slice_mut().map_err(|e| {
-            to_py(
-                py,
-                Error::shape(format!("output buffer for {name:?} is not contiguous: {e}")),
-            )
+            to_py(Error::shape(format!(
+                "output buffer for {name:?} is not contiguous: {e}"
+            )))
         })?;
         let inner = &self.inner;
         run(py, move || inner.read_into(t, slice))

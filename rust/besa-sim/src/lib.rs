@@ -3,6 +3,7 @@
 //! - [`reference`]: the BESA authors' model, bit-for-bit (quirks included), fast;
 //! - [`full`]: a corrected, parameterised model (DRAM traffic, formats, decode/prefill);
 //! - [`model`]: every selected matrix of a saved model, read from the mmap, in parallel;
+//! - [`options`]: the parameters as a user gives them, checked once;
 //! - [`packed_source`]: packed checkpoints (bitmask, 2:4, CSR) read from their stored index.
 //!
 //! See docs/simulator.md.
@@ -10,9 +11,11 @@
 pub mod full;
 pub mod mask;
 pub mod model;
+pub mod options;
 pub mod packed_source;
 pub mod reference;
 
 pub use mask::{Elem, MaskView};
 pub use model::{open_source, simulate_path, MatrixSource, Report, SimParams};
+pub use options::{Mode, SimOptions};
 pub use reference::{RefFloat, RefParams};
