@@ -205,3 +205,42 @@ def _small(tmp_path: Path) -> Path:
     p = tmp_path / "small.safetensors"
     save_file({"w": np.eye(4, dtype=np.float32)}, str(p))
     return p
+
+
+def _keys(td: type) -> tuple[set[str], set[str]]:
+    return set(td.__required_keys__), set(td.__optional_keys__)  # type: ignore[attr-defined]
+
+
+def _check(obj: dict, td: type) -> None:
+    required, optional = _keys(td)
+    assert required <= set(obj) <= required | optional, (td.__name__, set(obj) ^ required)
+
+
+def test_typed_report_shapes_match_the_engine() -> None:
+    """besa_rs.sim_report describes exactly what the Rust engine returns."""
+    from besa_rs import sim_report as t
+
+    rng = np.random.default_rng(5)
+    sd = {"model.layers.0.mlp.down_proj.weight": rng.random((16, 40)) < 0.5}
+    for mode in ("reference", "full"):
+        rep = besa_rs.simulate(sd, mode)
+        _check(rep, t.SimReport)
+        _check(rep["params"], t.Params)
+        _check(rep["params"]["reference"], t.RefParams)
+        _check(rep["totals"], t.Totals)
+        _check(rep["skipped"][0] if rep["skipped"] else {"name": "", "reason": ""}, t.Skipped)
+        for s in rep["summary"].values():
+            _check(s, t.TypeSummary)
+        for m in rep["matrices"]:
+            _check(m, t.MatrixReport)
+            for c in m["chunks"]:
+                _check(c, t.Chunk)
+                _check(c["best"], t.Eval)
+        if mode == "full":
+            _check(rep["params"]["full"], t.FullParams)
+            f = rep["matrices"][0]["full"]
+            _check(f, t.FullResult)
+            _check(f["decode"], t.Step)
+            assert set(rep["totals"]) == set().union(*_keys(t.Totals))
+        else:
+            assert set(rep["totals"]) == _keys(t.Totals)[0]

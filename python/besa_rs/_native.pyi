@@ -11,6 +11,8 @@ from typing import Any, Literal, final
 import numpy as np
 import numpy.typing as npt
 
+from besa_rs.sim_report import MatrixReport, Mode, Params, SimReport
+
 __version__: str
 # Keep in sync with the functions below (stubtest checks it).
 __all__ = [
@@ -42,7 +44,7 @@ SIM_FULL_OPTIONS: tuple[str, ...]
 #: dtype names of a weight or mask handed to the simulator ("bfloat16": its bits as uint16).
 _WeightDtype = Literal["bool", "float16", "bfloat16", "float32", "float64"]
 #: Called with each matrix report (in completion order) and the number of matrices selected.
-_OnMatrix = Callable[[dict[str, Any], int], object]
+_OnMatrix = Callable[[MatrixReport, int], object]
 
 @final
 class SimParams:
@@ -50,7 +52,7 @@ class SimParams:
 
     def __new__(
         cls,
-        mode: Literal["reference", "full"] | None = None,
+        mode: Mode | None = None,
         *,
         pe_width: int = 64,
         pe_height: int = 64,
@@ -70,15 +72,15 @@ class SimParams:
         output_buffer_kb: float | None = None,
     ) -> SimParams: ...
     @property
-    def mode(self) -> Literal["reference", "full"]: ...
-    def as_dict(self) -> dict[str, Any]: ...
+    def mode(self) -> Mode: ...
+    def as_dict(self) -> Params: ...
 
 def simulate_path(
     path: str | os.PathLike[str],
     params: SimParams,
     layers: re.Pattern[str] | None = None,
     on_matrix: _OnMatrix | None = None,
-) -> dict[str, Any]: ...
+) -> SimReport: ...
 def simulate_arrays(
     label: str,
     tensors: Sequence[tuple[str, Sequence[int], str]],
@@ -87,14 +89,14 @@ def simulate_arrays(
     layers: re.Pattern[str] | None = None,
     on_matrix: _OnMatrix | None = None,
     batch: int | None = None,
-) -> dict[str, Any]: ...
+) -> SimReport: ...
 def simulate_matrix(
     array: object,  # a 2-D numpy array of dtype `dtype` (bfloat16: uint16 bits)
-    dtype: str,
+    dtype: _WeightDtype | str,
     params: SimParams,
     name: str = "matrix",
     kind: str | None = None,
-) -> dict[str, Any]: ...
+) -> MatrixReport: ...
 def dense_baseline_cycles(
     rows: int, cols: int, chunk: bool = False, pe_width: int = 64, pe_height: int = 64
 ) -> int: ...

@@ -15,15 +15,13 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from . import _native
 from .errors import ConfigError, DtypeError
-
-#: The cycle models (see the module docstring).
-Mode = Literal["reference", "full"]
+from .sim_report import MatrixReport, Mode, SimReport
 
 #: Parameters of the full model (``--mode full``), in CLI help order.
 FULL_KEYS: tuple[str, ...] = _native.SIM_FULL_OPTIONS
@@ -58,13 +56,14 @@ def simulate_matrix(
     name: str = "matrix",
     kind: str | None = None,
     **options: Any,
-) -> dict[str, Any]:
+) -> MatrixReport:
     """Simulates one 2-D weight or keep-mask (numpy or torch; bool, float16, bfloat16, float32,
     float64; numpy buffers are read in place). ``kind`` is the projection type (the default is
     guessed from ``name``; ``"down"`` matrices wider than tall are split into column chunks).
     ``options``: see :class:`besa_rs._native.SimParams`. Returns the matrix report: ``cycles``,
     ``dense_cycles``, ``speedup``, ``flops``, ``sparsity``, ``dense_columns``,
-    ``threshold_ratios``, per-chunk details and, in full mode, ``full`` (decode / prefill)."""
+    ``threshold_ratios``, per-chunk details and, in full mode, ``full`` (decode / prefill); see
+    :class:`besa_rs.sim_report.MatrixReport`."""
     params = _native.SimParams(mode, **options)
     arr, dt = _as_array(mask_or_weight, name)
     return _native.simulate_matrix(arr, dt, params, name=name, kind=kind)
@@ -77,9 +76,9 @@ def simulate(
     layers: str | None = None,
     progress: bool = False,
     batch: int | None = None,
-    on_matrix: Callable[[dict[str, Any]], None] | None = None,
+    on_matrix: Callable[[MatrixReport], object] | None = None,
     **options: Any,
-) -> dict[str, Any]:
+) -> SimReport:
     """Simulates every decoder-block linear weight of a model, in one call into Rust.
 
     ``model``: a Hugging Face model directory or safetensors file (read by Rust through mmap),
@@ -89,7 +88,8 @@ def simulate(
     ``batch``: in-memory tensors converted at a time (default: twice the worker threads).
     ``options``: see :class:`besa_rs._native.SimParams` (``pe_width``, ``pe_height``,
     ``start_ratio``, ``float_mode``, full-mode hardware in MHz, GB/s and KB). Returns
-    ``{"mode", "path", "params", "matrices", "summary", "totals", "skipped"}``."""
+    ``{"mode", "path", "params", "matrices", "summary", "totals", "skipped"}`` (see
+    :class:`besa_rs.sim_report.SimReport`)."""
     params = _native.SimParams(mode, **options)
     pattern = None
     if layers is not None:
@@ -99,7 +99,7 @@ def simulate(
             raise ConfigError(f"--layers: invalid regular expression {layers!r}: {e}") from None
     bar: Any = None
 
-    def done(m: dict[str, Any], total: int) -> None:
+    def done(m: MatrixReport, total: int) -> None:
         nonlocal bar
         if on_matrix is not None:
             on_matrix(m)
