@@ -128,9 +128,9 @@ impl Params {
     }
 }
 
-/// Runs `work` with the GIL released; when `on_matrix` is given, it is called on this thread
-/// with each finished report (as a dict) and `total`, while the workers go on. An exception in
-/// the callback stops the run and is raised.
+/// Runs `work` with the GIL released, while this thread, for each finished report, checks for
+/// Ctrl-C and calls `on_matrix` (when given) with the report (a dict) and `total`. An exception
+/// there (KeyboardInterrupt included) stops the run and is raised.
 fn run_reporting<F>(
     py: Python<'_>,
     on_matrix: Option<&Bound<'_, PyAny>>,
@@ -140,10 +140,7 @@ fn run_reporting<F>(
 where
     F: FnOnce(&OnMatrix<'_>) -> besa_sparse::Result<Vec<MatrixReport>> + Send,
 {
-    let Some(callback) = on_matrix else {
-        return run(py, || work(&|_| Ok(())));
-    };
-    let callback = callback.clone().unbind();
+    let callback = on_matrix.map(|c| c.clone().unbind());
     let (tx, rx) = mpsc::channel::<MatrixReport>();
     let stop = &AtomicBool::new(false);
     let mut raised: Option<PyErr> = None;
@@ -152,7 +149,7 @@ where
             let worker = s.spawn(|| {
                 let send = move |m: &MatrixReport| {
                     if stop.load(Ordering::Relaxed) {
-                        return Err(Error::config("stopped: the progress callback raised"));
+                        return Err(Error::config("stopped: an exception was raised"));
                     }
                     // The receiver only goes away after the worker ends.
                     let _ = tx.send(m.clone());
@@ -166,7 +163,10 @@ where
                     continue;
                 }
                 let called = Python::attach(|py| -> PyResult<()> {
-                    callback.bind(py).call1((pythonize(py, &m)?, total))?;
+                    py.check_signals()?;
+                    if let Some(cb) = &callback {
+                        cb.bind(py).call1((pythonize(py, &m)?, total))?;
+                    }
                     Ok(())
                 });
                 if let Err(e) = called {
