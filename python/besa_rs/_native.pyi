@@ -37,7 +37,7 @@ __all__ = [
 # --- inspect.rs ---
 def inspect(path: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]: ...
 
-# --- sim.rs ---
+# --- sim.rs (SimParams: sim_params.rs; arrays: arrays.rs) ---
 #: Names of the full-mode options of SimParams, in CLI help order.
 SIM_FULL_OPTIONS: tuple[str, ...]
 

@@ -1,6 +1,6 @@
-//! Bindings of `besa_sim`: parameters checked once into a `SimParams` object, one call per
-//! simulation (a model path, a set of in-memory arrays, or one matrix), reports returned as
-//! Python dicts (built from the Rust report structs by `pythonize`).
+//! Bindings of `besa_sim`: one call per simulation (a model path, a set of in-memory arrays, or
+//! one matrix) with parameters checked once (`sim_params.rs`), reports returned as Python dicts
+//! (built from the Rust report structs by `pythonize`).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -11,122 +11,17 @@ use besa_sim::model::{
     nothing_selected, open_source, plan, projection_type, simulate_in_memory, simulate_names_with,
     simulate_view, InMemory, MatrixReport, OnMatrix, Planned, Report, TensorMeta,
 };
-use besa_sim::options::{self, Mode, SimOptions, FULL_OPTIONS};
+use besa_sim::options::{self, FULL_OPTIONS};
 use besa_sim::reference::{chunks, dense_baseline, RefParams};
-use besa_sim::{Elem, MaskView};
+use besa_sim::MaskView;
 use besa_sparse::Error;
-use bytemuck::NoUninit;
-use numpy::{Element, PyReadonlyArray2, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::PyTuple;
 use pythonize::pythonize;
 
-use crate::errors::{panic_to_py, run, to_py, ConfigError};
-
-/// Simulator parameters, checked once (by `besa_sim::options`) when constructed.
-#[pyclass(frozen, name = "SimParams", module = "besa_rs._native")]
-struct Params {
-    inner: besa_sim::SimParams,
-}
-
-/// `what` as `T`, or a `ConfigError` naming the option and the expected type.
-fn typed<'py, T: FromPyObjectOwned<'py>>(
-    key: &str,
-    v: &Bound<'py, PyAny>,
-    expected: &str,
-) -> PyResult<T> {
-    v.extract().map_err(|_| {
-        let got = v
-            .get_type()
-            .name()
-            .map(|n| n.to_string())
-            .unwrap_or_else(|_| "?".into());
-        ConfigError::new_err(format!("{key} must be {expected}, got {got}"))
-    })
-}
-
-fn int(key: &str, v: &Bound<'_, PyAny>) -> PyResult<i64> {
-    typed(key, v, "an integer")
-}
-
-fn float(key: &str, v: &Bound<'_, PyAny>) -> PyResult<f64> {
-    typed(key, v, "a number")
-}
-
-fn text(key: &str, v: &Bound<'_, PyAny>) -> PyResult<String> {
-    typed(key, v, "a string")
-}
-
-#[pymethods]
-impl Params {
-    /// `mode`: "reference" or "full"; keywords: `pe_width`, `pe_height`, `start_ratio`,
-    /// `float_mode` ("f32" | "f64"), `chunk_kinds`, and in full mode `clock_mhz`,
-    /// `bandwidth_gbs`, `value_bits`, `act_bits`, `index_bits`, `format` ("bitmask" | "csr" |
-    /// "2:4"), `prefill_tokens`, `weight_buffer_kb`, `index_buffer_kb`, `input_buffer_kb`,
-    /// `output_buffer_kb` (`None` = default).
-    #[new]
-    #[pyo3(signature = (mode = None, **options))]
-    fn new(mode: Option<&Bound<'_, PyAny>>, options: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
-        let mut o = SimOptions::default();
-        if let Some(m) = mode {
-            o.mode = Mode::parse(&text("mode", m)?).map_err(to_py)?;
-        }
-        let mut unknown = Vec::new();
-        for (k, v) in options.into_iter().flat_map(|d| d.iter()) {
-            let key: String = k.extract()?;
-            let f = &mut o.full;
-            if v.is_none() && FULL_OPTIONS.contains(&key.as_str()) {
-                continue; // unset: the default
-            }
-            match key.as_str() {
-                "pe_width" => o.pe_width = int(&key, &v)?,
-                "pe_height" => o.pe_height = int(&key, &v)?,
-                "start_ratio" => o.start_ratio = float(&key, &v)?,
-                "float_mode" => o.float = options::parse_float(&text(&key, &v)?).map_err(to_py)?,
-                "chunk_kinds" => o.chunk_kinds = typed(&key, &v, "a list of strings")?,
-                "clock_mhz" => f.clock_mhz = Some(float(&key, &v)?),
-                "bandwidth_gbs" => f.bandwidth_gbs = Some(float(&key, &v)?),
-                "value_bits" => f.value_bits = Some(int(&key, &v)?),
-                "act_bits" => f.act_bits = Some(int(&key, &v)?),
-                "index_bits" => f.index_bits = Some(int(&key, &v)?),
-                "prefill_tokens" => f.prefill_tokens = Some(int(&key, &v)?),
-                "format" => {
-                    f.format = Some(options::parse_format(&text(&key, &v)?).map_err(to_py)?)
-                }
-                "weight_buffer_kb" => f.weight_buffer_kb = Some(float(&key, &v)?),
-                "index_buffer_kb" => f.index_buffer_kb = Some(float(&key, &v)?),
-                "input_buffer_kb" => f.input_buffer_kb = Some(float(&key, &v)?),
-                "output_buffer_kb" => f.output_buffer_kb = Some(float(&key, &v)?),
-                _ => unknown.push(key),
-            }
-        }
-        if !unknown.is_empty() {
-            unknown.sort();
-            return Err(ConfigError::new_err(format!(
-                "unknown simulator option(s): {}",
-                unknown.join(", ")
-            )));
-        }
-        Ok(Self {
-            inner: o.params().map_err(to_py)?,
-        })
-    }
-
-    /// "reference" or "full".
-    #[getter]
-    fn mode(&self) -> &'static str {
-        self.inner.mode().name()
-    }
-
-    /// The engine's parameters (Hz, bytes/s, bytes), as stored in reports.
-    fn as_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        Ok(pythonize(py, &self.inner)?)
-    }
-
-    fn __repr__(&self) -> String {
-        format!("SimParams({:?})", self.inner)
-    }
-}
+use crate::arrays::array_data;
+use crate::errors::{panic_to_py, run, to_py};
+use crate::sim_params::Params;
 
 /// Runs `work` with the GIL released, while this thread, for each finished report, checks for
 /// Ctrl-C and calls `on_matrix` (when given) with the report (a dict) and `total`. An exception
@@ -237,90 +132,6 @@ fn simulate_path<'py>(
     })?;
     let report = Report::new(src.describe(), p, matrices, skipped);
     Ok(pythonize(py, &report)?)
-}
-
-/// The bytes of an array, read in place (C-contiguous) or copied in row-major order.
-trait AsBytes {
-    fn bytes(&self) -> &[u8];
-}
-
-impl<T: Element + NoUninit> AsBytes for PyReadonlyArray2<'_, T> {
-    fn bytes(&self) -> &[u8] {
-        bytemuck::cast_slice(self.as_slice().expect("C-contiguous checked"))
-    }
-}
-
-impl<T: NoUninit> AsBytes for Vec<T> {
-    fn bytes(&self) -> &[u8] {
-        bytemuck::cast_slice(self)
-    }
-}
-
-/// A 2-D weight or mask handed over from Python.
-struct ArrayData<'py> {
-    data: Box<dyn AsBytes + 'py>,
-    shape: [usize; 2],
-    elem: Elem,
-}
-
-/// The array as a `T` matrix; `None` when its dtype is not `T`.
-fn typed_array<'py, T: Element + NoUninit>(
-    arr: &Bound<'py, PyAny>,
-) -> Option<Box<dyn AsBytes + 'py>> {
-    let a = arr.extract::<PyReadonlyArray2<'py, T>>().ok()?;
-    if a.is_c_contiguous() {
-        Some(Box::new(a))
-    } else {
-        Some(Box::new(a.as_array().iter().copied().collect::<Vec<T>>()))
-    }
-}
-
-/// Reads `arr` (a numpy array) as a 2-D matrix of dtype `dtype` (`"bfloat16"`: the bits in a
-/// uint16 array).
-fn array_data<'py>(arr: &Bound<'py, PyAny>, dtype: &str, name: &str) -> PyResult<ArrayData<'py>> {
-    let untyped = arr.cast::<PyUntypedArray>().map_err(|_| {
-        to_py(Error::dtype(format!(
-            "{name}: expected a numpy array, got {}",
-            arr.get_type()
-                .name()
-                .map(|n| n.to_string())
-                .unwrap_or_default()
-        )))
-    })?;
-    let shape = untyped.shape().to_vec();
-    if shape.len() != 2 {
-        return Err(to_py(Error::shape(format!(
-            "{name}: expected a 2-D weight or mask, got shape {shape:?}"
-        ))));
-    }
-    let (elem, data) = match dtype {
-        "bool" => (Elem::Byte, typed_array::<bool>(arr)),
-        "float16" => (Elem::Half, typed_array::<half::f16>(arr)),
-        "bfloat16" => (Elem::Half, typed_array::<u16>(arr)),
-        "float32" => (Elem::F32, typed_array::<f32>(arr)),
-        "float64" => (Elem::F64, typed_array::<f64>(arr)),
-        other => {
-            return Err(to_py(Error::dtype(format!(
-                "{name}: dtype {other} is not supported (expected bool, float16, bfloat16, \
-                 float32 or float64)"
-            ))))
-        }
-    };
-    let data = data.ok_or_else(|| {
-        let got = untyped
-            .dtype()
-            .str()
-            .map(|s| s.to_string())
-            .unwrap_or_default();
-        to_py(Error::dtype(format!(
-            "{name}: the {dtype} weight came as a numpy array of dtype {got}"
-        )))
-    })?;
-    Ok(ArrayData {
-        data,
-        shape: [shape[0], shape[1]],
-        elem,
-    })
 }
 
 /// Simulates in-memory tensors (a state dict) in one call: `tensors` lists every tensor
