@@ -244,3 +244,26 @@ def test_typed_report_shapes_match_the_engine() -> None:
             assert set(rep["totals"]) == set().union(*_keys(t.Totals))
         else:
             assert set(rep["totals"]) == _keys(t.Totals)[0]
+
+
+def test_state_dicts_are_fetched_a_batch_at_a_time() -> None:
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(6)]
+    arrays = {n: np.eye(8, dtype=np.float32) for n in names}
+    fetched: list[str] = []
+    fetched_when_reported: list[int] = []
+
+    def fetch(n: str) -> tuple[np.ndarray, str]:
+        fetched.append(n)
+        return arrays[n], "float32"
+
+    rep = _native.simulate_arrays(
+        "sd",
+        [(n, [8, 8], "float32") for n in names],
+        fetch,
+        _native.SimParams(),
+        on_matrix=lambda m, total: fetched_when_reported.append(len(fetched)),
+        batch=2,
+    )
+    assert sorted(fetched) == sorted(names) and len(fetched) == 6
+    assert fetched_when_reported == [2, 2, 4, 4, 6, 6]
+    assert rep["path"] == "sd" and len(rep["matrices"]) == 6
