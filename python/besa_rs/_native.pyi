@@ -4,22 +4,26 @@ Each section belongs to one binding module of ``rust/besa-py/src``.
 """
 
 import os
-from typing import final
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, final
 
 import numpy as np
 import numpy.typing as npt
+
+from besa_rs.sim_report import MatrixReport, Mode, Params, SimReport
 
 __version__: str
 # Keep in sync with the functions below (stubtest checks it).
 __all__ = [
     "__version__",
-    "inspect_json",
-    "SimSource",
-    "default_params_json",
+    "inspect",
+    "SIM_FULL_OPTIONS",
+    "SimParams",
     "dense_baseline_cycles",
-    "plan_json",
-    "simulate_array_json",
-    "summarize_json",
+    "simulate_arrays",
+    "simulate_matrix",
+    "simulate_path",
     "pack_json",
     "unpack_json",
     "PackedReader",
@@ -32,29 +36,68 @@ __all__ = [
 ]
 
 # --- inspect.rs ---
-def inspect_json(path: str | os.PathLike[str], verify: bool = True) -> str: ...
+def inspect(path: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]: ...
 
-# --- sim.rs ---
+# --- sim.rs (SimParams: sim_params.rs; arrays: arrays.rs) ---
+#: Names of the full-mode options of SimParams, in CLI help order.
+SIM_FULL_OPTIONS: tuple[str, ...]
+
+#: dtype names of a weight or mask handed to the simulator ("bfloat16": its bits as uint16).
+_WeightDtype = Literal["bool", "float16", "bfloat16", "float32", "float64"]
+#: Called with each matrix report (in completion order) and the number of matrices selected.
+_OnMatrix = Callable[[MatrixReport, int], object]
+
 @final
-class SimSource:
-    """A model opened for simulation (safetensors file or directory, memory-mapped)."""
+class SimParams:
+    """Simulator parameters, checked once in Rust (a ConfigError names the bad option)."""
 
-    def __new__(cls, path: str | os.PathLike[str]) -> SimSource: ...
-    def describe(self) -> str: ...
-    def plan_json(self) -> str: ...
-    def simulate_json(self, names: list[str], params_json: str) -> str: ...
+    def __new__(
+        cls,
+        mode: Mode | None = None,
+        *,
+        pe_width: int = 64,
+        pe_height: int = 64,
+        start_ratio: float = 0.5,
+        float_mode: Literal["f32", "f64"] = "f32",
+        chunk_kinds: Sequence[str] = ("down",),
+        clock_mhz: float | None = None,
+        bandwidth_gbs: float | None = None,
+        value_bits: int | None = None,
+        act_bits: int | None = None,
+        index_bits: int | None = None,
+        format: Literal["bitmask", "csr", "2:4"] | None = None,
+        prefill_tokens: int | None = None,
+        weight_buffer_kb: float | None = None,
+        index_buffer_kb: float | None = None,
+        input_buffer_kb: float | None = None,
+        output_buffer_kb: float | None = None,
+    ) -> SimParams: ...
+    @property
+    def mode(self) -> Mode: ...
+    def as_dict(self) -> Params: ...
 
-def simulate_array_json(
-    array: object,  # C-contiguous 2-D numpy array of bool/uint8/uint16/uint32/uint64
-    elem: str,
-    name: str,
-    kind: str,
-    dtype: str,
-    params_json: str,
-) -> str: ...
-def summarize_json(matrices_json: str) -> str: ...
-def plan_json(tensors_json: str) -> str: ...
-def default_params_json() -> str: ...
+def simulate_path(
+    path: str | os.PathLike[str],
+    params: SimParams,
+    layers: re.Pattern[str] | None = None,
+    on_matrix: _OnMatrix | None = None,
+) -> SimReport: ...
+def simulate_arrays(
+    label: str,
+    tensors: Sequence[tuple[str, Sequence[int], str]],
+    fetch: Callable[[str], tuple[object, _WeightDtype | str]],
+    params: SimParams,
+    layers: re.Pattern[str] | None = None,
+    on_matrix: _OnMatrix | None = None,
+    batch: int | None = None,
+) -> SimReport: ...
+def simulate_matrix(
+    array: object,  # a 2-D numpy array of dtype `dtype` (bfloat16: uint16 bits)
+    dtype: _WeightDtype | str,
+    params: SimParams,
+    name: str = "matrix",
+    kind: str | None = None,
+) -> MatrixReport: ...
 def dense_baseline_cycles(
     rows: int, cols: int, chunk: bool = False, pe_width: int = 64, pe_height: int = 64
 ) -> int: ...

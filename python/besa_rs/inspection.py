@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -15,7 +14,7 @@ def inspect(path: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]
     name/dtype/shape/size/zero fraction, a per-layer-type summary and totals. With ``verify``
     (default) every packed tensor's CRC-32 and structure are checked first (``IntegrityError`` /
     ``FormatError``); the report's ``verified`` says how many."""
-    return json.loads(_native.inspect_json(os.fspath(path), verify=verify))
+    return _native.inspect(os.fspath(path), verify=verify)
 
 
 def format_report(report: dict[str, Any], per_tensor: bool = True) -> str:

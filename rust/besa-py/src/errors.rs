@@ -1,42 +1,55 @@
 //! The one place where Rust errors (and panics) become Python exceptions.
 //!
 //! Exception classes live in `besa_rs.errors` (pure Python, so users can subclass and catch
-//! them without importing the extension); this module looks them up by name.
+//! them without importing the extension); `import_exception!` ties each Rust error kind to its
+//! class at compile time (a renamed class fails loudly on first use, never falls back).
 
+use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use besa_sparse::{Error, ErrorKind};
-use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
-use pyo3::types::PyType;
 
-/// The `besa_rs.errors` class for an error kind.
-fn class_name(kind: ErrorKind) -> &'static str {
-    match kind {
-        ErrorKind::NotFound => "MissingFileError",
-        ErrorKind::Io => "BesaIOError",
-        ErrorKind::Format => "FormatError",
-        ErrorKind::Integrity => "IntegrityError",
-        ErrorKind::Shape => "ShapeError",
-        ErrorKind::Dtype => "DtypeError",
-        ErrorKind::Config => "ConfigError",
+pyo3::import_exception!(besa_rs.errors, BesaError);
+pyo3::import_exception!(besa_rs.errors, BesaIOError);
+pyo3::import_exception!(besa_rs.errors, ConfigError);
+pyo3::import_exception!(besa_rs.errors, DtypeError);
+pyo3::import_exception!(besa_rs.errors, FormatError);
+pyo3::import_exception!(besa_rs.errors, IntegrityError);
+pyo3::import_exception!(besa_rs.errors, MissingFileError);
+pyo3::import_exception!(besa_rs.errors, ShapeError);
+
+/// Converts a `besa-sparse` error into the matching `besa_rs.errors` exception.
+pub fn to_py(err: Error) -> PyErr {
+    let msg = err.message;
+    match err.kind {
+        ErrorKind::NotFound => MissingFileError::new_err(msg),
+        ErrorKind::Io => BesaIOError::new_err(msg),
+        ErrorKind::Format => FormatError::new_err(msg),
+        ErrorKind::Integrity => IntegrityError::new_err(msg),
+        ErrorKind::Shape => ShapeError::new_err(msg),
+        ErrorKind::Dtype => DtypeError::new_err(msg),
+        ErrorKind::Config => ConfigError::new_err(msg),
     }
 }
 
-fn raise(py: Python<'_>, class: &str, message: String) -> PyErr {
-    let cls = py
-        .import("besa_rs.errors")
-        .and_then(|m| m.getattr(class))
-        .and_then(|c| c.cast_into::<PyType>().map_err(PyErr::from));
-    match cls {
-        Ok(cls) => PyErr::from_type(cls, message),
-        Err(_) => PyRuntimeError::new_err(message),
-    }
+/// A `BesaError` ("internal error") for a caught panic.
+pub fn panic_to_py(panic: Box<dyn Any + Send>) -> PyErr {
+    let what = panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into());
+    BesaError::new_err(format!("internal error in besa-rs (please report): {what}"))
 }
 
-/// Converts a `besa-sparse` error into the matching Python exception.
-pub fn to_py(py: Python<'_>, err: Error) -> PyErr {
-    raise(py, class_name(err.kind), err.message)
+/// Runs `f` without the GIL and without unwinding: its panic as a payload, its error as is.
+pub fn detached<T, F>(py: Python<'_>, f: F) -> Result<Result<T, Error>, Box<dyn Any + Send>>
+where
+    T: Send,
+    F: FnOnce() -> Result<T, Error> + Send,
+{
+    py.detach(|| catch_unwind(AssertUnwindSafe(f)))
 }
 
 /// Runs `f` with the GIL released, turning errors into Python exceptions and panics into a
@@ -46,21 +59,8 @@ where
     T: Send,
     F: FnOnce() -> Result<T, Error> + Send,
 {
-    let out = py.detach(|| catch_unwind(AssertUnwindSafe(f)));
-    match out {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(to_py(py, e)),
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(raise(
-                py,
-                "BesaError",
-                format!("internal error in besa-rs (please report): {what}"),
-            ))
-        }
+    match detached(py, f) {
+        Ok(r) => r.map_err(to_py),
+        Err(panic) => Err(panic_to_py(panic)),
     }
 }

@@ -3,9 +3,11 @@
 
 use pyo3::prelude::*;
 
+mod arrays;
 mod errors;
 mod inspect;
 mod sim;
+mod sim_params;
 mod sparse;
 
 #[pymodule]

@@ -1,200 +1,218 @@
-//! Bindings of `besa_sim`: a model source (mmap'd, simulated in Rust batches) and single arrays
-//! (zero-copy numpy buffers). Reports cross the boundary as JSON strings.
+//! Bindings of `besa_sim`: one call per simulation (a model path, a set of in-memory arrays, or
+//! one matrix) with parameters checked once (`sim_params.rs`), reports returned as Python dicts
+//! (built from the Rust report structs by `pythonize`).
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 
 use besa_sim::model::{
-    open_source, plan, simulate_names, simulate_view, summarize, MatrixReport, MatrixSource,
-    SimParams, TensorMeta,
+    nothing_selected, open_source, plan, projection_type, simulate_in_memory, simulate_names_with,
+    simulate_view, InMemory, MatrixReport, OnMatrix, Planned, Report, TensorMeta,
 };
+use besa_sim::options::{self, FULL_OPTIONS};
 use besa_sim::reference::{chunks, dense_baseline, RefParams};
-use besa_sim::{Elem, MaskView};
+use besa_sim::MaskView;
 use besa_sparse::Error;
-use numpy::{PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+use pythonize::pythonize;
 
-use crate::errors::{run, to_py};
+use crate::arrays::array_data;
+use crate::errors::{panic_to_py, run, to_py};
+use crate::sim_params::Params;
 
-fn params(json: &str) -> Result<SimParams, Error> {
-    serde_json::from_str(json).map_err(|e| Error::config(format!("simulator parameters: {e}")))
-}
-
-macro_rules! to_json {
-    ($v:expr) => {
-        serde_json::to_string($v).expect("reports serialize")
-    };
-}
-
-/// A model opened for simulation (safetensors file or directory; the mmap stays open).
-#[pyclass(frozen, module = "besa_rs._native")]
-struct SimSource {
-    inner: Box<dyn MatrixSource>,
-}
-
-#[pymethods]
-impl SimSource {
-    #[new]
-    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let inner = run(py, move || open_source(&path))?;
-        Ok(Self { inner })
-    }
-
-    /// The path shown in reports.
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-
-    /// `{"path", "tensors": [...], "planned": [...], "skipped": [...]}` as JSON.
-    fn plan_json(&self) -> String {
-        let tensors = self.inner.tensors();
-        let (planned, skipped) = plan(&tensors);
-        to_json!(&serde_json::json!({
-            "path": self.inner.describe(),
-            "tensors": tensors,
-            "planned": planned,
-            "skipped": skipped,
-        }))
-    }
-
-    /// Simulates the named 2-D tensors (in parallel); a JSON list of matrix reports.
-    fn simulate_json(
-        &self,
-        py: Python<'_>,
-        names: Vec<String>,
-        params_json: &str,
-    ) -> PyResult<String> {
-        let src = self.inner.as_ref();
-        run(py, move || {
-            let p = params(params_json)?;
-            Ok(to_json!(&simulate_names(src, &names, &p)?))
-        })
-    }
-}
-
-/// The bytes of a C-contiguous 2-D array of 1/2/4/8-byte elements, and its shape.
-fn array_bytes<'py>(arr: &Bound<'py, PyAny>) -> PyResult<(Vec<usize>, ArrayBytes<'py>)> {
-    macro_rules! try_kind {
-        ($t:ty, $variant:ident) => {
-            if let Ok(a) = arr.extract::<PyReadonlyArray2<'py, $t>>() {
-                if !a.is_c_contiguous() {
-                    return Err(to_py(
-                        arr.py(),
-                        Error::shape(
-                            "the array must be C-contiguous (use numpy.ascontiguousarray)",
-                        ),
-                    ));
-                }
-                return Ok((a.shape().to_vec(), ArrayBytes::$variant(a)));
-            }
-        };
-    }
-    try_kind!(u8, U8);
-    try_kind!(bool, Bool);
-    try_kind!(u16, U16);
-    try_kind!(u32, U32);
-    try_kind!(u64, U64);
-    Err(to_py(
-        arr.py(),
-        Error::dtype("expected a 2-D numpy array of bool/uint8/uint16/uint32/uint64 (float views)"),
-    ))
-}
-
-enum ArrayBytes<'py> {
-    U8(PyReadonlyArray2<'py, u8>),
-    Bool(PyReadonlyArray2<'py, bool>),
-    U16(PyReadonlyArray2<'py, u16>),
-    U32(PyReadonlyArray2<'py, u32>),
-    U64(PyReadonlyArray2<'py, u64>),
-}
-
-fn raw<T>(s: &[T]) -> &[u8] {
-    // SAFETY: u8/bool/u16/u32/u64 have no padding and every byte pattern is a valid u8; the
-    // slice covers exactly the same memory.
-    unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, std::mem::size_of_val(s)) }
-}
-
-impl ArrayBytes<'_> {
-    fn bytes(&self) -> &[u8] {
-        let contiguous = "C-contiguous checked";
-        match self {
-            ArrayBytes::U8(a) => raw(a.as_slice().expect(contiguous)),
-            ArrayBytes::Bool(a) => raw(a.as_slice().expect(contiguous)),
-            ArrayBytes::U16(a) => raw(a.as_slice().expect(contiguous)),
-            ArrayBytes::U32(a) => raw(a.as_slice().expect(contiguous)),
-            ArrayBytes::U64(a) => raw(a.as_slice().expect(contiguous)),
-        }
-    }
-}
-
-/// Simulates one matrix given as a numpy array (float data passed as an unsigned view of the
-/// same bytes with `elem` naming the float type); a JSON matrix report.
-#[pyfunction]
-#[pyo3(signature = (array, elem, name, kind, dtype, params_json))]
-fn simulate_array_json(
+/// Runs `work` with the GIL released, while this thread, for each finished report, checks for
+/// Ctrl-C and calls `on_matrix` (when given) with the report (a dict) and `total`. An exception
+/// there (KeyboardInterrupt included) stops the run and is raised.
+fn run_reporting<F>(
     py: Python<'_>,
-    array: &Bound<'_, PyAny>,
-    elem: &str,
-    name: &str,
-    kind: &str,
-    dtype: &str,
-    params_json: &str,
-) -> PyResult<String> {
-    let (shape, data) = array_bytes(array)?;
-    let bytes = data.bytes();
-    run(py, move || {
-        let p = params(params_json)?;
-        let elem = Elem::from_name(elem)?;
-        if bytes.len() != shape[0] * shape[1] * elem.size() {
-            return Err(Error::dtype(format!(
-                "{name}: a {elem:?} matrix needs {}-byte elements",
-                elem.size()
-            )));
-        }
-        let view = MaskView::new(bytes, elem, shape[0], shape[1])?;
-        if let Some(f) = &p.full {
-            f.validate()?;
-        }
-        if p.reference.pe_width == 0 || p.reference.pe_height == 0 {
-            return Err(Error::config("the PE array must be at least 1 x 1"));
-        }
-        Ok(to_json!(&simulate_view(&view, name, kind, dtype, &p)))
-    })
+    on_matrix: Option<&Bound<'_, PyAny>>,
+    total: usize,
+    work: F,
+) -> PyResult<Vec<MatrixReport>>
+where
+    F: FnOnce(&OnMatrix<'_>) -> besa_sparse::Result<Vec<MatrixReport>> + Send,
+{
+    let callback = on_matrix.map(|c| c.clone().unbind());
+    let (tx, rx) = mpsc::channel::<MatrixReport>();
+    let stop = &AtomicBool::new(false);
+    let mut raised: Option<PyErr> = None;
+    let outcome = py.detach(|| {
+        std::thread::scope(|s| {
+            let worker = s.spawn(|| {
+                let send = move |m: &MatrixReport| {
+                    if stop.load(Ordering::Relaxed) {
+                        return Err(Error::config("stopped: an exception was raised"));
+                    }
+                    // The receiver only goes away after the worker ends.
+                    let _ = tx.send(m.clone());
+                    Ok(())
+                };
+                catch_unwind(AssertUnwindSafe(|| work(&send)))
+            });
+            // Ends when the worker ends (its sender is dropped with it).
+            for m in rx {
+                if raised.is_some() {
+                    continue;
+                }
+                let called = Python::attach(|py| -> PyResult<()> {
+                    py.check_signals()?;
+                    if let Some(cb) = &callback {
+                        cb.bind(py).call1((pythonize(py, &m)?, total))?;
+                    }
+                    Ok(())
+                });
+                if let Err(e) = called {
+                    raised = Some(e);
+                    stop.store(true, Ordering::Relaxed);
+                }
+            }
+            worker.join()
+        })
+    });
+    if let Some(e) = raised {
+        return Err(e);
+    }
+    match outcome {
+        Ok(Ok(r)) => r.map_err(to_py),
+        Ok(Err(panic)) | Err(panic) => Err(panic_to_py(panic)),
+    }
 }
 
-/// `{"planned": [...], "skipped": [...]}` for a JSON list of `{"name", "shape", "dtype"}`.
-#[pyfunction]
-fn plan_json(py: Python<'_>, tensors_json: &str) -> PyResult<String> {
-    run(py, move || {
-        let ts: Vec<TensorMeta> = serde_json::from_str(tensors_json)
-            .map_err(|e| Error::format(format!("tensor list: {e}")))?;
-        let (planned, skipped) = plan(&ts);
-        Ok(to_json!(
-            &serde_json::json!({"planned": planned, "skipped": skipped})
-        ))
-    })
-}
-
-/// `{"summary": {...}, "totals": {...}}` of a JSON list of matrix reports.
-#[pyfunction]
-fn summarize_json(py: Python<'_>, matrices_json: &str) -> PyResult<String> {
-    run(py, move || {
-        let ms: Vec<MatrixReport> = serde_json::from_str(matrices_json)
-            .map_err(|e| Error::format(format!("matrix reports: {e}")))?;
-        let (summary, totals) = summarize(&ms);
-        Ok(to_json!(
-            &serde_json::json!({"summary": summary, "totals": totals})
-        ))
-    })
-}
-
-/// The default simulator parameters as JSON.
-#[pyfunction]
-fn default_params_json() -> String {
-    let p = SimParams {
-        full: Some(Default::default()),
-        ..Default::default()
+/// The names to simulate: the default plan, or every 2-D tensor whose name the compiled
+/// regular expression `layers` finds (`layers.search(name)`).
+fn select(
+    tensors: &[TensorMeta],
+    planned: &[Planned],
+    layers: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Vec<String>> {
+    let Some(rx) = layers else {
+        return Ok(planned.iter().map(|p| p.name.clone()).collect());
     };
-    to_json!(&p)
+    let mut names = Vec::new();
+    for t in tensors.iter().filter(|t| t.shape.len() == 2) {
+        if rx.call_method1("search", (&t.name,))?.is_truthy()? {
+            names.push(t.name.clone());
+        }
+    }
+    Ok(names)
+}
+
+fn nothing(path: &str, layers: Option<&Bound<'_, PyAny>>) -> PyResult<PyErr> {
+    let pattern = match layers {
+        Some(rx) => Some(rx.getattr("pattern")?.str()?.to_string()),
+        None => None,
+    };
+    Ok(to_py(nothing_selected(path, pattern.as_deref())))
+}
+
+/// Simulates a model path (safetensors file or directory, packed or not) in one call.
+#[pyfunction]
+#[pyo3(signature = (path, params, layers=None, on_matrix=None))]
+fn simulate_path<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    params: &Params,
+    layers: Option<&Bound<'py, PyAny>>,
+    on_matrix: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let p = &params.inner;
+    let src = run(py, || open_source(&path))?;
+    let tensors = src.tensors();
+    let (planned, skipped) = plan(&tensors);
+    let names = select(&tensors, &planned, layers)?;
+    if names.is_empty() {
+        return Err(nothing(&src.describe(), layers)?);
+    }
+    let source = src.as_ref();
+    let matrices = run_reporting(py, on_matrix, names.len(), |cb| {
+        simulate_names_with(source, &names, p, cb)
+    })?;
+    let report = Report::new(src.describe(), p, matrices, skipped);
+    Ok(pythonize(py, &report)?)
+}
+
+/// Simulates in-memory tensors (a state dict) in one call: `tensors` lists every tensor
+/// (`name`, `shape`, `dtype`) for the plan; `fetch(name)` returns the `(array, dtype)` of a
+/// selected one, called `batch` at a time (default: twice the worker threads), so only a batch
+/// is held at once.
+#[pyfunction]
+#[pyo3(signature = (label, tensors, fetch, params, layers=None, on_matrix=None, batch=None))]
+#[allow(clippy::too_many_arguments)]
+fn simulate_arrays<'py>(
+    py: Python<'py>,
+    label: String,
+    tensors: Vec<(String, Vec<usize>, String)>,
+    fetch: &Bound<'py, PyAny>,
+    params: &Params,
+    layers: Option<&Bound<'py, PyAny>>,
+    on_matrix: Option<&Bound<'py, PyAny>>,
+    batch: Option<usize>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let p = &params.inner;
+    let metas: Vec<TensorMeta> = tensors
+        .into_iter()
+        .map(|(name, shape, dtype)| TensorMeta { name, shape, dtype })
+        .collect();
+    let (planned, skipped) = plan(&metas);
+    let names = select(&metas, &planned, layers)?;
+    if names.is_empty() {
+        return Err(nothing(&label, layers)?);
+    }
+    let step = batch.unwrap_or(2 * rayon::current_num_threads()).max(1);
+    let mut matrices = Vec::with_capacity(names.len());
+    for group in names.chunks(step) {
+        let mut held = Vec::with_capacity(group.len());
+        for name in group {
+            let (arr, dtype): (Bound<'py, PyAny>, String) = fetch.call1((name,))?.extract()?;
+            let data = array_data(&arr, &dtype, name)?;
+            held.push((name.as_str(), dtype, data));
+        }
+        let items = held
+            .iter()
+            .map(|(name, dtype, a)| {
+                let [rows, cols] = a.shape;
+                Ok(InMemory {
+                    name: name.to_string(),
+                    dtype: dtype.clone(),
+                    view: MaskView::new(a.data.bytes(), a.elem, rows, cols)
+                        .map_err(|e| to_py(e.context(name)))?,
+                })
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let got = run_reporting(py, on_matrix, names.len(), |cb| {
+            simulate_in_memory(&items, p, cb)
+        })?;
+        matrices.extend(got);
+    }
+    let report = Report::new(label, p, matrices, skipped);
+    Ok(pythonize(py, &report)?)
+}
+
+/// Simulates one 2-D weight or mask (a numpy array of dtype `dtype`, read in place); `kind`
+/// defaults to the projection type of `name`.
+#[pyfunction]
+#[pyo3(signature = (array, dtype, params, name="matrix", kind=None))]
+fn simulate_matrix<'py>(
+    py: Python<'py>,
+    array: &Bound<'py, PyAny>,
+    dtype: &str,
+    params: &Params,
+    name: &str,
+    kind: Option<&str>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let data = array_data(array, dtype, name)?;
+    let kind = kind.map_or_else(|| projection_type(name), str::to_string);
+    let p = &params.inner;
+    let (bytes, [rows, cols], elem) = (data.data.bytes(), data.shape, data.elem);
+    let report = run(py, || {
+        p.validate()?;
+        let view = MaskView::new(bytes, elem, rows, cols).map_err(|e| e.context(name))?;
+        Ok(simulate_view(&view, name, &kind, dtype, p))
+    })?;
+    Ok(pythonize(py, &report)?)
 }
 
 /// Dense-baseline cycles of a `rows x cols` weight: `ceil(c^2 / (W*H))` per (chunk of) matrix,
@@ -205,14 +223,10 @@ fn dense_baseline_cycles(
     rows: usize,
     cols: usize,
     chunk: bool,
-    pe_width: u64,
-    pe_height: u64,
+    pe_width: i64,
+    pe_height: i64,
 ) -> PyResult<u64> {
-    if pe_width == 0 || pe_height == 0 {
-        return Err(PyErr::new::<pyo3::exceptions::PyValueError, _>(
-            "the PE array must be at least 1 x 1",
-        ));
-    }
+    let (pe_width, pe_height) = options::pe_array(pe_width, pe_height).map_err(to_py)?;
     let p = RefParams {
         pe_width,
         pe_height,
@@ -225,11 +239,11 @@ fn dense_baseline_cycles(
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<SimSource>()?;
-    m.add_function(wrap_pyfunction!(simulate_array_json, m)?)?;
-    m.add_function(wrap_pyfunction!(summarize_json, m)?)?;
-    m.add_function(wrap_pyfunction!(plan_json, m)?)?;
-    m.add_function(wrap_pyfunction!(default_params_json, m)?)?;
+    m.add_class::<Params>()?;
+    m.add("SIM_FULL_OPTIONS", PyTuple::new(m.py(), FULL_OPTIONS)?)?;
+    m.add_function(wrap_pyfunction!(simulate_path, m)?)?;
+    m.add_function(wrap_pyfunction!(simulate_arrays, m)?)?;
+    m.add_function(wrap_pyfunction!(simulate_matrix, m)?)?;
     m.add_function(wrap_pyfunction!(dense_baseline_cycles, m)?)?;
     Ok(())
 }

@@ -28,7 +28,7 @@ fn pack_json(
     tensors: Option<Vec<String>>,
     sync: bool,
 ) -> PyResult<String> {
-    let format = PackFormat::parse(format).map_err(|e| to_py(py, e))?;
+    let format = PackFormat::parse(format).map_err(to_py)?;
     let opts = PackOptions {
         format,
         min_sparsity,
@@ -113,13 +113,12 @@ impl PackedReader {
     /// Decodes tensor `name` into `out`, a writable contiguous uint8 array of exactly its
     /// dense byte size. Validates structure and checksum first.
     fn read_into(&self, py: Python<'_>, name: &str, out: &Bound<'_, PyArray1<u8>>) -> PyResult<()> {
-        let t = self.inner.require(name).map_err(|e| to_py(py, e))?;
+        let t = self.inner.require(name).map_err(to_py)?;
         let mut rw = out.readwrite();
         let slice = rw.as_slice_mut().map_err(|e| {
-            to_py(
-                py,
-                Error::shape(format!("output buffer for {name:?} is not contiguous: {e}")),
-            )
+            to_py(Error::shape(format!(
+                "output buffer for {name:?} is not contiguous: {e}"
+            )))
         })?;
         let inner = &self.inner;
         run(py, move || inner.read_into(t, slice))

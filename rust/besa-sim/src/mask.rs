@@ -52,23 +52,6 @@ impl Elem {
         })
     }
 
-    /// Parses the element names used by the Python binding.
-    pub fn from_name(name: &str) -> Result<Self> {
-        Ok(match name {
-            "bool" | "uint8" | "u8" => Elem::Byte,
-            "f8" | "float8" => Elem::F8,
-            "f16" | "float16" | "bf16" | "bfloat16" => Elem::Half,
-            "f32" | "float32" => Elem::F32,
-            "f64" | "float64" => Elem::F64,
-            other => {
-                return Err(Error::dtype(format!(
-                    "unsupported element type {other:?} (expected bool, float16, bfloat16, \
-                     float32 or float64)"
-                )))
-            }
-        })
-    }
-
     #[inline]
     fn kept_at(self, b: &[u8]) -> bool {
         match self {

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::full::{ratio, simulate_full, FullParams, FullResult};
 use crate::mask::MaskView;
+use crate::options::Mode;
 pub use crate::packed_source::PackedSource;
 use crate::reference::{simulate_matrix_with_degrees, ChunkResult, RefParams};
 
@@ -150,6 +151,29 @@ pub struct SimParams {
     pub chunk_kinds: Vec<String>,
 }
 
+impl SimParams {
+    /// Checks what the engine relies on (a PE array of at least 1 x 1, a valid full model);
+    /// [`crate::options::SimOptions::params`] builds parameters that pass.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(f) = &self.full {
+            f.validate()?;
+        }
+        if self.reference.pe_width == 0 || self.reference.pe_height == 0 {
+            return Err(Error::config("the PE array must be at least 1 x 1"));
+        }
+        Ok(())
+    }
+
+    /// `"reference"` or `"full"`.
+    pub fn mode(&self) -> Mode {
+        if self.full.is_some() {
+            Mode::Full
+        } else {
+            Mode::Reference
+        }
+    }
+}
+
 impl Default for SimParams {
     fn default() -> Self {
         Self {
@@ -160,12 +184,21 @@ impl Default for SimParams {
     }
 }
 
+/// Serializes a fixed-size array as a sequence (a list in Python and JSON, not a tuple).
+pub(crate) fn as_list<S: serde::Serializer>(
+    v: &[usize; 2],
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_seq(v)
+}
+
 /// Everything reported for one matrix.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MatrixReport {
     pub name: String,
     pub kind: String,
     pub layer: Option<usize>,
+    #[serde(serialize_with = "as_list")]
     pub shape: [usize; 2],
     pub dtype: String,
     pub sparsity: f64,
@@ -231,12 +264,18 @@ pub fn simulate_names(
     names: &[String],
     p: &SimParams,
 ) -> Result<Vec<MatrixReport>> {
-    if let Some(f) = &p.full {
-        f.validate()?;
-    }
-    if p.reference.pe_width == 0 || p.reference.pe_height == 0 {
-        return Err(Error::config("the PE array must be at least 1 x 1"));
-    }
+    simulate_names_with(source, names, p, &|_| Ok(()))
+}
+
+/// [`simulate_names`], calling `on_done` with each report as soon as it is ready (from the
+/// worker threads, in completion order); an error from `on_done` stops the run.
+pub fn simulate_names_with(
+    source: &dyn MatrixSource,
+    names: &[String],
+    p: &SimParams,
+    on_done: &OnMatrix<'_>,
+) -> Result<Vec<MatrixReport>> {
+    p.validate()?;
     let metas: BTreeMap<String, TensorMeta> = source
         .tensors()
         .into_iter()
@@ -251,9 +290,50 @@ pub fn simulate_names(
             let report = simulate_view(&view, name, &projection_type(name), dtype, p);
             drop(view);
             source.release(name);
+            on_done(&report)?;
             Ok(report)
         })
         .collect()
+}
+
+/// A callback that sees each matrix report as soon as it is ready.
+pub type OnMatrix<'a> = dyn Fn(&MatrixReport) -> Result<()> + Sync + 'a;
+
+/// A matrix held in memory (for example a numpy buffer): its name, dtype name and keep-mask.
+pub struct InMemory<'a> {
+    pub name: String,
+    pub dtype: String,
+    pub view: MaskView<'a>,
+}
+
+/// Simulates in-memory matrices in parallel, the projection type guessed from each name.
+pub fn simulate_in_memory(
+    items: &[InMemory<'_>],
+    p: &SimParams,
+    on_done: &OnMatrix<'_>,
+) -> Result<Vec<MatrixReport>> {
+    p.validate()?;
+    items
+        .par_iter()
+        .with_max_len(1)
+        .map(|m| {
+            let kind = projection_type(&m.name);
+            let report = simulate_view(&m.view, &m.name, &kind, &m.dtype, p);
+            on_done(&report)?;
+            Ok(report)
+        })
+        .collect()
+}
+
+/// The projection types in display order; other kinds follow alphabetically.
+pub const TYPE_ORDER: [&str; 9] = ["q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down"];
+
+fn type_key(kind: &str) -> (usize, &str) {
+    let rank = TYPE_ORDER
+        .iter()
+        .position(|t| *t == kind)
+        .unwrap_or(TYPE_ORDER.len());
+    (rank, kind)
 }
 
 /// Per projection type: averages over its matrices (the paper's table).
@@ -335,13 +415,30 @@ fn full_aggregates(ms: &[&MatrixReport]) -> FullAggregates {
     }
 }
 
+/// Per-type summaries in display order ([`TYPE_ORDER`], then alphabetical); a map when
+/// serialized.
+#[derive(Debug, Clone, Default)]
+pub struct Summary(pub Vec<(String, TypeSummary)>);
+
+impl Summary {
+    pub fn get(&self, kind: &str) -> Option<&TypeSummary> {
+        self.0.iter().find(|(k, _)| k == kind).map(|(_, s)| s)
+    }
+}
+
+impl Serialize for Summary {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
+}
+
 /// The per-type summary and totals of a list of matrix reports.
-pub fn summarize(matrices: &[MatrixReport]) -> (BTreeMap<String, TypeSummary>, Totals) {
+pub fn summarize(matrices: &[MatrixReport]) -> (Summary, Totals) {
     let mut groups: BTreeMap<String, Vec<&MatrixReport>> = BTreeMap::new();
     for m in matrices {
         groups.entry(m.kind.clone()).or_default().push(m);
     }
-    let summary = groups
+    let mut summary: Vec<(String, TypeSummary)> = groups
         .into_iter()
         .map(|(kind, ms)| {
             let avg_cycles = mean(ms.iter().map(|m| m.cycles as f64));
@@ -367,6 +464,8 @@ pub fn summarize(matrices: &[MatrixReport]) -> (BTreeMap<String, TypeSummary>, T
             (kind, s)
         })
         .collect();
+    summary.sort_by(|a, b| type_key(&a.0).cmp(&type_key(&b.0)));
+    let summary = Summary(summary);
     let all: Vec<&MatrixReport> = matrices.iter().collect();
     let cycles = matrices.iter().map(|m| m.cycles).sum();
     let dense_cycles = matrices.iter().map(|m| m.dense_cycles).sum();
@@ -392,45 +491,65 @@ pub fn summarize(matrices: &[MatrixReport]) -> (BTreeMap<String, TypeSummary>, T
 }
 
 /// A whole-model report.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Report {
-    pub mode: String,
+    pub mode: &'static str,
     pub path: String,
     pub params: SimParams,
     pub matrices: Vec<MatrixReport>,
-    pub summary: BTreeMap<String, TypeSummary>,
+    pub summary: Summary,
     pub totals: Totals,
     pub skipped: Vec<Skipped>,
 }
 
-/// Simulates a model path with the default selection (Rust-only entry point; the CLI selects
-/// and batches in Python for its progress bar).
+impl Report {
+    /// The report of simulated matrices: sorted by layer (unnumbered last), projection type
+    /// and name; summarized per type and in total.
+    pub fn new(
+        path: String,
+        params: &SimParams,
+        mut matrices: Vec<MatrixReport>,
+        skipped: Vec<Skipped>,
+    ) -> Self {
+        matrices.sort_by(|a, b| {
+            (a.layer.is_none(), a.layer, type_key(&a.kind), &a.name).cmp(&(
+                b.layer.is_none(),
+                b.layer,
+                type_key(&b.kind),
+                &b.name,
+            ))
+        });
+        let (summary, totals) = summarize(&matrices);
+        Report {
+            mode: params.mode().name(),
+            path,
+            params: params.clone(),
+            matrices,
+            summary,
+            totals,
+            skipped,
+        }
+    }
+}
+
+/// The message when a selection is empty.
+pub fn nothing_selected(path: &str, pattern: Option<&str>) -> Error {
+    Error::config(match pattern {
+        None => format!("{path}: no 2-D weight to simulate in this model"),
+        Some(p) => format!("{path}: no 2-D tensor matches --layers {p:?}"),
+    })
+}
+
+/// Simulates a model path with the default selection (every planned matrix).
 pub fn simulate_path(path: &Path, p: &SimParams) -> Result<Report> {
     let source = open_source(path)?;
     let (planned, skipped) = plan(&source.tensors());
     if planned.is_empty() {
-        return Err(Error::format(format!(
-            "{}: no 2-D weight to simulate in this model",
-            source.describe()
-        )));
+        return Err(nothing_selected(&source.describe(), None));
     }
     let names: Vec<String> = planned.into_iter().map(|p| p.name).collect();
     let matrices = simulate_names(source.as_ref(), &names, p)?;
-    let (summary, totals) = summarize(&matrices);
-    Ok(Report {
-        mode: if p.full.is_some() {
-            "full"
-        } else {
-            "reference"
-        }
-        .to_string(),
-        path: source.describe(),
-        params: p.clone(),
-        matrices,
-        summary,
-        totals,
-        skipped,
-    })
+    Ok(Report::new(source.describe(), p, matrices, skipped))
 }
 
 #[cfg(test)]
@@ -480,5 +599,52 @@ mod tests {
         assert_eq!(s.len(), 2);
         let (p, _) = plan(&[t("mask", &[3, 3])]);
         assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn reports_are_sorted_by_layer_then_type() {
+        let keep = [1u8, 0, 1, 1];
+        let view = MaskView::new(&keep[..], crate::mask::Elem::Byte, 2, 2).unwrap();
+        let p = SimParams::default();
+        let items: Vec<InMemory<'_>> = [
+            "lm.extra",
+            "model.layers.1.mlp.down_proj.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            "model.layers.1.self_attn.q_proj.weight",
+            "model.layers.0.mlp.down_proj.weight",
+            "model.layers.0.mlp.aaa.weight",
+        ]
+        .iter()
+        .map(|n| InMemory {
+            name: n.to_string(),
+            dtype: "bool".into(),
+            view: view.clone(),
+        })
+        .collect();
+        let seen = std::sync::atomic::AtomicUsize::new(0);
+        let ms = simulate_in_memory(&items, &p, &|_| {
+            seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen.into_inner(), 6);
+        let r = Report::new("x".into(), &p, ms, vec![]);
+        let names: Vec<&str> = r.matrices.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "model.layers.0.mlp.up_proj.weight",
+                "model.layers.0.mlp.down_proj.weight",
+                "model.layers.0.mlp.aaa.weight",
+                "model.layers.1.self_attn.q_proj.weight",
+                "model.layers.1.mlp.down_proj.weight",
+                "lm.extra",
+            ]
+        );
+        let kinds: Vec<&str> = r.summary.0.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(kinds, ["q", "up", "down", "lm.extra", "mlp.aaa"]);
+        assert_eq!(r.mode, "reference");
+        let json = serde_json::to_value(&r).unwrap();
+        assert!(json["summary"]["down"]["matrices"] == 2);
     }
 }

@@ -88,6 +88,7 @@ pub struct Eval {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChunkResult {
     /// Columns `[begin, end)` of the matrix.
+    #[serde(serialize_with = "crate::model::as_list")]
     pub cols: [usize; 2],
     pub cycles: u64,
     pub dense_cycles: u64,
