@@ -5,6 +5,7 @@ use pyo3::prelude::*;
 
 mod errors;
 mod inspect;
+mod memory;
 mod sim;
 mod sparse;
 
@@ -12,6 +13,7 @@ mod sparse;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     inspect::register(m)?;
+    memory::register(m)?;
     sim::register(m)?;
     sparse::register(m)?;
     Ok(())

@@ -7,6 +7,7 @@ pub mod error;
 pub mod codec;
 pub mod dtype;
 pub mod inspect;
+pub mod memory;
 pub mod model;
 pub mod output;
 pub mod pack;
