@@ -14,6 +14,8 @@ __version__: str
 __all__ = [
     "__version__",
     "inspect_json",
+    "compress_parts",
+    "decompress_parts",
     "SimSource",
     "default_params_json",
     "dense_baseline_cycles",
@@ -33,6 +35,23 @@ __all__ = [
 
 # --- inspect.rs ---
 def inspect_json(path: str | os.PathLike[str], verify: bool = True) -> str: ...
+
+# --- memory.rs ---
+# (name, dtype name, shape, the bytes as a flat uint8 array)
+_Buf = tuple[str, str, list[int], npt.NDArray[np.uint8]]
+
+def compress_parts(
+    data: npt.NDArray[np.uint8],
+    dtype: str,
+    rows: int,
+    cols: int,
+    format: str,
+    force_24: bool = False,
+) -> list[_Buf]: ...
+def decompress_parts(
+    parts: list[tuple[str, str, list[int], npt.NDArray[np.uint8]]],
+    format: str | None = None,
+) -> tuple[str, _Buf]: ...
 
 # --- sim.rs ---
 @final

@@ -138,7 +138,8 @@ def _matrix(x: object) -> tuple[npt.NDArray[np.uint8], str, int, int, bool]:
         )
     if name not in _FLOATS:
         raise DtypeError(
-            f"dtype {name} cannot be compressed (only float16, bfloat16, float32, float64)"
+            f"dtype {getattr(x, 'dtype', name)} cannot be compressed "
+            "(only float16, bfloat16, float32, float64)"
         )
     if len(shape) != 2:
         raise ShapeError(f"compress() takes a 2-D matrix, got shape {list(shape)}")

@@ -56,7 +56,13 @@ fn compress_parts<'py>(
         data: slice(py, "the input tensor", &data)?,
     };
     let opts = EncodeOptions { force: force_24 };
-    let plan = run(py, move || plan_compress(format, m, opts))?;
+    let plan = run(py, move || {
+        plan_compress(format, m, opts).map_err(|e| {
+            // The codec's hint names the command-line flag; this API's is `force_24=True`.
+            let message = e.message.replace("--force-24", "force_24=True");
+            Error::new(e.kind, message)
+        })
+    })?;
     let sizes: Vec<usize> = plan.parts.iter().map(part_nbytes).collect();
     let arrays = alloc(py, &sizes);
     {

@@ -55,7 +55,11 @@ pub fn plan_compress(
     let n = float_itemsize(m.dtype)?;
     check_dense_len(m.data, m.rows, m.cols, n)?;
     let counts = row_nnz(m.dtype, m.data, m.rows, m.cols)?;
-    let (stored_nnz, dropped) = match format.admit(m, &counts, opts)? {
+    // The codecs word their refusals for a named tensor ("is not 2:4 sparse: ...").
+    let admission = format
+        .admit(m, &counts, opts)
+        .map_err(|e| crate::Error::new(e.kind, format!("the matrix {}", e.message)))?;
+    let (stored_nnz, dropped) = match admission {
         Admission::Pack {
             stored_nnz,
             dropped,
@@ -420,7 +424,8 @@ mod tests {
         assert_eq!(kind(&good, Some(CSR)), ErrorKind::Format);
         // Truncated values.
         let mut p = good.clone();
-        p[1].1.truncate(p[1].1.len() - 4);
+        let n = p[1].1.len() - 4;
+        p[1].1.truncate(n);
         assert_eq!(kind(&p, None), ErrorKind::Format);
         // Shape part claiming another matrix.
         let mut p = good.clone();
