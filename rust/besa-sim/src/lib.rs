@@ -3,7 +3,8 @@
 //! - [`reference`]: the BESA authors' model, bit-for-bit (quirks included), fast;
 //! - [`full`]: a corrected, parameterised model (DRAM traffic, formats, decode/prefill);
 //! - [`model`]: every selected matrix of a saved model, read from the mmap, in parallel;
-//! - [`packed_source`]: packed checkpoints (bitmask, 2:4, CSR) read from their stored index.
+//! - [`packed_source`]: every checkpoint (plain or packed, any codec) read through besa-sparse's
+//!   packed reader; packed matrices' keep-masks come from their stored index.
 //!
 //! See docs/simulator.md.
 

@@ -1,8 +1,8 @@
-//! Packed checkpoints (`besa-rs pack --format bitmask|2:4|csr`, or compressed-tensors
-//! sparse-bitmask / sparse-24-bitmask) as a [`MatrixSource`].
+//! Every checkpoint, plain or packed (any format of `besa_sparse::codec`), as a
+//! [`MatrixSource`], read through besa-sparse's packed reader (one open, no sniffing).
 //!
-//! A packed matrix's keep-mask comes from its stored index (bitmask or CSR column indices) and
-//! the stored kept values, never from a dense decode: every stored position is marked kept
+//! A packed matrix's keep-mask comes from its codec (`Codec::keep_mask`: the stored index and
+//! the stored kept values), never from a dense decode: every stored position is marked kept
 //! unless its stored value is zero (the zero fillers of 2:4, or explicit zeros some writers
 //! keep), so the mask equals `W != 0` of the unpacked matrix and simulating a packed checkpoint
 //! gives exactly the numbers of simulating its dense original. Tensors left dense in the

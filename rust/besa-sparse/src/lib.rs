@@ -4,6 +4,7 @@
 
 pub mod error;
 
+pub mod atomic;
 pub mod codec;
 pub mod dtype;
 pub mod inspect;

@@ -316,21 +316,7 @@ fn decide(
         }
     };
     let module = t.name.strip_suffix(".weight").expect("checked").to_string();
-    let planned = fmt.plan(t.dtype, m.rows, m.cols, stored_nnz);
-    for p in &planned {
-        let name = format!("{module}.{}", p.suffix);
-        ensure!(
-            !all_names.contains(name.as_str()),
-            format,
-            "{}: packing tensor {:?} would write {name:?}, which already exists in the model",
-            w.rsplit_once(": tensor").map_or(w.as_str(), |x| x.0),
-            t.name
-        );
-    }
-    let size: usize = planned
-        .iter()
-        .map(|p| p.shape.iter().product::<usize>() * dtype::itemsize(p.dtype))
-        .sum();
+    let size = planned_size(fmt, t, &module, stored_nnz, all_names, &w)?;
     if size as u64 >= report.dense_bytes {
         report.reason = Some(format!(
             "{} would take {size} bytes, not smaller than dense ({})",
@@ -352,6 +338,32 @@ fn decide(
         report,
         dropped,
     })
+}
+
+/// Bytes the parts of a packed module take; refuses part names the model already uses.
+fn planned_size(
+    fmt: PackFormat,
+    t: &LogicalTensor,
+    module: &str,
+    stored_nnz: usize,
+    all_names: &HashSet<&str>,
+    w: &str,
+) -> Result<usize> {
+    let planned = fmt.plan(t.dtype, t.shape[0], t.shape[1], stored_nnz);
+    for p in &planned {
+        let name = format!("{module}.{}", p.suffix);
+        ensure!(
+            !all_names.contains(name.as_str()),
+            format,
+            "{}: packing tensor {:?} would write {name:?}, which already exists in the model",
+            w.rsplit_once(": tensor").map_or(w, |x| x.0),
+            t.name
+        );
+    }
+    Ok(planned
+        .iter()
+        .map(|p| p.shape.iter().product::<usize>() * dtype::itemsize(p.dtype))
+        .sum())
 }
 
 /// The output group of one input tensor: copied bytes, or the encoded parts of its module

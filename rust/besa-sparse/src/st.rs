@@ -56,17 +56,15 @@ impl StFile {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
         if !meta.is_file() {
-            return Err(Error::format(format!(
-                "{}: not a regular file",
-                path.display()
-            )));
+            crate::bail!(format, "{}: not a regular file", path.display());
         }
         if meta.len() < 8 {
-            return Err(Error::format(format!(
+            crate::bail!(
+                format,
                 "{}: not a safetensors file (only {} bytes, the 8-byte header length is missing)",
                 path.display(),
                 meta.len()
-            )));
+            );
         }
         // SAFETY: the map is read-only; a file truncated by another process while mapped is
         // outside what this library can defend against (same contract as safetensors/memmap2).
@@ -78,23 +76,26 @@ impl StFile {
         let declared = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes checked"));
         let file_len = mmap.len() as u64;
         if declared > 100_000_000 {
-            return Err(Error::format(format!(
+            crate::bail!(
+                format,
                 "{}: header length {declared} exceeds the 100 MB limit (corrupt or not a safetensors file)",
                 path.display()
-            )));
+            );
         }
         if declared > file_len - 8 {
-            return Err(Error::format(format!(
+            crate::bail!(
+                format,
                 "{}: header length {declared} is larger than the file ({file_len} bytes): truncated or corrupt",
                 path.display()
-            )));
+            );
         }
         let header = &mmap[8..8 + declared as usize];
         if let Some(name) = duplicate_key(header) {
-            return Err(Error::format(format!(
+            crate::bail!(
+                format,
                 "{}: invalid safetensors file: tensor name {name:?} appears twice in the header",
                 path.display()
-            )));
+            );
         }
         let (n, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
             Error::format(format!(
@@ -121,12 +122,13 @@ impl StFile {
                 i64::try_from(d.max(1)).ok()?.checked_mul(acc)
             });
             if fits.is_none() {
-                return Err(Error::format(format!(
+                crate::bail!(
+                    format,
                     "{}: invalid safetensors file: tensor {:?} has shape {:?} whose dimensions overflow when multiplied out",
                     path.display(),
                     t.name,
                     t.shape
-                )));
+                );
             }
         }
         tensors.sort_by_key(|t| t.data_offsets);

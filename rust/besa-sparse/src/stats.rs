@@ -3,33 +3,31 @@
 use rayon::prelude::*;
 use safetensors::tensor::Dtype;
 
+use crate::dtype::magnitude;
+
 /// Chunk size (bytes) of the parallel scans: big enough to amortise scheduling.
 const CHUNK: usize = 1 << 20;
 
-/// Number of elements equal to zero (+0.0 or -0.0) in little-endian float bytes, or `None` for
-/// dtypes that are not floating point (F64, F32, F16, BF16 are counted).
+/// Number of zeros (under the zero rule of [`crate::dtype`]: +0.0 and -0.0) in little-endian
+/// float bytes, or `None` for dtypes that are not floating point (F64, F32, F16, BF16 are
+/// counted).
 pub fn count_zeros(dtype: Dtype, bytes: &[u8]) -> Option<u64> {
-    match dtype {
-        Dtype::F32 => Some(count_by::<4>(bytes, |b| {
-            u32::from_le_bytes(b) & 0x7fff_ffff == 0
-        })),
-        Dtype::F16 | Dtype::BF16 => Some(count_by::<2>(bytes, |b| {
-            u16::from_le_bytes(b) & 0x7fff == 0
-        })),
-        Dtype::F64 => Some(count_by::<8>(bytes, |b| {
-            u64::from_le_bytes(b) & 0x7fff_ffff_ffff_ffff == 0
-        })),
-        _ => None,
+    if !crate::dtype::is_float(dtype) {
+        return None;
     }
+    Some(crate::dispatch_itemsize!(
+        crate::dtype::itemsize(dtype),
+        count_by::<N>(bytes)
+    ))
 }
 
-fn count_by<const N: usize>(bytes: &[u8], is_zero: impl Fn([u8; N]) -> bool + Sync) -> u64 {
+fn count_by<const N: usize>(bytes: &[u8]) -> u64 {
     bytes
         .par_chunks(CHUNK - CHUNK % N)
         .map(|chunk| {
             chunk
                 .chunks_exact(N)
-                .filter(|c| is_zero((*c).try_into().expect("exact chunk")))
+                .filter(|c| magnitude::<N>(c) == 0)
                 .count() as u64
         })
         .sum()
