@@ -506,3 +506,19 @@ def test_compress_does_not_copy_the_input(kind):
     dense, parts_bytes, grow = map(int, out.stdout.split())
     assert parts_bytes < 0.2 * dense
     assert grow < parts_bytes + 0.4 * dense, (dense, parts_bytes, grow)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_csr_of_a_matrix_of_many_tasks_equals_torch(dtype):
+    """Several parallel tasks (a few MB, empty rows at task ends): the same arrays as torch."""
+    w = _weights(1200, 700, "csr", density=0.3).to(dtype)
+    w[w.isnan()] = 1.0
+    w[-40:] = 0  # trailing empty rows
+    w[::97] = 0
+    ref = w.to_sparse_csr()
+    parts = compress(w, "csr")
+    assert torch.equal(parts["crow_indices"], ref.crow_indices())
+    assert torch.equal(parts["col_indices"], ref.col_indices().to(torch.int32))
+    assert torch.equal(parts["values"], ref.values())
+    assert torch.equal(decompress(parts), w)
