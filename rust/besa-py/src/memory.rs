@@ -12,26 +12,17 @@ use besa_sparse::{Error, PackFormat};
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1};
 use pyo3::prelude::*;
 
-use crate::errors::{run, to_py};
+use crate::errors::run;
 
 /// One part or dense matrix crossing the boundary: (name, dtype name, shape, flat uint8 array).
 type Buf<'py> = (String, String, Vec<usize>, Bound<'py, PyArray1<u8>>);
+/// A given part, borrowed: (name, dtype name, shape, bytes when contiguous).
+type Given<'a> = (&'a str, &'a str, &'a [usize], Option<&'a [u8]>);
 
-fn slice<'a>(py: Python<'_>, what: &str, a: &'a PyReadonlyArray1<'_, u8>) -> PyResult<&'a [u8]> {
-    a.as_slice().map_err(|_| {
-        to_py(
-            py,
-            Error::shape(format!("{what} is not a contiguous buffer")),
-        )
-    })
-}
-
-/// Fresh uint8 arrays of these sizes (zero pages: only what the codec writes is touched).
-fn alloc<'py>(py: Python<'py>, sizes: &[usize]) -> Vec<Bound<'py, PyArray1<u8>>> {
-    sizes
-        .iter()
-        .map(|&n| PyArray1::<u8>::zeros(py, n, false))
-        .collect()
+/// The bytes of a flat uint8 array, or a `Shape` error when it is not contiguous (checked in
+/// the closures given to [`run`], the one place errors become Python exceptions).
+fn contiguous<'a>(what: &str, bytes: Option<&'a [u8]>) -> Result<&'a [u8], Error> {
+    bytes.ok_or_else(|| Error::shape(format!("{what} is not a contiguous buffer")))
 }
 
 /// Compresses a dense `rows x cols` matrix (`data`: its bytes, C order) into the parts of
@@ -47,24 +38,28 @@ fn compress_parts<'py>(
     format: &str,
     force_24: bool,
 ) -> PyResult<Vec<Buf<'py>>> {
-    let format = PackFormat::parse(format).map_err(|e| to_py(py, e))?;
-    let dtype = parse_dtype(dtype).map_err(|e| to_py(py, e))?;
-    let m = Matrix {
-        dtype,
-        rows,
-        cols,
-        data: slice(py, "the input tensor", &data)?,
-    };
+    let bytes = data.as_slice().ok();
     let opts = EncodeOptions { force: force_24 };
-    let plan = run(py, move || {
-        plan_compress(format, m, opts).map_err(|e| {
+    let (plan, m) = run(py, move || {
+        let format = PackFormat::parse(format)?;
+        let m = Matrix {
+            dtype: parse_dtype(dtype)?,
+            rows,
+            cols,
+            data: contiguous("the input tensor", bytes)?,
+        };
+        let plan = plan_compress(format, m, opts).map_err(|e| {
             // The codec's hint names the command-line flag; this API's is `force_24=True`.
-            let message = e.message.replace("--force-24", "force_24=True");
-            Error::new(e.kind, message)
-        })
+            Error::new(e.kind, e.message.replace("--force-24", "force_24=True"))
+        })?;
+        Ok((plan, m))
     })?;
-    let sizes: Vec<usize> = plan.parts.iter().map(part_nbytes).collect();
-    let arrays = alloc(py, &sizes);
+    // Fresh arrays (zero pages: only what the codec writes is touched).
+    let arrays: Vec<Bound<'py, PyArray1<u8>>> = plan
+        .parts
+        .iter()
+        .map(|s| PyArray1::<u8>::zeros(py, part_nbytes(s), false))
+        .collect();
     {
         let mut guards: Vec<PyReadwriteArray1<'_, u8>> =
             arrays.iter().map(|a| a.readwrite()).collect();
@@ -100,20 +95,25 @@ fn decompress_parts<'py>(
     parts: Vec<(String, String, Vec<usize>, PyReadonlyArray1<'py, u8>)>,
     format: Option<&str>,
 ) -> PyResult<(String, Buf<'py>)> {
-    let format = format
-        .map(PackFormat::parse)
-        .transpose()
-        .map_err(|e| to_py(py, e))?;
-    let mut given = Vec::with_capacity(parts.len());
-    for (name, dtype, shape, data) in &parts {
-        given.push(Part {
-            name,
-            dtype: parse_dtype(dtype).map_err(|e| to_py(py, e))?,
-            shape,
-            data: slice(py, &format!("part {name:?}"), data)?,
-        });
-    }
-    let plan = run(py, move || plan_decompress(format, &given))?;
+    let given: Vec<Given<'_>> = parts
+        .iter()
+        .map(|(n, d, s, a)| (n.as_str(), d.as_str(), s.as_slice(), a.as_slice().ok()))
+        .collect();
+    let plan = run(py, move || {
+        let format = format.map(PackFormat::parse).transpose()?;
+        let given = given
+            .into_iter()
+            .map(|(name, dtype, shape, bytes)| {
+                Ok(Part {
+                    name,
+                    dtype: parse_dtype(dtype)?,
+                    shape,
+                    data: contiguous(&format!("part {name:?}"), bytes)?,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        plan_decompress(format, &given)
+    })?;
     let out = PyArray1::<u8>::zeros(py, plan.dense_nbytes(), false);
     {
         let mut guard = out.readwrite();
