@@ -43,6 +43,8 @@ _LAZY: dict[str, str] = {
     "unpack": "packing",
     "load_packed": "packing",
     "from_packed": "packing",
+    "compress": "memory",
+    "decompress": "memory",
     "ste_mask": "ste",
     "hard_mask": "ste",
     "row_ranks": "ste",
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
     from .data import load_text, sotu_split
     from .evaluate import evaluate_perplexity
     from .inspection import inspect
+    from .memory import compress, decompress
     from .models import load_model, load_tokenizer, resolve_model
     from .packing import from_packed, load_packed, pack, unpack
     from .pruning import PruneConfig, prune
@@ -102,6 +105,8 @@ __all__ = [
     "unpack",
     "load_packed",
     "from_packed",
+    "compress",
+    "decompress",
     "ste_mask",
     "prune",
     "PruneConfig",

@@ -20,6 +20,8 @@ __all__ = [
     "inspect",
     "SIM_FULL_OPTIONS",
     "SimParams",
+    "compress_parts",
+    "decompress_parts",
     "dense_baseline_cycles",
     "simulate_arrays",
     "simulate_matrix",
@@ -46,6 +48,23 @@ SIM_FULL_OPTIONS: tuple[str, ...]
 _WeightDtype = Literal["bool", "float16", "bfloat16", "float32", "float64"]
 #: Called with each matrix report (in completion order) and the number of matrices selected.
 _OnMatrix = Callable[[MatrixReport, int], object]
+
+# --- memory.rs ---
+# (name, dtype name, shape, the bytes as a flat uint8 array)
+_Buf = tuple[str, str, list[int], npt.NDArray[np.uint8]]
+
+def compress_parts(
+    data: npt.NDArray[np.uint8],
+    dtype: str,
+    rows: int,
+    cols: int,
+    format: str,
+    force_24: bool = False,
+) -> list[_Buf]: ...
+def decompress_parts(
+    parts: list[tuple[str, str, list[int], npt.NDArray[np.uint8]]],
+    format: str | None = None,
+) -> tuple[str, _Buf]: ...
 
 @final
 class SimParams:

@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 mod arrays;
 mod errors;
 mod inspect;
+mod memory;
 mod sim;
 mod sim_params;
 mod sparse;
@@ -14,6 +15,7 @@ mod sparse;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     inspect::register(m)?;
+    memory::register(m)?;
     sim::register(m)?;
     sparse::register(m)?;
     Ok(())

@@ -8,6 +8,7 @@ pub mod atomic;
 pub mod codec;
 pub mod dtype;
 pub mod inspect;
+pub mod memory;
 pub mod model;
 pub mod output;
 pub mod pack;

@@ -275,22 +275,44 @@ pub fn csr_encode(
     let cols_t = split_lengths(col, per_task.iter().map(|x| x * 4));
     let vals_t = split_lengths(values, per_task.iter().map(|x| x * n));
     data.par_chunks(rpt * cols * n)
+        .zip(counts.par_chunks(rpt))
         .zip(cols_t.into_par_iter())
         .zip(vals_t.into_par_iter())
-        .for_each(|((d, c), v)| dispatch!(n, csr_rows::<N>(d, cols, c, v)));
+        .for_each(|(((d, k), c), v)| dispatch!(n, csr_rows::<N>(d, cols, k, c, v)));
     Ok(())
 }
 
-fn csr_rows<const N: usize>(data: &[u8], cols: usize, col: &mut [u8], values: &mut [u8]) {
+/// Row by row, as the bitmask encoder: while a later kept value exists in this task's slice,
+/// every element is written at the cursor, which advances only for kept ones (no unpredictable
+/// branch; a dropped element is overwritten by the next kept one). The task's last non-empty
+/// rows take the branchy loop so nothing is written past the slice.
+fn csr_rows<const N: usize>(
+    data: &[u8],
+    cols: usize,
+    counts: &[u64],
+    col: &mut [u8],
+    values: &mut [u8],
+) {
+    let len = values.len() / N;
     let mut k = 0usize;
-    for row in data.chunks_exact(cols * N) {
-        for (j, e) in row.chunks_exact(N).enumerate() {
-            if key::<N>(e) != 0 {
+    for (row, &cnt) in data.chunks_exact(cols * N).zip(counts) {
+        let row_end = k + cnt as usize;
+        if row_end < len {
+            for (j, e) in row.chunks_exact(N).enumerate() {
                 col[k * 4..k * 4 + 4].copy_from_slice(&(j as i32).to_le_bytes());
                 values[k * N..k * N + N].copy_from_slice(e);
-                k += 1;
+                k += usize::from(key::<N>(e) != 0);
+            }
+        } else {
+            for (j, e) in row.chunks_exact(N).enumerate() {
+                if key::<N>(e) != 0 {
+                    col[k * 4..k * 4 + 4].copy_from_slice(&(j as i32).to_le_bytes());
+                    values[k * N..k * N + N].copy_from_slice(e);
+                    k += 1;
+                }
             }
         }
+        debug_assert_eq!(k, row_end);
     }
 }
 
