@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DataError
-from . import quant
+from . import distributed, quant
 from .adapters import (
     ModelAdapter,
     block_linears,
@@ -57,6 +57,7 @@ class BlockContext:
     compute_dtype: torch.dtype
     progress: Any = None
     previous: dict[str, Any] | None = None  # the previous block's report (e.g. its loss scale)
+    shard: distributed.Shard | None = None  # this rank's samples inside a process group
     # filled by the method
     next_xd: list[torch.Tensor] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -97,6 +98,7 @@ class BlockContext:
                 y = self.forward(self.batch(xs, slice(s, s + 1)))
                 if keep_outputs:
                     outs.extend(self.store(y))
+        distributed.reduce_stats(stats)  # all samples' statistics on every rank
         return stats, outs
 
 
@@ -276,12 +278,16 @@ def run_pruning(
     cache_dtype = cfg.torch_cache_dtype(model_dtype)
     was_training = model.training
     model.eval()
+    shard = distributed.setup(cfg, tokens, model)  # None outside a process group
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
 
     state: RunState | None = checkpoint.load(adapter) if checkpoint is not None else None
     captured = capture_block_inputs(
-        adapter, tokens, cache_device=cache_device, cache_dtype=cache_dtype
+        adapter,
+        tokens if shard is None else tokens[shard.indices],  # this rank's samples only
+        cache_device=cache_device,
+        cache_dtype=cache_dtype,
     )
     # magnitude pruning reads only the weights: no block has to run on calibration data
     # (unless --reconstruct refits them to the calibration inputs)
@@ -300,7 +306,11 @@ def run_pruning(
     captured.hidden = []  # the state owns the activations now
 
     method = block_method(cfg)
-    progress = _progress(cfg, adapter, state.next_block, last, int(tokens.shape[0]))
+    progress = (
+        _progress(cfg, adapter, state.next_block, last, int(tokens.shape[0]))
+        if distributed.is_main()  # one bar, rank 0's
+        else None
+    )
     try:
         for i in range(state.next_block, last):
             t0 = time.perf_counter()
@@ -323,10 +333,12 @@ def run_pruning(
                 compute_dtype=model_dtype,
                 progress=progress,
                 previous=state.blocks[-1] if state.blocks else None,
+                shard=shard,
             )
             if progress is not None:
                 progress.set_description(f"block {i}/{last - 1} ({cfg.method})")
             info = method(ctx)
+            distributed.sync_block(ctx.linears, i)  # rank 0's weights everywhere
             # the pruned block's outputs feed the next block
             if needs_inputs:
                 state.xs = ctx.run_all(state.xs)
@@ -339,6 +351,8 @@ def run_pruning(
                 **block_summary(info["layers"]),
                 "seconds": time.perf_counter() - t0,
             }
+            if shard is not None:
+                info["communication"] = distributed.TRAFFIC.take()
             state.blocks.append(info)
             state.next_block = i + 1
             if checkpoint is not None:
@@ -351,7 +365,10 @@ def run_pruning(
         if was_training:
             model.train()
 
-    return build_report(adapter, cfg, tokens, state.blocks, time.perf_counter() - t_start)
+    report = build_report(adapter, cfg, tokens, state.blocks, time.perf_counter() - t_start)
+    if shard is not None:
+        report["distributed"] = shard.describe()
+    return report
 
 
 @torch.no_grad()
