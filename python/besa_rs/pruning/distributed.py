@@ -425,8 +425,8 @@ class LoopSync:
         ]
         parts.append(rec.detach().reshape(1).float().to(parts[0].device if parts else "cpu"))
         flat = _on_comm(torch.cat(parts))
-        # tests: BESA_RS_TEST_CRASH_AT=distributed-step-rankR kills rank R here (SIGKILL)
-        _native.crash_point(f"distributed-step-rank{rank()}")
+        # tests: BESA_RS_TEST_CRASH_AT=distributed-blockI-rankR kills rank R here (SIGKILL)
+        _native.crash_point(f"distributed-block{self.index}-rank{rank()}")
         _all_reduce("gradients", flat, f"block {self.index}'s optimisation step")
         off = 0
         for p in params:
