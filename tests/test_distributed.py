@@ -54,9 +54,7 @@ def _spawn_ranks(args: list[str], env: dict[str, str] | None = None) -> list[sub
         e = {**ENV, **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
         e.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
         procs.append(
-            subprocess.Popen(
-                args, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
+            subprocess.Popen(args, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         )
     return procs
 
@@ -137,12 +135,13 @@ def test_bad_input_is_refused_on_every_rank(tiny_dir, tmp_path):
     for r in range(2):
         errors = json.loads((tmp_path / f"bad.rank{r}.json").read_text())
         assert errors.keys() == BAD.keys()
-        assert "world size 2 is larger than the 1 calibration samples" in errors[
-            "world-larger-than-samples"
-        ]
-        assert "--batch-size 1 is smaller than the world size 2" in errors[
-            "batch-smaller-than-world"
-        ]
+        assert (
+            "world size 2 is larger than the 1 calibration samples"
+            in errors["world-larger-than-samples"]
+        )
+        assert (
+            "--batch-size 1 is smaller than the world size 2" in errors["batch-smaller-than-world"]
+        )
         assert "rank(s) 1 run with settings" in errors["mismatched-settings"]
         assert all(e.startswith("ConfigError") and "\n" not in e for e in errors.values())
 
@@ -151,9 +150,7 @@ def test_bad_input_is_refused_on_every_rank(tiny_dir, tmp_path):
 # the CLI under torchrun: a dying rank, the checkpoint, --resume
 
 
-def test_dying_rank_stops_the_others_and_resume_needs_the_same_world(
-    tmp_path, calib_file, capsys
-):
+def test_dying_rank_stops_the_others_and_resume_needs_the_same_world(tmp_path, calib_file, capsys):
     model = save_tiny(tmp_path / "m", "llama", layers=3)
     args = prune_args(model, tmp_path / "out", calib_file, "--batch-size", "2", "--step", "0.05")
     ref = tmp_path / "ref"

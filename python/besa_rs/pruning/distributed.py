@@ -35,8 +35,7 @@ import datetime
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -395,9 +394,7 @@ class LoopSync:
         self.index = index
 
     @classmethod
-    def create(
-        cls, ctx: Any, targets: list[torch.Tensor], steps: list[slice]
-    ) -> LoopSync | None:
+    def create(cls, ctx: Any, targets: list[torch.Tensor], steps: list[slice]) -> LoopSync | None:
         """``None`` outside a process group: the loop computes the batch's norms itself."""
         if not active():
             return None
@@ -447,28 +444,13 @@ def sync_block(linears: dict[str, nn.Linear], index: int) -> None:
     for name, lin in linears.items():
         w = _on_comm(lin.weight.data)
         TRAFFIC.add("weights", w)
-        _collective(
-            f"block {index}'s weight broadcast ({name})", lambda w=w: dist.broadcast(w, src=0)
-        )
+
+        def bcast(w: torch.Tensor = w) -> None:
+            dist.broadcast(w, src=0)
+
+        _collective(f"block {index}'s weight broadcast ({name})", bcast)
         with torch.no_grad():
             lin.weight.copy_(w)
-
-
-@contextmanager
-def stage(what: str) -> Iterator[None]:
-    """Turns any collective failure inside the block into the one-line error of
-    :func:`_collective` (for collectives made by code that does not wrap them itself)."""
-    try:
-        yield
-    except BesaError:
-        raise
-    except RuntimeError as e:
-        if not active():
-            raise
-        raise DistributedError(
-            f"rank {rank()} of {world_size()}: lost the other ranks during {what} "
-            f"({first_line(e)}); another rank failed or stopped: see its error"
-        ) from None
 
 
 def checkpoint_inputs_name(nxt: int) -> str:
