@@ -291,7 +291,11 @@ def optimise_block(
                     with ctx.autocast():
                         out = functional_call(ctx.block, weights, (x, *ctx.args), ctx.kwargs)
                     y_hat = out[0] if isinstance(out, (tuple, list)) else out
-                    rec = relative_reconstruction(y, y_hat, None if sync is None else sync.norms[k])
+                    rec = (
+                        relative_reconstruction(y, y_hat)
+                        if sync is None
+                        else relative_reconstruction(y, y_hat, sync.norms[k])  # global norms
+                    )
                 else:
                     rec = torch.zeros((), device=dev)
                 loss = rec
