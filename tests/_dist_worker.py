@@ -29,6 +29,13 @@ CASES: dict[str, tuple[dict, int]] = {
     "sparsegpt": ({"method": "sparsegpt"}, 4),
     "besa": ({"method": "besa", "batch_size": 2, "candidate_step": 0.05}, 4),
     "besa-uneven": ({"method": "besa", "batch_size": 3, "candidate_step": 0.05}, 5),
+    # joint sparsity + 4-bit quantization: the clipping logits' gradients are summed too
+    "besa-wbits4": (
+        {"method": "besa", "batch_size": 2, "candidate_step": 0.05, "wbits": 4, "group_size": 32},
+        4,
+    ),
+    # SparseGPT joint with GPTQ: the quantizer's Hessian is the summed one
+    "sparsegpt-wbits4": ({"method": "sparsegpt", "wbits": 4, "group_size": 32}, 4),
 }
 
 #: name -> (prune() keyword arguments per rank, number of calibration samples)
