@@ -261,7 +261,9 @@ class Shard:
 def loop_batch(cfg: PruneConfig, nsamples: int) -> int:
     """The global batch the samples are split by: the learned loop's ``batch_size``, or all
     samples (the baselines only gather statistics)."""
-    learned = cfg.method == "besa"
+    from .registry import method_for
+
+    learned = method_for(cfg).learned
     return min(cfg.batch_size, nsamples) if learned else nsamples
 
 
@@ -274,7 +276,9 @@ def check_world(cfg: PruneConfig, nsamples: int, world: int) -> None:
             f"world size {world} is larger than the {nsamples} calibration samples: every rank "
             "needs at least one (use more --nsamples or fewer ranks)"
         )
-    if cfg.method == "besa" and cfg.batch_size < world:
+    from .registry import method_for
+
+    if method_for(cfg).learned and cfg.batch_size < world:
         raise ConfigError(
             f"--batch-size {cfg.batch_size} is smaller than the world size {world}: each "
             f"optimisation step's batch is split over the ranks; use --batch-size {world} or a "
