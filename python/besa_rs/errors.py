@@ -44,6 +44,10 @@ class NumericalError(BesaError, ArithmeticError):
     """Optimisation produced NaN or infinite values."""
 
 
+class DistributedError(BesaError, RuntimeError):
+    """A rank of a torch.distributed run failed, stopped answering, or disagrees."""
+
+
 class MissingFileError(BesaError, FileNotFoundError):
     """A file or directory that should exist does not."""
 
@@ -64,6 +68,7 @@ __all__ = [
     "BesaIOError",
     "ConfigError",
     "DataError",
+    "DistributedError",
     "DtypeError",
     "FormatError",
     "IntegrityError",

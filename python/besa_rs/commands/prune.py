@@ -183,7 +183,23 @@ def checkpoint_dir(out: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    """One process, or one rank of a ``torchrun`` launch (data-parallel: every rank runs this
+    with the same arguments; rank 0 checks the paths and writes the outputs)."""
+    from ..pruning import distributed
+
+    ours = distributed.launched() and not distributed.is_initialized()
+    # under torchrun: join the process group; --device cuda becomes cuda:LOCAL_RANK
+    args.device = distributed.init_from_env(args.device)
+    try:
+        return _run(args)
+    finally:
+        if ours:
+            distributed.shutdown()
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..models import parse_dtype
+    from ..pruning import distributed
 
     out = Path(args.out)
     cfg = config_from_args(args)
@@ -191,16 +207,21 @@ def run(args: argparse.Namespace) -> int:
     from ..pruning.output import check_prune_paths
 
     ckdir = checkpoint_dir(out)
-    for note in check_prune_paths(
-        args.model,
-        out,
-        ckdir,
-        overwrite=args.overwrite,
-        resume=args.resume,
-        json_path=args.json,
-    ):
-        print(f"besa-rs prune: {note}", file=sys.stderr)
-    resume = args.resume and (ckdir / "state.json").is_file()
+
+    def check_paths() -> bool:  # rank 0 only: it may remove a killed run's debris
+        for note in check_prune_paths(
+            args.model,
+            out,
+            ckdir,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            json_path=args.json,
+        ):
+            print(f"besa-rs prune: {note}", file=sys.stderr)
+        return bool(args.resume and (ckdir / "state.json").is_file())
+
+    resume = distributed.on_main("the checks of the paths", check_paths)
+    main = distributed.is_main()
 
     import torch
 
@@ -231,14 +252,19 @@ def run(args: argparse.Namespace) -> int:
     except Exception:
         # A failure (disk full, ...) before the first complete checkpoint leaves nothing to
         # resume: do not leave its debris behind.
-        if not (ckdir / "state.json").is_file():
+        if main and not (ckdir / "state.json").is_file():
             shutil.rmtree(ckdir, ignore_errors=True)
         raise
     report["model"] = str(args.model)
     report["calibration"]["sources"] = [str(s) for s in args.calib]
     report["resumed_from_block"] = ck.resumed_from
-    write_outputs(model, tokenizer, report, out, overwrite=args.overwrite)
-    shutil.rmtree(ckdir, ignore_errors=True)
+    if main:
+        write_outputs(model, tokenizer, report, out, overwrite=args.overwrite)
+        shutil.rmtree(ckdir, ignore_errors=True)
+    # the other ranks finish when rank 0 has written the outputs (or fail if it fails)
+    distributed.barrier("the writing of the outputs")
+    if not main:
+        return 0
     if not args.quiet:
         _print_summary(report, out)
     emit_json(args.json, report)

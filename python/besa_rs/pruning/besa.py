@@ -42,7 +42,7 @@ from torch.func import functional_call
 
 from .. import ste
 from ..errors import NumericalError, ShapeError
-from . import quant
+from . import distributed, quant
 from .baselines import refit_layer, sparsegpt_diag_score, wanda_score
 from .context import BlockContext
 from .registry import Method, register
@@ -151,12 +151,16 @@ def output_grad_zero_fraction(
     return float(lost.sum()) / max(int(nonzero.sum()), 1)
 
 
-def relative_reconstruction(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
+def relative_reconstruction(
+    y: torch.Tensor, y_hat: torch.Tensor, n2: torch.Tensor | None = None
+) -> torch.Tensor:
     """``mean_h sum_t ((Y - Y_hat)_th / n_h)^2`` with ``n_h`` = L2 norm of target channel h over
-    the batch's tokens."""
+    the batch's tokens. ``n2`` (``n_h^2``, given): the norms of a larger batch this one is a
+    part of (data-parallel ranks), so the parts' losses add up to the whole batch's."""
     y = y.float().reshape(-1, y.shape[-1])
     d = y - y_hat.float().reshape(-1, y.shape[-1])
-    n2 = (y * y).sum(0).clamp_min(1e-12)
+    if n2 is None:
+        n2 = (y * y).sum(0).clamp_min(1e-12)
     return ((d * d).sum(0) / n2).mean()
 
 
@@ -248,11 +252,15 @@ def optimise_block(
     all groups alike). With loss scaling (float16 by default) the loss is scaled before the
     backward pass, all groups' gradients are unscaled and checked together, and a step with a
     non-finite gradient is skipped; the scale starts from the previous block's. The block's own
-    parameters are frozen while the loop runs."""
+    parameters are frozen while the loop runs.
+
+    Inside a process group each rank runs its part of every global batch and the gradients are
+    summed over the ranks before the step (:class:`besa_rs.pruning.distributed.LoopSync`)."""
     cfg = ctx.cfg
     dev = ctx.device
-    nsamples = len(ctx.xs)
-    steps_total = cfg.epochs * -(-nsamples // cfg.batch_size)
+    slices = distributed.steps_of(ctx, len(ctx.xs), cfg.batch_size)
+    sync = distributed.LoopSync.create(ctx, targets, slices)  # None in a single process
+    steps_total = cfg.epochs * len(slices)
     res = LoopResult()
     res.lr_per_step = {g.name: cfg.step_lr(steps_total, g.lr) for g in groups}
     params = [p for g in groups for p in g.params]
@@ -277,28 +285,41 @@ def optimise_block(
     try:
         step = 0
         for _epoch in range(cfg.epochs):
-            for s0 in range(0, nsamples, cfg.batch_size):
-                sl = slice(s0, s0 + cfg.batch_size)
-                x = ctx.batch(ctx.xs, sl)
-                y = torch.cat(targets[sl], dim=0).to(dev)
+            for k, sl in enumerate(slices):
                 weights = weights_for_step()
-                with ctx.autocast():
-                    out = functional_call(ctx.block, weights, (x, *ctx.args), ctx.kwargs)
-                y_hat = out[0] if isinstance(out, (tuple, list)) else out
-                rec = relative_reconstruction(y, y_hat)
+                x = y = out = y_hat = None
+                if sl.stop > sl.start:  # a rank's part of a short last batch may be empty
+                    x = ctx.batch(ctx.xs, sl)
+                    y = torch.cat(targets[sl], dim=0).to(dev)
+                    with ctx.autocast():
+                        out = functional_call(ctx.block, weights, (x, *ctx.args), ctx.kwargs)
+                    y_hat = out[0] if isinstance(out, (tuple, list)) else out
+                    rec = (
+                        relative_reconstruction(y, y_hat)
+                        if sync is None
+                        else relative_reconstruction(y, y_hat, sync.norms[k])  # global norms
+                    )
+                else:
+                    rec = torch.zeros((), device=dev)
                 loss = rec
                 logged = None
                 if penalty is not None:
                     term, logged = penalty()
-                    loss = rec + term
+                    # the penalty is counted once: rank 0's (the ranks' losses are summed)
+                    loss = rec + (term if sync is None or sync.main else 0.0 * term)
+                opt.zero_grad(set_to_none=True)
+                if loss.requires_grad:
+                    scaler.backward(loss)
                 lv = float(loss.detach())
+                rec_v = float(rec.detach())
+                if sync is not None:  # gradients and loss of the global batch, on every rank
+                    rec_v = sync.reduce(params, rec)
+                    lv = rec_v + (float(term.detach()) if penalty is not None else 0.0)
                 if not math.isfinite(lv):
                     raise NumericalError(
                         f"block {ctx.index}: the {what} loss became {lv} at step {step} "
-                        f"(reconstruction {float(rec.detach())}); try a smaller learning rate or float32"
+                        f"(reconstruction {rec_v}); try a smaller learning rate or float32"
                     )
-                opt.zero_grad(set_to_none=True)
-                scaler.backward(loss)
                 finite = scaler.unscale_and_check(params)
                 if finite:
                     opt.step()
@@ -316,7 +337,7 @@ def optimise_block(
                         )
                 scaler.update(finite)
                 res.losses.append(lv)
-                res.recs.append(float(rec.detach()))
+                res.recs.append(rec_v)
                 if logged is not None:
                     res.penalties.append(float(logged.detach()))
                 step += 1

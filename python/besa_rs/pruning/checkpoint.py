@@ -12,6 +12,12 @@ file, fsync, rename), in this order:
 ``state.json`` is written last and names the next block, so a run killed at any moment
 (``kill -9``) resumes from the last block whose three files are complete; older ``inputs``
 files are deleted only after the new state is in place.
+
+Inside a torch.distributed process group (:mod:`besa_rs.pruning.distributed`) rank 0 writes
+the block files and ``state.json`` (which records the world size); each rank writes its own
+activation shard ``inputs_NNN.rankRRR.pt`` (the directory must be shared by all nodes), and
+``state.json`` is written only after every shard is in place. A checkpoint resumes with the same
+number of ranks only: the shards hold each rank's samples.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from .. import _native
 from .._io import atomic_path, write_json_atomic
 from ..errors import ConfigError, FormatError
-from . import quant
+from . import distributed, quant
 from .adapters import ModelAdapter
 from .config import PruneConfig, spec_of
 from .sequential import RunState
@@ -81,6 +87,13 @@ class Checkpointer:
                 f"{self.dir}: the checkpoint was made with different settings, model or calibration "
                 "tokens; resume with the same ones or start over with --overwrite"
             )
+        made_by = int(state.get("world_size", 1))
+        if made_by != distributed.world_size():
+            raise ConfigError(
+                f"{self.dir}: the checkpoint was made by {made_by} rank(s) and this run has "
+                f"{distributed.world_size()}: resume with the same number "
+                f"(torchrun --nproc-per-node {made_by}) or start over with --overwrite"
+            )
         nxt = int(state["next_block"])
         for info in state["blocks"]:
             i = int(info["index"])
@@ -95,7 +108,7 @@ class Checkpointer:
                 with torch.no_grad():
                     lin.weight.copy_(tensors[name].to(lin.weight.dtype))
             quant.restore_block(lins, tensors, self.quant_spec)
-        ipath = self.dir / f"inputs_{nxt:03d}.pt"
+        ipath = self.dir / distributed.checkpoint_inputs_name(nxt)
         if ipath.is_file():
             inputs = torch.load(ipath, weights_only=True)
         elif nxt >= int(state.get("last_block", nxt)):
@@ -110,36 +123,45 @@ class Checkpointer:
         )
 
     def save(self, adapter: ModelAdapter, state: RunState, last: int) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
         i = state.next_block - 1
-        weights = {
-            name: lin.weight.detach().to("cpu").contiguous()
-            for name, lin in adapter.linears(i).items()
-        }
-        weights.update(quant.block_tensors(adapter.linears(i)))  # codes, scales, zero points
-        with atomic_path(self.dir / f"block_{i:03d}.safetensors") as tmp:
-            save_file(weights, str(tmp))
-        _native.crash_point("checkpoint-after-block-file")
+        main = distributed.is_main()
+        if main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            weights = {
+                name: lin.weight.detach().to("cpu").contiguous()
+                for name, lin in adapter.linears(i).items()
+            }
+            weights.update(quant.block_tensors(adapter.linears(i)))  # codes, scales, zero points
+            with atomic_path(self.dir / f"block_{i:03d}.safetensors") as tmp:
+                save_file(weights, str(tmp))
+            _native.crash_point("checkpoint-after-block-file")
+        distributed.barrier(f"block {i}'s checkpoint")  # the directory exists for every rank
         nxt = state.next_block
+        inputs = distributed.checkpoint_inputs_name(nxt)
         if nxt < last:
-            with atomic_path(self.dir / f"inputs_{nxt:03d}.pt") as tmp:
+            with atomic_path(self.dir / inputs) as tmp:
                 payload: dict[str, Any] = {"xs": [x.to("cpu") for x in state.xs]}
                 if state.xd is not None:
                     payload["xd"] = [x.to("cpu") for x in state.xd]
                 torch.save(payload, tmp)
-        write_json_atomic(
-            self.dir / STATE,
-            {
-                "fingerprint": dict(
-                    self.fingerprint, model_type=adapter.model_type, num_blocks=len(adapter)
-                ),
-                "next_block": nxt,
-                "last_block": last,
-                "rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-                "blocks": state.blocks,
-            },
-        )
-        for p in self.dir.glob("inputs_*.pt"):
-            if p.name != f"inputs_{nxt:03d}.pt":
+        distributed.barrier(f"block {i}'s checkpoint")  # every rank's shard is in place
+        if main:
+            write_json_atomic(
+                self.dir / STATE,
+                {
+                    "fingerprint": dict(
+                        self.fingerprint, model_type=adapter.model_type, num_blocks=len(adapter)
+                    ),
+                    "next_block": nxt,
+                    "last_block": last,
+                    "world_size": distributed.world_size(),
+                    "rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+                    "blocks": state.blocks,
+                },
+            )
+        distributed.barrier(f"block {i}'s checkpoint")  # the new state is in place
+        mine = inputs.replace(f"{nxt:03d}", "*", 1)  # this rank's shards of any block
+        for p in self.dir.glob(mine):
+            if p.name != inputs:
                 p.unlink(missing_ok=True)
         _native.crash_point("checkpoint-after-block")

@@ -13,6 +13,7 @@ from torch import nn
 
 from .adapters import block_output
 from .config import PruneConfig
+from .distributed import Shard, reduce_stats
 from .stats import gather_stats
 
 
@@ -34,6 +35,7 @@ class BlockContext:
     compute_dtype: torch.dtype
     progress: Any = None
     previous: dict[str, Any] | None = None  # the previous block's report (e.g. its loss scale)
+    shard: Shard | None = None  # this rank's samples inside a process group (distributed.py)
     # filled by the method
     next_xd: list[torch.Tensor] | None = None
 
@@ -73,4 +75,5 @@ class BlockContext:
                 y = self.forward(self.batch(xs, slice(s, s + 1)))
                 if keep_outputs:
                     outs.extend(self.store(y))
+        reduce_stats(stats)  # inside a process group: all samples' statistics on every rank
         return stats, outs

@@ -17,7 +17,9 @@ from . import quant
 REPORT = "besa_report.json"
 HEATMAP = "sparsity_heatmap.png"
 #: Files a checkpoint directory holds (``checkpoint.py``), and atomic_path's temporaries.
-_CHECKPOINT_FILE = re.compile(r"(block_\d+\.safetensors|inputs_\d+\.pt|state\.json|\..*\.tmp)")
+_CHECKPOINT_FILE = re.compile(
+    r"(block_\d+\.safetensors|inputs_\d+(\.rank\d+)?\.pt|state\.json|\..*\.tmp)"
+)
 
 
 def _is_checkpoint_dir(d: Path) -> bool:

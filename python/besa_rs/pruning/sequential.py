@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DataError
+from . import distributed
 from .adapters import (
     ModelAdapter,
     block_linears,
@@ -98,12 +99,16 @@ def run_pruning(
     cache_dtype = cfg.torch_cache_dtype(model_dtype)
     was_training = model.training
     model.eval()
+    shard = distributed.setup(cfg, tokens, model)  # None outside a process group
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
 
     state: RunState | None = checkpoint.load(adapter) if checkpoint is not None else None
     captured = capture_block_inputs(
-        adapter, tokens, cache_device=cache_device, cache_dtype=cache_dtype
+        adapter,
+        tokens if shard is None else tokens[shard.indices],  # this rank's samples only
+        cache_device=cache_device,
+        cache_dtype=cache_dtype,
     )
     # a method that reads only the weights (magnitude) needs no block run on calibration data
     needs_inputs = method.reads_inputs(cfg)
@@ -120,7 +125,11 @@ def run_pruning(
         state = RunState(next_block=first, xs=xs, xd=xd, blocks=[])
     captured.hidden = []  # the state owns the activations now
 
-    progress = _progress(cfg, method, adapter, state.next_block, last, int(tokens.shape[0]))
+    progress = (
+        _progress(cfg, method, adapter, state.next_block, last, int(tokens.shape[0]))
+        if distributed.is_main()  # one bar, rank 0's
+        else None
+    )
     try:
         for i in range(state.next_block, last):
             t0 = time.perf_counter()
@@ -143,10 +152,12 @@ def run_pruning(
                 compute_dtype=model_dtype,
                 progress=progress,
                 previous=state.blocks[-1] if state.blocks else None,
+                shard=shard,
             )
             if progress is not None:
                 progress.set_description(f"block {i}/{last - 1} ({cfg.method})")
             info = method.prune_block(ctx)
+            distributed.sync_block(ctx.linears, i)  # rank 0's weights everywhere
             # the pruned block's outputs feed the next block
             if needs_inputs:
                 state.xs = ctx.run_all(state.xs)
@@ -159,6 +170,8 @@ def run_pruning(
                 **block_summary(info["layers"]),
                 "seconds": time.perf_counter() - t0,
             }
+            if shard is not None:
+                info["communication"] = distributed.TRAFFIC.take()
             state.blocks.append(info)
             state.next_block = i + 1
             if checkpoint is not None:
@@ -169,7 +182,10 @@ def run_pruning(
         if was_training:
             model.train()
 
-    return build_report(adapter, cfg, tokens, state.blocks, time.perf_counter() - t_start)
+    report = build_report(adapter, cfg, tokens, state.blocks, time.perf_counter() - t_start)
+    if shard is not None:
+        report["distributed"] = shard.describe()
+    return report
 
 
 @torch.no_grad()

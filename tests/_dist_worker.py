@@ -1,0 +1,100 @@
+"""One rank of the data-parallel tests (tests/test_distributed.py), started by ``torchrun`` or by
+the test with torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). It joins a
+gloo process group and runs ``besa_rs.prune`` (the Python API inside an initialised group).
+
+    python tests/_dist_worker.py equivalence MODEL_DIR OUT_DIR
+        prunes MODEL_DIR with every case of CASES on the same tokens; rank 0 saves each pruned
+        model's linear weights and report to OUT_DIR/<case>.pt
+    python tests/_dist_worker.py bad MODEL_DIR OUT_DIR
+        runs the bad-input cases of BAD; every rank writes the one-line error of each to
+        OUT_DIR/bad.rank<R>.json
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+#: name -> (prune() keyword arguments, number of calibration samples)
+CASES: dict[str, tuple[dict, int]] = {
+    "wanda": ({"method": "wanda"}, 5),  # 5 samples: 3 on rank 0, 2 on rank 1
+    "sparsegpt": ({"method": "sparsegpt"}, 4),
+    "besa": ({"method": "besa", "batch_size": 2, "candidate_step": 0.05}, 4),
+    "besa-uneven": ({"method": "besa", "batch_size": 3, "candidate_step": 0.05}, 5),
+    # joint sparsity + 4-bit quantization: the clipping logits' gradients are summed too
+    "besa-wbits4": (
+        {"method": "besa", "batch_size": 2, "candidate_step": 0.05, "wbits": 4, "group_size": 32},
+        4,
+    ),
+    # SparseGPT joint with GPTQ: the quantizer's Hessian is the summed one
+    "sparsegpt-wbits4": ({"method": "sparsegpt", "wbits": 4, "group_size": 32}, 4),
+}
+
+#: name -> (prune() keyword arguments per rank, number of calibration samples)
+BAD: dict[str, tuple[list[dict], int]] = {
+    "world-larger-than-samples": ([{"method": "wanda"}] * 2, 1),
+    "batch-smaller-than-world": ([{"method": "besa", "batch_size": 1}] * 2, 4),
+    "mismatched-settings": ([{"method": "wanda"}, {"method": "wanda", "sparsity": 0.6}], 4),
+}
+
+
+def tokens(n: int) -> torch.Tensor:
+    from _tiny import tiny_tokens
+
+    return tiny_tokens(n=n, seqlen=16, seed=3)
+
+
+def load(model_dir: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def run_case(model_dir: str, kw: dict, n: int) -> tuple[dict, dict]:
+    import besa_rs
+
+    model = load(model_dir)
+    report = besa_rs.prune(model, tokens(n), progress=False, **kw)
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items() if "proj" in k}
+    return weights, report
+
+
+def main() -> None:
+    scenario, model_dir, out = sys.argv[1:4]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    r = dist.get_rank()
+    try:
+        if scenario == "equivalence":
+            for name, (kw, n) in CASES.items():
+                weights, report = run_case(model_dir, kw, n)
+                if r == 0:
+                    torch.save({"weights": weights, "report": report}, Path(out) / f"{name}.pt")
+        elif scenario == "bad":
+            from besa_rs.errors import BesaError
+
+            errors = {}
+            for name, (per_rank, n) in BAD.items():
+                try:
+                    run_case(model_dir, per_rank[r], n)
+                    errors[name] = None
+                except BesaError as e:
+                    errors[name] = f"{type(e).__name__}: {e}"
+            (Path(out) / f"bad.rank{r}.json").write_text(json.dumps(errors))
+        else:
+            raise SystemExit(f"unknown scenario {scenario!r}")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

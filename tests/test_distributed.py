@@ -1,0 +1,201 @@
+"""Data-parallel pruning on torch.distributed (gloo, 2 processes of 1 thread each) against the
+single-process run with the same global batch: masks, learned rates, bad input, a dying rank,
+checkpoints and ``--resume`` (python/besa_rs/pruning/distributed.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _dist_worker import BAD, CASES, run_case
+from _tiny import prune_args, save_tiny
+from safetensors.torch import load_file
+
+from besa_rs.cli import main
+from besa_rs.pruning.distributed import Shard, chunk
+
+HERE = Path(__file__).parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "BESA_RS_DIST_TIMEOUT": "120",
+}
+#: a whole torchrun launch (two processes importing torch and transformers) on a busy machine
+LAUNCH_S = 600
+#: BESA's learned rates: the ranks' gradient sums and the global batch's norms are added in
+#: another order than the single process's, so the rates agree to float32 rounding
+RATE_TOL = 1e-5
+#: SparseGPT (and GPTQ), and the quantization grids of BESA's learned clipping: the Hessian, or
+#: the clipping logits' gradients, are summed over ranks in another order; the weights agree to
+#: float32 rounding (measured: at most 1.3e-6; the masks and quantization codes are the same)
+WEIGHT_TOL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spawn_ranks(args: list[str], env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+    """The two ranks of a launch with torchrun's environment, so each rank's output and exit
+    status can be checked on its own."""
+    port = str(_free_port())
+    procs = []
+    for r in range(2):
+        e = {**ENV, **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        e.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+        procs.append(
+            subprocess.Popen(args, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    return procs
+
+
+def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    p = subprocess.run(
+        [*TORCHRUN, *args], env=ENV, capture_output=True, text=True, timeout=LAUNCH_S
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# the split
+
+
+def test_split_is_contiguous_balanced_and_complete():
+    assert [chunk(0, 5, 2, r) for r in range(2)] == [(0, 3), (3, 5)]
+    assert [chunk(10, 13, 4, r) for r in range(4)] == [(10, 11), (11, 12), (12, 13), (13, 13)]
+    # 7 samples, global batch 3, 2 ranks: batches [0,1,2] [3,4,5] [6]
+    s0, s1 = (Shard.plan(7, 3, 2, r) for r in range(2))
+    assert s0.indices == [0, 1, 3, 4, 6] and s1.indices == [2, 5]
+    assert s0.steps == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert s1.steps == [slice(0, 1), slice(1, 2), slice(2, 2)]  # empty part of the last batch
+    for n, b, w in [(32, 2, 2), (33, 4, 3), (5, 5, 2), (8, 8, 8)]:
+        parts = [Shard.plan(n, b, w, r) for r in range(w)]
+        assert sorted(i for p in parts for i in p.indices) == list(range(n))
+
+
+# ---------------------------------------------------------------------------------------------
+# equivalence with the single process (one torchrun launch, every case)
+
+
+@pytest.fixture(scope="module")
+def dist_runs(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    _torchrun([str(HERE / "_dist_worker.py"), "equivalence", str(tiny_dir), str(out)])
+    return {name: torch.load(out / f"{name}.pt", weights_only=False) for name in CASES}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_give_the_single_process_result(case, dist_runs, tiny_dir):
+    kw, n = CASES[case]
+    weights, report = run_case(str(tiny_dir), kw, n)  # one process, the same global batch
+    dist = dist_runs[case]
+    assert dist["report"]["distributed"]["world_size"] == 2
+    assert sum(dist["report"]["distributed"]["samples_per_rank"]) == n
+    assert weights.keys() == dist["weights"].keys()
+    for name, w in weights.items():
+        dw = dist["weights"][name]
+        assert torch.equal(w == 0, dw == 0), f"{case} {name}: masks differ"
+        if kw["method"] == "sparsegpt" or "wbits" in kw:
+            torch.testing.assert_close(dw, w, rtol=0, atol=WEIGHT_TOL)
+        else:  # the surviving weights are the dense ones
+            assert torch.equal(w, dw), name
+    tot, dtot = report["totals"], dist["report"]["totals"]
+    assert tot["realised_sparsity"] == dtot["realised_sparsity"]
+    if kw["method"] == "besa":
+        for b, db in zip(report["blocks"], dist["report"]["blocks"], strict=True):
+            assert b["steps"] == db["steps"]  # the same number of global-batch steps
+            for li, dli in zip(b["layers"], db["layers"], strict=True):
+                assert abs(li["learned_sparsity"] - dli["learned_sparsity"]) < RATE_TOL
+                assert li["realised_sparsity"] == dli["realised_sparsity"]
+            torch.testing.assert_close(db["loss"], b["loss"], rtol=1e-5, atol=0)
+            if "wbits" in kw:
+                continue
+            comm = db["communication"]["bytes"]
+            # one all-reduce per step: the logits' gradients and the loss value
+            logits = sum(li["groups"] for li in b["layers"]) * 21  # 21 candidates at step 0.05
+            assert comm["gradients"] == b["steps"] * (logits + 1) * 4
+
+
+def test_bad_input_is_refused_on_every_rank(tiny_dir, tmp_path):
+    procs = _spawn_ranks(
+        [sys.executable, str(HERE / "_dist_worker.py"), "bad", str(tiny_dir), str(tmp_path)]
+    )
+    for p in procs:
+        _, err = p.communicate(timeout=LAUNCH_S)
+        assert p.returncode == 0, err[-3000:]
+    for r in range(2):
+        errors = json.loads((tmp_path / f"bad.rank{r}.json").read_text())
+        assert errors.keys() == BAD.keys()
+        assert (
+            "world size 2 is larger than the 1 calibration samples"
+            in errors["world-larger-than-samples"]
+        )
+        assert (
+            "--batch-size 1 is smaller than the world size 2" in errors["batch-smaller-than-world"]
+        )
+        assert "rank(s) 1 run with settings" in errors["mismatched-settings"]
+        assert all(e.startswith("ConfigError") and "\n" not in e for e in errors.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI under torchrun: a dying rank, the checkpoint, --resume
+
+
+def test_dying_rank_stops_the_others_and_resume_needs_the_same_world(tmp_path, calib_file, capsys):
+    model = save_tiny(tmp_path / "m", "llama", layers=3)
+    args = prune_args(model, tmp_path / "out", calib_file, "--batch-size", "2", "--step", "0.05")
+    ref = tmp_path / "ref"
+    ref_args = prune_args(model, ref, calib_file, "--batch-size", "2", "--step", "0.05")
+    assert main(ref_args) == 0  # one process, the same global batch
+    capsys.readouterr()
+
+    out = tmp_path / "out"
+    ck = Path(str(out) + ".checkpoint")
+    # rank 1 is killed (SIGKILL) in block 1's first step: rank 0 must stop with a clear error
+    procs = _spawn_ranks(
+        [sys.executable, "-m", "besa_rs.cli", *args],
+        env={"BESA_RS_TEST_CRASH_AT": "distributed-block1-rank1"},
+    )
+    rank0_err = procs[0].communicate(timeout=LAUNCH_S)[1]
+    procs[1].communicate(timeout=LAUNCH_S)
+    assert procs[1].returncode == -9
+    assert procs[0].returncode == 2, rank0_err[-3000:]
+    last = rank0_err.strip().splitlines()[-1]
+    assert last.startswith("besa-rs prune: error: rank 0 of 2: lost the other ranks during block 1")
+    assert not out.exists()  # nothing under the final name
+    state = json.loads((ck / "state.json").read_text())
+    assert state["next_block"] == 1 and state["world_size"] == 2
+    assert sorted(p.name for p in ck.glob("inputs_*")) == [
+        "inputs_001.rank000.pt",
+        "inputs_001.rank001.pt",
+    ]
+
+    # one process cannot continue a two-rank checkpoint
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "the checkpoint was made by 2 rank(s) and this run has 1" in err
+    assert len(err.strip().splitlines()) == 1
+
+    # two ranks can: the same model as the uninterrupted single-process run
+    besa = shutil.which("besa-rs", path=str(Path(sys.executable).parent)) or "besa-rs"
+    _torchrun([besa, *args, "--resume"])
+    rep = json.loads((out / "besa_report.json").read_text())
+    assert rep["resumed_from_block"] == 1
+    assert rep["distributed"]["world_size"] == 2
+    assert not ck.exists()
+    a = load_file(str(ref / "model.safetensors"))
+    b = load_file(str(out / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
