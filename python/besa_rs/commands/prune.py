@@ -133,6 +133,14 @@ def register(sub: Any) -> None:
         help="activation cache dtype (default: the model's; or float32)",
     )
     p.add_argument("--dtype", default="float32", help="model dtype: float32 | float16 | bfloat16")
+    p.add_argument(
+        "--load",
+        default="auto",
+        choices=["auto", "streamed", "in-memory"],
+        help="streamed: one block in memory at a time, read from the safetensors shards and "
+        "written to the output when pruned; in-memory: the whole model; auto (default): "
+        "streamed where it gives the same result (docs/pruning.md, Streamed loading)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--blocks", type=int, default=None, metavar="N", help="prune only the first N blocks"
@@ -206,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
     from ..pruning.checkpoint import Checkpointer
     from ..pruning.output import write_outputs
     from ..pruning.sequential import run_pruning
+    from ..pruning.streaming import open_stream
 
     if args.quiet:
         from transformers.utils import logging as hf_logging
@@ -213,7 +222,10 @@ def run(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=dtype)
+    stream, why = open_stream(args.model, dtype, args.load)
+    if stream is None and args.load == "auto" and not args.quiet:
+        print(f"besa-rs prune: loading the whole model in memory: {why}", file=sys.stderr)
+    model = stream.model if stream is not None else load_model(args.model, dtype=dtype)
     tokens = calibration_set(
         tokenizer,
         args.calib,
@@ -222,10 +234,12 @@ def run(args: argparse.Namespace) -> int:
         seed=cfg.seed,
         allow_calib_overlap=args.allow_calib_overlap,
     )
-    ck = Checkpointer(ckdir, cfg, tokens, resume=resume)
+    ck = Checkpointer(ckdir, cfg, tokens, resume=resume, streamed=stream is not None)
     try:
-        report = run_pruning(model, tokens, cfg, checkpoint=ck)
+        report = run_pruning(model, tokens, cfg, checkpoint=ck, stream=stream)
     except Exception:
+        if stream is not None:
+            stream.close()
         # A failure (disk full, ...) before the first complete checkpoint leaves nothing to
         # resume: do not leave its debris behind.
         if not (ckdir / "state.json").is_file():
@@ -234,7 +248,8 @@ def run(args: argparse.Namespace) -> int:
     report["model"] = str(args.model)
     report["calibration"]["sources"] = [str(s) for s in args.calib]
     report["resumed_from_block"] = ck.resumed_from
-    write_outputs(model, tokenizer, report, out, overwrite=args.overwrite)
+    report["load"] = {"mode": "streamed" if stream is not None else "in-memory", "reason": why}
+    write_outputs(model, tokenizer, report, out, overwrite=args.overwrite, stream=stream)
     shutil.rmtree(ckdir, ignore_errors=True)
     if not args.quiet:
         _print_summary(report, out)

@@ -53,14 +53,20 @@ class Checkpointer:
         cfg: PruneConfig,
         tokens: torch.Tensor,
         resume: bool,
+        streamed: bool = False,
     ):
         self.dir = Path(directory)
         self.resume = resume
-        self.fingerprint = {
+        # streamed runs keep finished blocks in the output files being filled in this directory
+        # (besa_rs.pruning.streaming), not in block files
+        self.streamed = streamed
+        self.fingerprint: dict[str, Any] = {
             "version": VERSION,
             "settings": cfg.fingerprint(),
             "tokens": tokens_digest(tokens),
         }
+        if streamed:
+            self.fingerprint["load"] = "streamed"
         self.resumed_from: int | None = None
         self.quant_spec = quant.spec_of(cfg)
 
@@ -82,7 +88,7 @@ class Checkpointer:
                 "tokens; resume with the same ones or start over with --overwrite"
             )
         nxt = int(state["next_block"])
-        for info in state["blocks"]:
+        for info in [] if self.streamed else state["blocks"]:
             i = int(info["index"])
             path = self.dir / f"block_{i:03d}.safetensors"
             if not path.is_file():
@@ -112,13 +118,14 @@ class Checkpointer:
     def save(self, adapter: ModelAdapter, state: RunState, last: int) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         i = state.next_block - 1
-        weights = {
-            name: lin.weight.detach().to("cpu").contiguous()
-            for name, lin in adapter.linears(i).items()
-        }
-        weights.update(quant.block_tensors(adapter.linears(i)))  # codes, scales, zero points
-        with atomic_path(self.dir / f"block_{i:03d}.safetensors") as tmp:
-            save_file(weights, str(tmp))
+        if not self.streamed:
+            weights = {
+                name: lin.weight.detach().to("cpu").contiguous()
+                for name, lin in adapter.linears(i).items()
+            }
+            weights.update(quant.block_tensors(adapter.linears(i)))  # codes, scales, zero points
+            with atomic_path(self.dir / f"block_{i:03d}.safetensors") as tmp:
+                save_file(weights, str(tmp))
         _native.crash_point("checkpoint-after-block-file")
         nxt = state.next_block
         if nxt < last:
