@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(args.model)
-    stream, why = open_stream(args.model, dtype, args.load)
+    stream, why = open_stream(args.model, dtype, args.load, resume_from=ckdir if resume else None)
     if stream is None and args.load == "auto" and not args.quiet:
         print(f"besa-rs prune: loading the whole model in memory: {why}", file=sys.stderr)
     model = stream.model if stream is not None else load_model(args.model, dtype=dtype)

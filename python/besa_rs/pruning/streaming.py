@@ -432,15 +432,32 @@ class StreamedModel:
 
 
 # ---------------------------------------------------------------------------------------------
+def checkpoint_is_streamed(ckdir: str | os.PathLike[str]) -> bool | None:
+    """Whether the run that left ``ckdir`` streamed its blocks (None: no readable checkpoint)."""
+    from .checkpoint import STATE
+
+    try:
+        state = json.loads((Path(ckdir) / STATE).read_text())
+        return bool(state["fingerprint"].get("load") == "streamed")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def open_stream(
-    model: str | os.PathLike[str], dtype: torch.dtype, load: str = "auto"
+    model: str | os.PathLike[str],
+    dtype: torch.dtype,
+    load: str = "auto",
+    resume_from: str | os.PathLike[str] | None = None,
 ) -> tuple[StreamedModel | None, str]:
     """The streamed model for ``--load`` ``load`` (auto | streamed | in-memory), or None and
-    the reason the whole model is loaded in memory."""
+    the reason the whole model is loaded in memory. ``resume_from``: the checkpoint directory
+    of the run being resumed; ``auto`` then continues it the way it was made."""
     if load not in LOAD_MODES:
         raise ConfigError(f"unknown --load {load!r}: expected one of {', '.join(LOAD_MODES)}")
     if load == "in-memory":
         return None, "--load in-memory"
+    if load == "auto" and resume_from is not None and checkpoint_is_streamed(resume_from) is False:
+        return None, "the run being resumed was made in memory"
     from ..models import resolve_model
 
     try:
