@@ -205,6 +205,7 @@ def test_one_block_in_memory_at_a_time_and_api_route(tmp_path):
     same directory as the CLI."""
     from _tiny import tiny_tokens
 
+    import besa_rs
     from besa_rs.pruning import streaming
 
     model = save_tiny(tmp_path / "m", "llama", layers=4)
@@ -218,7 +219,7 @@ def test_one_block_in_memory_at_a_time_and_api_route(tmp_path):
 
     streaming.StreamedModel = watched  # type: ignore[misc]
     try:
-        rep = streaming.prune_streamed(model, tmp_path / "o", toks, method="wanda", progress=False)
+        rep = besa_rs.prune_streamed(model, tmp_path / "o", toks, method="wanda", progress=False)
     finally:
         streaming.StreamedModel = orig  # type: ignore[misc]
     assert made[0].live == [1, 1, 1, 1]
