@@ -89,9 +89,12 @@ def assert_same_output(a: Path, b: Path):
 
 def _both(model, calib, tmp_path, *extra):
     ref, out = tmp_path / "mem", tmp_path / "str"
+    before = {p.name: p.read_bytes() for p in Path(model).iterdir()}
     _prune(model, ref, calib, "in-memory", *extra)
     rep = _prune(model, out, calib, "streamed", *extra)
     assert_same_output(ref, out)
+    # the input is read through private mappings: pruning in place never writes to it
+    assert {p.name: p.read_bytes() for p in Path(model).iterdir()} == before
     assert not Path(str(out) + ".checkpoint").exists()
     return ref, out, rep
 

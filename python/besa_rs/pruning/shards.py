@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FormatError, ShapeError
+from ..errors import BesaIOError, FormatError, ShapeError
 
 #: torch dtype -> safetensors dtype name
 DTYPE_NAMES: dict[torch.dtype, str] = {
@@ -105,10 +105,19 @@ class ShardWriter:
         self.path = Path(path)
         self.layout = layout
         if create:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+            except OSError as e:
+                raise BesaIOError(f"cannot write {self.path}: {e.strerror}") from None
             try:
                 _pwrite_all(self.fd, memoryview(layout.header), 0)
                 os.ftruncate(self.fd, layout.size)
+                # the space is taken now: a disk too small fails before any block is pruned
+                if layout.size > len(layout.header) and hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(self.fd, 0, layout.size)
+            except OSError as e:
+                os.close(self.fd)
+                raise BesaIOError(f"cannot write {self.path}: {e.strerror}") from None
             except BaseException:
                 os.close(self.fd)
                 raise
@@ -143,10 +152,16 @@ class ShardWriter:
         if e.end == e.start:
             return
         t = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        _pwrite_all(self.fd, t.numpy().data, self.layout.data_start + e.start)
+        try:
+            _pwrite_all(self.fd, t.numpy().data, self.layout.data_start + e.start)
+        except OSError as err:
+            raise BesaIOError(f"cannot write {self.path}: {err.strerror}") from None
 
     def sync(self) -> None:
-        os.fsync(self.fd)
+        try:
+            os.fsync(self.fd)
+        except OSError as err:
+            raise BesaIOError(f"cannot write {self.path}: {err.strerror}") from None
 
     def close(self) -> None:
         if self.fd >= 0:
