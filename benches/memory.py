@@ -42,21 +42,43 @@ SHAPES_7B = dict(
 )
 
 
+#: runs ``besa_rs.cli.main`` and writes the process's own peak RSS (VmHWM of its address space)
+#: to $BESA_MEM_OUT at exit. ``ru_maxrss`` of a child cannot be used: Linux carries the
+#: parent's resident size at fork (up to the exec) into the child's maximum.
+_WRAPPER = """
+import atexit, os, sys
+def _hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            open(os.environ["BESA_MEM_OUT"], "w").write(line.split()[1])
+atexit.register(_hwm)
+if sys.argv[1:] == ["--imports-only"]:
+    import torch, transformers, besa_rs.pruning.streaming, besa_rs.pruning.sequential
+    sys.exit(0)
+from besa_rs.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def run_child(cmd: list[str], log: Path) -> tuple[int, int, float]:
-    """Runs ``cmd`` on one thread; returns (exit status, peak RSS in bytes, seconds)."""
+    """Runs ``besa-rs`` arguments ``cmd`` in a child on one thread; returns (exit status, the
+    child's peak RSS in bytes, seconds)."""
+    hwm = log.with_suffix(".hwm")
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        "BESA_MEM_OUT": str(hwm),
     }
     t0 = time.perf_counter()
     with open(log, "wb") as fh:
-        p = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(p.pid, 0)
+        rc = subprocess.run(
+            [sys.executable, "-c", _WRAPPER, *cmd], env=env, stdout=fh, stderr=subprocess.STDOUT
+        ).returncode
     secs = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    return p.returncode, usage.ru_maxrss * 1024, secs  # ru_maxrss is in KiB on Linux
+    peak = int(hwm.read_text()) * 1024 if hwm.is_file() else 0
+    return rc, peak, secs
 
 
 def gb(x: float) -> str:
@@ -98,30 +120,33 @@ def write_7b_shaped(d: Path, seed: int = 0) -> dict[str, int]:
     def rand(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
 
-    shards: list[dict[str, torch.Tensor]] = [{"model.embed_tokens.weight": rand(v, h)}]
-    for i in range(n):
-        p = f"model.layers.{i}."
-        shards.append(
-            {
-                p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-                p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-                **{p + f"self_attn.{k}_proj.weight": rand(h, h) for k in "qkvo"},
-                p + "mlp.gate_proj.weight": rand(f, h),
-                p + "mlp.up_proj.weight": rand(f, h),
-                p + "mlp.down_proj.weight": rand(h, f),
+    def shard(k: int) -> dict[str, torch.Tensor]:
+        if k == 0:
+            return {"model.embed_tokens.weight": rand(v, h)}
+        if k == n + 1:
+            return {
+                "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
+                "lm_head.weight": rand(v, h),
             }
-        )
-    shards.append(
-        {"model.norm.weight": torch.ones(h, dtype=torch.bfloat16), "lm_head.weight": rand(v, h)}
-    )
+        p = f"model.layers.{k - 1}."
+        return {
+            p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+            p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+            **{p + f"self_attn.{x}_proj.weight": rand(h, h) for x in "qkvo"},
+            p + "mlp.gate_proj.weight": rand(f, h),
+            p + "mlp.up_proj.weight": rand(f, h),
+            p + "mlp.down_proj.weight": rand(h, f),
+        }
+
     weight_map, total = {}, 0
-    for k, sd in enumerate(shards):
-        name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+    for k in range(n + 2):
+        sd = shard(k)
+        name = f"model-{k + 1:05d}-of-{n + 2:05d}.safetensors"
         save_file(sd, str(d / name), metadata={"format": "pt"})
         for t_name, t in sd.items():
             weight_map[t_name] = name
             total += t.numel() * t.element_size()
-        shards[k] = {}
+        del sd
     (d / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     )
@@ -152,21 +177,14 @@ def prune_cmd(
     model: str | Path, out: Path, calib: str, args: argparse.Namespace, *extra: str
 ) -> list[str]:
     return [
-        sys.executable, "-m", "besa_rs.cli", "prune", str(model), "--out", str(out),
+        "prune", str(model), "--out", str(out),
         "--calib", calib, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
         "--quiet", "--overwrite", *extra,
     ]  # fmt: skip
 
 
 def runtime_row(tmp: Path) -> int:
-    rc, peak, _ = run_child(
-        [
-            sys.executable,
-            "-c",
-            "import torch, transformers, besa_rs.pruning.streaming, besa_rs.pruning.sequential",
-        ],
-        tmp / "runtime.log",
-    )
+    rc, peak, _ = run_child(["--imports-only"], tmp / "runtime.log")
     assert rc == 0
     return peak
 
