@@ -239,6 +239,34 @@ def test_one_block_in_memory_at_a_time_and_api_route(tmp_path):
     assert (tmp_path / "o" / "tokenizer.json").is_file()
 
 
+def test_api_first_block_runs_the_dense_chain_streamed(tmp_path):
+    """Blocks before ``first_block`` are loaded, run dense and released; they and the blocks
+    after ``num_blocks`` are copied through unchanged."""
+    from _tiny import tiny_tokens
+
+    import besa_rs
+    from besa_rs import load_model, prune
+
+    model = save_tiny(tmp_path / "m", "llama", layers=4)
+    toks = tiny_tokens(4, 32)
+    kw = dict(method="sparsegpt", first_block=1, num_blocks=2, progress=False)
+    rep = besa_rs.prune_streamed(model, tmp_path / "o", toks, **kw)
+    assert [b["index"] for b in rep["blocks"]] == [1, 2]
+    m = load_model(model)
+    prune(m, toks, **kw)
+    got = load_file(str(tmp_path / "o" / "model.safetensors"))
+    src = load_file(str(model / "model.safetensors"))
+    for k, v in m.state_dict().items():
+        if k in got:
+            assert torch.equal(v, got[k]), k
+    assert torch.equal(
+        got["model.layers.0.mlp.up_proj.weight"], src["model.layers.0.mlp.up_proj.weight"]
+    )
+    assert not torch.equal(
+        got["model.layers.1.mlp.up_proj.weight"], src["model.layers.1.mlp.up_proj.weight"]
+    )
+
+
 def test_streamed_resume_after_kill_is_bit_identical(tmp_path, calib_file):
     model = save_tiny(tmp_path / "m4", "llama", layers=3)
     ref = tmp_path / "ref"
