@@ -36,7 +36,7 @@ ROWS: dict[str, dict[str, Any]] = {
     # "wanda+reconstruct", "sparsegpt+reconstruct", "magnitude+reconstruct"
     "besa-layer": {"method": "besa", "granularity": "layer", "lr": 0.05},
     # the published layer-wise setting: target = dense chain, Prodigy lr 1, d_coef 50 (the
-    # LLaMA-7B value of spec/besa.md; 0.05-0.5 for the other published models)
+    # LLaMA-7B value of the BESA paper; 0.05-0.5 for the other published models)
     "besa-layer-dense": {
         "method": "besa",
         "granularity": "layer",

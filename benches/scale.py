@@ -89,7 +89,7 @@ def run_one(dtype_name: str, nsamples: int, seqlen: int, threads: int) -> dict[s
     from besa_rs.pruning.adapters import block_linears
     from besa_rs.pruning.besa import output_grad_zero_fraction, prune_block_besa
     from besa_rs.pruning.besa import relative_reconstruction as rel_rec
-    from besa_rs.pruning.sequential import BlockContext
+    from besa_rs.pruning.context import BlockContext
 
     torch.set_num_threads(threads)
     dtype = parse_dtype(dtype_name)

@@ -12,12 +12,11 @@ from besa_rs.pruning.adapters import get_adapter  # noqa: E402
 from besa_rs.pruning.baselines import (  # noqa: E402
     magnitude_mask,
     nm_mask,
-    parse_structure,
     refine_masked_lstsq,
     sparsegpt_prune,
     wanda_mask,
 )
-from besa_rs.pruning.config import PruneConfig  # noqa: E402
+from besa_rs.pruning.config import PruneConfig, parse_structure  # noqa: E402
 from besa_rs.pruning.sequential import run_pruning  # noqa: E402
 
 
@@ -202,3 +201,39 @@ def test_magnitude_driver_reads_weights_only():
     for (i, name), keep in expected.items():
         W = adapter.linears(i)[name].weight
         assert torch.equal(W != 0, keep)
+
+
+def test_driver_dispatches_through_the_registry():
+    """The sequential driver imports no pruning method; every built-in method (and BESA's
+    clipping-only variant) is found in the registry, and a registered method is used."""
+    import ast
+
+    import besa_rs.pruning.sequential as seq
+    from besa_rs.pruning import registry
+
+    tree = ast.parse(Path(seq.__file__).read_text())
+    imported = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
+    assert not imported & {"besa", "baselines", "uniform", "quant", ".besa", ".quant"}
+    assert set(registry.method_names()) >= {"besa", "wanda", "sparsegpt", "magnitude"}
+    clip = registry.method_for(PruneConfig(wbits=4, sparsity=0.0))
+    assert clip.prune_block.__name__ == "prune_block_clip_only"
+    assert registry.method_for(PruneConfig()).prune_block.__name__ == "prune_block_besa"
+
+    seen = []
+    base = registry.method_for(PruneConfig(method="magnitude"))
+
+    def spy(ctx):
+        seen.append(ctx.index)
+        return base.prune_block(ctx)
+
+    registry.register(registry.Method("spy-magnitude", spy, reads_inputs=lambda cfg: False))
+    try:
+        model = tiny_model("llama")
+        rep = run_pruning(
+            model, tiny_tokens(n=2), PruneConfig(method="spy-magnitude", progress=False)
+        )
+    finally:
+        registry._METHODS.pop("spy-magnitude")
+    assert seen == list(range(rep["num_blocks"])) and rep["settings"]["method"] == "spy-magnitude"

@@ -16,14 +16,14 @@ from _tiny import single_thread, tiny_model, tiny_tokens  # noqa: E402, F401
 
 import besa_rs  # noqa: E402
 from besa_rs.errors import ConfigError, NumericalError  # noqa: E402
-from besa_rs.pruning import PruneConfig  # noqa: E402
+from besa_rs.pruning import PruneConfig, besa  # noqa: E402
 from besa_rs.pruning.besa import (  # noqa: E402
     LossScaler,
     output_grad_zero_fraction,
     prune_block_besa,
     relative_reconstruction,
 )
-from besa_rs.pruning.sequential import BlockContext  # noqa: E402
+from besa_rs.pruning.context import BlockContext  # noqa: E402
 
 # LLaMA-7B's hidden size and sequence length; a thin (rank-16) SwiGLU-free MLP branch keeps the
 # float16 matmuls affordable on a CPU without float16 GEMM (about 0.4 GFLOP/s here)
@@ -75,9 +75,20 @@ def learn(dtype: torch.dtype, loss_scaling: str) -> tuple[dict, torch.Tensor]:
         cache_dtype=dtype,
         compute_dtype=dtype,
     )
-    rep = prune_block_besa(ctx)
-    alphas = ctx.extra["alphas"]
-    return rep, torch.cat([alphas["down"], alphas["up"]]).float()
+    # the learned per-row rates, before the exact-sparsity shift: what the shift receives
+    seen: list[list[torch.Tensor]] = []
+    shift = besa.corrected_prune_counts
+
+    def spy(rates, cols, target_zeros):
+        seen.append(rates)
+        return shift(rates, cols, target_zeros)
+
+    besa.corrected_prune_counts = spy
+    try:
+        rep = prune_block_besa(ctx)
+    finally:
+        besa.corrected_prune_counts = shift
+    return rep, torch.cat(seen[0]).float()
 
 
 @pytest.fixture(scope="module")

@@ -392,6 +392,40 @@ def test_from_packed_builds_the_model(tmp_path):
 
 
 @pytest.mark.slow
+def test_pack_in_memory_model_and_state_dict_after_prune(tmp_path):
+    """``pack`` takes the model right after ``besa_rs.prune`` and its state dict (torch tensors,
+    numpy arrays, tied weights) as well as a directory; every way gives the same packed weights,
+    and what is not a model, a state dict or a path is refused with nothing written."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _tiny import tiny_model, tiny_tokens
+
+    import besa_rs
+
+    model = tiny_model("llama", layers=2, hidden=64)
+    besa_rs.prune(model, tiny_tokens(n=2), method="magnitude", progress=False)
+    sd = model.state_dict()
+    r1 = besa_rs.pack(model, tmp_path / "from_model", sync=False)
+    assert r1["source"] == type(model).__name__ and r1["totals"]["packed"] == 2 * 7
+    mixed = {k: (v.numpy() if "mlp" in k else v) for k, v in sd.items()}
+    mixed["tied.copy"] = sd["model.embed_tokens.weight"]  # shares storage: written twice
+    r2 = besa_rs.pack(mixed, tmp_path / "from_sd", sync=False)
+    assert r2["source"] == "dict" and r2["totals"]["packed"] == 2 * 7
+    a = load_packed(tmp_path / "from_model")
+    b = load_packed(tmp_path / "from_sd")
+    for name, t in sd.items():
+        if name in a:
+            assert torch.equal(a[name], t), name
+        assert torch.equal(b[name], t), name
+    assert torch.equal(b["tied.copy"], sd["model.embed_tokens.weight"])
+    assert len([n for n in b if ".layers." in n and n.endswith("_proj.weight")]) == 2 * 7
+    for bad, what in ((42, "got int"), ({"w": [1.0, 2.0]}, "entry 'w' is a list")):
+        with pytest.raises(ConfigError, match=what):
+            besa_rs.pack(bad, tmp_path / "bad", sync=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["from_model", "from_sd"]
+
+
 def test_default_model_packs_unpacks_bit_exactly_and_same_perplexity(tmp_path):
     """smollm2-135m, block linears magnitude-pruned to 50% per row: pack -> unpack is bit-exact,
     from_packed reloads to the same perplexity."""

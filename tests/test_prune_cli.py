@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,14 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import SAMPLE_TEXT, prune_args, save_tiny, single_thread  # noqa: E402, F401
+from _tiny import (  # noqa: E402, F401
+    SAMPLE_TEXT,
+    prune_args,
+    save_tiny,
+    single_thread,
+    tiny_model,
+    tiny_tokens,
+)
 
 from besa_rs.cli import main  # noqa: E402
 
@@ -75,6 +81,13 @@ BAD = [
     (["--structure", "2:4"], "N:M is for the uniform baselines"),
     (["--optimizer", "sgd"], "unknown optimizer 'sgd'"),
     (["--method", "magnitude", "--group", "column"], "unknown comparison group 'column'"),
+    (
+        ["--method", "wanda", "--prune-dense"],
+        "prune_dense (targets from the dense chain) is for BESA",
+    ),
+    (["--wbits", "9"], "wbits must be an integer in 2..8"),
+    (["--wbits", "4", "--group-size", "0"], "group_size must be -1"),
+    (["--lr", "-1"], "lr must be > 0"),
 ]
 
 
@@ -86,6 +99,51 @@ def test_prune_cli_bad_settings(tiny_dir, calib_file, tmp_path, capsys, extra, m
     last = err.strip().splitlines()[-1]
     assert last.startswith("besa-rs prune: error:") and msg in last, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("extra,msg", [b for b in BAD if "does not divide" not in b[1]])
+def test_api_refuses_what_the_cli_refuses(tiny_dir, calib_file, tmp_path, extra, msg):
+    """The settings the command line refuses are refused by PruneConfig itself (the CLI only
+    reports its ConfigError): the same fields through the API raise the same one-line error."""
+    from besa_rs.cli import build_parser
+    from besa_rs.commands.prune import CONFIG_OPTIONS
+    from besa_rs.errors import ConfigError
+    from besa_rs.pruning import PruneConfig
+
+    args = build_parser().parse_args(prune_args(tiny_dir, tmp_path / "o", calib_file, *extra))
+    fields = {dest: getattr(args, dest) for dest in CONFIG_OPTIONS.values()}
+    with pytest.raises(ConfigError) as e:
+        PruneConfig(**fields)
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_api_prune_refuses_before_touching_the_model():
+    import besa_rs
+    from besa_rs.errors import ConfigError
+
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for bad in ({"method": "magnitude", "prune_dense": True}, {"sparsity": 1.5}, {"wbits": 1}):
+        with pytest.raises(ConfigError):
+            besa_rs.prune(model, tiny_tokens(n=2), progress=False, **bad)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_cli_defaults_are_the_config_defaults(tmp_path):
+    """Every option that sets a PruneConfig field defaults to that field's default (one source
+    of truth), and the config the CLI builds from no options equals PruneConfig()."""
+    import dataclasses
+
+    from besa_rs.cli import build_parser
+    from besa_rs.commands.prune import CONFIG_OPTIONS, config_from_args
+    from besa_rs.pruning import PruneConfig
+
+    args = build_parser().parse_args(["prune", "m", "--out", str(tmp_path / "o"), "-q"])
+    defaults = {f.name: f.default for f in dataclasses.fields(PruneConfig)}
+    assert len(CONFIG_OPTIONS) >= 25
+    for flag, dest in CONFIG_OPTIONS.items():
+        assert getattr(args, dest) == defaults[dest], flag
+    assert config_from_args(args) == PruneConfig(progress=False)
 
 
 def test_nm_needs_divisible_columns_cli(tmp_path, calib_file, capsys):
@@ -173,15 +231,13 @@ def test_resume_after_kill_is_bit_identical(tmp_path, calib_file, capsys):
 
     out = tmp_path / "out"
     state = Path(str(out) + ".checkpoint") / "state.json"
-    p = _run_cli(prune_args(model, out, calib_file), env={"BESA_RS_TEST_BLOCK_DELAY": "3"})
-    deadline = time.time() + 600
-    while time.time() < deadline and p.poll() is None:
-        if state.is_file() and json.loads(state.read_text())["next_block"] >= 1:
-            break
-        time.sleep(0.02)
-    assert p.poll() is None, "the run finished before it could be killed"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    # killed (SIGKILL, as kill -9) right after the first block's checkpoint is complete
+    p = _run_cli(
+        prune_args(model, out, calib_file), env={"BESA_RS_TEST_CRASH_AT": "checkpoint-after-block"}
+    )
+    p.communicate(timeout=600)
+    assert p.returncode == -signal.SIGKILL
+    assert json.loads(state.read_text())["next_block"] == 1
     assert not out.exists()
     # a plain rerun refuses to clobber the checkpoint
     assert main(prune_args(model, out, calib_file)) == 2

@@ -50,7 +50,7 @@ def tiny_llama(
 
 
 def test_dense_baseline_table() -> None:
-    """spec/sim.md: LLaMA dense baselines (q/k/v/o/gate/up, down)."""
+    """The authors' hw_sim model (docs/simulator.md): LLaMA dense baselines (q/k/v/o/gate/up, down)."""
     for hidden, inter, qk, down in [
         (4096, 11008, 4096, 10128),
         (5120, 13824, 6400, 15936),
@@ -292,7 +292,7 @@ def test_hf_directory_dense_model(tiny_llama_dir: Path, tiny_llama) -> None:
 
 @pytest.mark.slow
 def test_real_model_if_available() -> None:
-    """The default real model (spec/data.md), when the lead's resolver finds it locally."""
+    """The default real model (README), when the lead's resolver finds it locally."""
     models = pytest.importorskip("besa_rs.models")
     try:
         path = models.resolve_model("smollm2-135m")

@@ -1,5 +1,5 @@
-"""The reference cycle model, written literally from spec/sim.md (and the authors' script it
-describes), as the oracle for the Rust engine; plus a vectorised numpy port used as the
+"""The reference cycle model, written literally from the authors' hw_sim script
+(docs/simulator.md, "Reference mode"), as the oracle for the Rust engine; plus a vectorised numpy port used as the
 benchmark baseline (benches/simulate.py imports both from here).
 
 Literal means: an explicit edge list in row-major order, the relabel applied as value

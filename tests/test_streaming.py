@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -274,21 +273,19 @@ def test_streamed_resume_after_kill_is_bit_identical(tmp_path, calib_file):
     out = tmp_path / "out"
     ck = Path(str(out) + ".checkpoint")
     args = prune_args(model, out, calib_file, "--wbits", "4", "--group-size", "32")
-    p = subprocess.Popen(
+    # killed (SIGKILL, as kill -9) right after the first block's checkpoint is complete
+    p = subprocess.run(
         [sys.executable, "-m", "besa_rs.cli", *args],
-        env={**os.environ, "OMP_NUM_THREADS": "1", "BESA_RS_TEST_BLOCK_DELAY": "3"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "BESA_RS_TEST_CRASH_AT": "checkpoint-after-block",
+        },
+        capture_output=True,
+        timeout=600,
     )
-    deadline = time.time() + 600
-    while time.time() < deadline and p.poll() is None:
-        st = ck / "state.json"
-        if st.is_file() and json.loads(st.read_text())["next_block"] >= 1:
-            break
-        time.sleep(0.02)
-    assert p.poll() is None, "the run finished before it could be killed"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert json.loads((ck / "state.json").read_text())["next_block"] == 1
     assert not out.exists()
     assert (ck / "model.safetensors").is_file() and not list(ck.glob("block_*"))
     # resuming in memory is refused: the checkpoint holds the blocks in the streamed layout

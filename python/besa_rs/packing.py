@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,9 +73,11 @@ def pack(
     tensors: list[str] | None = None,
     sync: bool = True,
 ) -> dict[str, Any]:
-    """Packs a checkpoint directory (or a safetensors file, or an in-memory transformers model,
-    saved first to a temporary directory) into ``out``. Returns the report (per tensor: action,
-    format, sizes, ratio; totals; warnings)."""
+    """Packs ``model_or_path`` into ``out``: a checkpoint directory or a safetensors file, or
+    in memory a transformers model (e.g. right after :func:`besa_rs.prune`; saved with
+    ``save_pretrained``, config included) or a state dict (name -> torch tensor or numpy array;
+    saved as one safetensors file), written first to a temporary directory next to ``out``.
+    Returns the report (per tensor: action, format, sizes, ratio; totals; warnings)."""
     _check_format(format)
     size = parse_size(shard_size)
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -91,16 +94,22 @@ def pack(
                 sync=sync,
             )
         )
-    if not hasattr(model_or_path, "save_pretrained"):
+    is_model = hasattr(model_or_path, "save_pretrained")
+    if not is_model and not isinstance(model_or_path, Mapping):
         raise ConfigError(
-            "pack() takes a model directory, a safetensors file or a transformers model"
+            "pack() takes a model directory, a safetensors file, a transformers model or a "
+            f"state dict, got {type(model_or_path).__name__}"
         )
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".besa-pack-", dir=out_path.parent) as tmp:
-        model_or_path.save_pretrained(tmp, safe_serialization=True)
+        if is_model:
+            model_or_path.save_pretrained(tmp, safe_serialization=True)
+            src = tmp
+        else:
+            src = _save_state_dict(model_or_path, Path(tmp) / "model.safetensors")
         report = pack(
-            tmp,
+            src,
             out,
             format,
             min_sparsity=min_sparsity,
@@ -112,6 +121,32 @@ def pack(
         )
     report["source"] = type(model_or_path).__name__
     return report
+
+
+def _save_state_dict(state: Mapping[str, Any], path: Path) -> str:
+    """Writes a state dict (torch tensors or numpy arrays, any device) as one safetensors file;
+    tensors sharing storage (tied weights) are written once each."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, value in state.items():
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise ConfigError(
+                f"pack(): state dict entry {name!r} is a {type(value).__name__}, not a tensor"
+            )
+        t = value.detach().to("cpu").contiguous()
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if t.numel() and key in seen:
+            t = t.clone()  # safetensors refuses shared storage
+        seen.add(key)
+        tensors[name] = t
+    save_file(tensors, str(path))
+    return str(path)
 
 
 def unpack(

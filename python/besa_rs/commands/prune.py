@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 from pathlib import Path
@@ -11,7 +12,30 @@ from typing import Any
 from . import add_common, emit_json
 
 
+def _defaults() -> dict[str, Any]:
+    """PruneConfig's field defaults: the one source of the options' defaults."""
+    from ..pruning.config import PruneConfig
+
+    return {f.name: f.default for f in dataclasses.fields(PruneConfig)}
+
+
+def _with_default(help: str, value: Any) -> str:
+    return help if value is None else f"{help} (default {value})"
+
+
 def register(sub: Any) -> None:
+    from ..pruning.config import (
+        DEFAULT_CLIP_LR,
+        DEFAULT_LR,
+        LOSS_SCALINGS,
+        LR_SCHEDULES,
+        METHODS,
+        METRICS,
+        OPTIMIZERS,
+    )
+
+    d = _defaults()
+    steps = d["lr_reference_steps"]
     p = sub.add_parser(
         "prune",
         help="prune a causal LM (BESA, Wanda, SparseGPT, magnitude) and save it",
@@ -20,28 +44,23 @@ def register(sub: Any) -> None:
     )
     p.add_argument("model", metavar="MODEL", help="local Hugging Face directory or 'smollm2-135m'")
     p.add_argument("--out", required=True, metavar="DIR", help="output model directory")
-    p.add_argument(
-        "--method", default="besa", help="besa | wanda | sparsegpt | magnitude (default besa)"
-    )
-    p.add_argument(
-        "--sparsity",
-        type=float,
-        default=0.5,
-        help="target sparsity in (0, 1); 0 with --wbits (default 0.5)",
-    )
-    p.add_argument(
-        "--structure", default="unstructured", help="unstructured | 2:4 | 4:8 (N:M for baselines)"
-    )
-    p.add_argument(
-        "--group",
-        default="row",
-        help="magnitude/Wanda comparison group: row | layer (default row)",
-    )
-    p.add_argument(
-        "--granularity",
-        default="row",
-        help="BESA allocation: row | layer | rowblock:K (default row)",
-    )
+
+    def field(flag: str, dest: str, help: str, **kw: Any) -> None:
+        """An option that sets the PruneConfig field ``dest``, with its default."""
+        if kw.get("action") in ("store_true", "store_false"):
+            p.add_argument(flag, dest=dest, default=d[dest], help=help, **kw)
+        else:
+            kw.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
+            p.add_argument(
+                flag, dest=dest, default=d[dest], help=_with_default(help, d[dest]), **kw
+            )
+        CONFIG_OPTIONS[flag] = dest
+
+    field("--method", "method", " | ".join(METHODS))
+    field("--sparsity", "sparsity", "target sparsity in (0, 1); 0 with --wbits", type=float)
+    field("--structure", "structure", "unstructured | 2:4 | 4:8 (N:M for baselines)")
+    field("--group", "group", "magnitude/Wanda comparison group: row | layer")
+    field("--granularity", "granularity", "BESA allocation: row | layer | rowblock:K")
     p.add_argument(
         "--calib",
         nargs="+",
@@ -58,79 +77,76 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--seqlen", type=int, default=512, help="tokens per calibration sequence (default 512)"
     )
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=1, help="calibration sequences per BESA step")
-    p.add_argument(
-        "--lambda", dest="lam", type=float, default=5.0, help="sparsity penalty weight (default 5)"
-    )
-    p.add_argument("--optimizer", default="adamw", help="adamw | prodigy (default adamw)")
-    p.add_argument(
+    field("--epochs", "epochs", "passes over the calibration set per block", type=int)
+    field("--batch-size", "batch_size", "calibration sequences per BESA step", type=int)
+    field("--lambda", "lam", "sparsity penalty weight", type=float)
+    field("--optimizer", "optimizer", " | ".join(OPTIMIZERS))
+    field(
         "--lr",
+        "lr",
+        f"learning rate (default: adamw {DEFAULT_LR['adamw']} at {steps} steps, see "
+        f"--lr-schedule; prodigy {DEFAULT_LR['prodigy']})",
         type=float,
-        default=None,
-        help="learning rate (default: adamw 0.2 at 32 steps, see --lr-schedule; prodigy 1.0)",
     )
-    p.add_argument(
+    field(
         "--lr-schedule",
-        default="budget",
-        help="adamw: budget (lr x 32 / steps per step, default) | constant (lr per step)",
+        "lr_schedule",
+        f"{' | '.join(LR_SCHEDULES)}; adamw budget: lr x {steps} / steps per step, constant: "
+        "lr per step",
     )
-    p.add_argument("--d-coef", type=float, default=5.0, help="Prodigy d_coef (default 5)")
-    p.add_argument(
+    field("--d-coef", "d_coef", "Prodigy d_coef", type=float)
+    field(
         "--loss-scaling",
-        default="auto",
-        help="auto (dynamic for float16, default) | dynamic | off",
+        "loss_scaling",
+        f"{' | '.join(LOSS_SCALINGS)}; auto = dynamic when the block runs in float16",
     )
-    p.add_argument(
-        "--metric", default="wanda", help="BESA importance: wanda | magnitude | sparsegpt"
-    )
-    p.add_argument(
-        "--step", type=float, default=0.01, help="candidate sparsity step (default 0.01)"
-    )
-    p.add_argument(
+    field("--metric", "metric", f"BESA importance: {' | '.join(METRICS)}")
+    field("--step", "candidate_step", "candidate sparsity step", type=float)
+    field(
         "--no-smoothing",
+        "smoothing",
+        "softmax(beta) instead of softmax(sigmoid(beta))",
+        action="store_false",
+    )
+    field(
+        "--prune-dense",
+        "prune_dense",
+        "BESA target = the dense chain's block outputs",
         action="store_true",
-        help="softmax(beta) instead of softmax(sigmoid(beta))",
     )
-    p.add_argument(
-        "--prune-dense", action="store_true", help="target = the dense chain's block outputs"
-    )
-    p.add_argument(
+    field(
         "--reconstruct",
-        action="store_true",
-        help="after any method, refit the kept weights to the calibration inputs (least squares; "
+        "reconstruct",
+        "after any method, refit the kept weights to the calibration inputs (least squares; "
         "the mask is kept); with --wbits the refitted weights then go through the GPTQ pass",
+        action="store_true",
     )
-    p.add_argument(
+    field(
         "--wbits",
-        type=int,
-        default=None,
-        metavar="N",
-        help="quantize the pruned weights to N bits, 2..8 (default: off; 16 = off); "
+        "wbits",
+        "quantize the pruned weights to N bits, 2..8 (default: off; 16 = off); "
         "--sparsity 0 quantizes only",
-    )
-    p.add_argument(
-        "--group-size",
         type=int,
-        default=128,
+        metavar="N",
+    )
+    field(
+        "--group-size",
+        "group_size",
+        "input columns per quantization scale/zero point; -1 = whole rows",
+        type=int,
         metavar="G",
-        help="input columns per quantization scale/zero point; -1 = whole rows (default 128)",
     )
-    p.add_argument(
+    field(
         "--clip-lr",
+        "clip_lr",
+        f"BESA learned clipping learning rate (default: adamw {DEFAULT_CLIP_LR['adamw']} at "
+        f"{steps} steps, same --lr-schedule as --lr; prodigy {DEFAULT_CLIP_LR['prodigy']})",
         type=float,
-        default=None,
-        help="BESA learned clipping learning rate (default: adamw 0.1 at 32 steps, same "
-        "--lr-schedule as --lr; prodigy 1.0)",
     )
-    p.add_argument("--device", default="cpu", help="compute device: cpu | cuda[:N]")
-    p.add_argument(
-        "--cache-device", default=None, help="where activation caches live (default: --device)"
-    )
-    p.add_argument(
-        "--cache-dtype",
-        default=None,
-        help="activation cache dtype (default: the model's; or float32)",
+    field("--device", "device", "compute device: cpu | cuda[:N]")
+    field("--cache-device", "cache_device", "where activation caches live (default: --device)")
+    field(
+        "--cache-dtype", "cache_dtype", "activation cache dtype (default: the model's; or float32)"
     )
     p.add_argument("--dtype", default="float32", help="model dtype: float32 | float16 | bfloat16")
     p.add_argument(
@@ -141,9 +157,13 @@ def register(sub: Any) -> None:
         "written to the output when pruned; in-memory: the whole model; auto (default): "
         "streamed where it gives the same result (docs/pruning.md, Streamed loading)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--blocks", type=int, default=None, metavar="N", help="prune only the first N blocks"
+    field("--seed", "seed", "random seed (calibration sampling, BESA)", type=int)
+    field(
+        "--blocks",
+        "num_blocks",
+        "prune only the first N blocks (default: all)",
+        type=int,
+        metavar="N",
     )
     p.add_argument(
         "--resume", action="store_true", help="continue an interrupted run from its checkpoint"
@@ -153,6 +173,18 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+#: options that set a PruneConfig field: flag -> field name (filled by :func:`register`)
+CONFIG_OPTIONS: dict[str, str] = {}
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The validated PruneConfig of the parsed options (ConfigError on a bad combination)."""
+    from ..pruning.config import PruneConfig
+
+    fields = {dest: getattr(args, dest) for dest in CONFIG_OPTIONS.values()}
+    return PruneConfig(**fields, progress=not args.quiet)
+
+
 def checkpoint_dir(out: Path) -> Path:
     """Progress of an unfinished run lives next to the output: ``DIR.checkpoint``."""
     return out.with_name(out.name + ".checkpoint")
@@ -160,38 +192,9 @@ def checkpoint_dir(out: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from ..models import parse_dtype
-    from ..pruning.config import PruneConfig
 
     out = Path(args.out)
-    cfg = PruneConfig(
-        method=args.method,
-        sparsity=args.sparsity,
-        structure=args.structure,
-        group=args.group,
-        granularity=args.granularity,
-        metric=args.metric,
-        candidate_step=args.step,
-        smoothing=not args.no_smoothing,
-        prune_dense=args.prune_dense,
-        lam=args.lam,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        lr_schedule=args.lr_schedule,
-        d_coef=args.d_coef,
-        loss_scaling=args.loss_scaling,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        reconstruct=args.reconstruct,
-        device=args.device,
-        cache_device=args.cache_device,
-        cache_dtype=args.cache_dtype,
-        num_blocks=args.blocks,
-        progress=not args.quiet,
-        wbits=args.wbits,
-        group_size=args.group_size,
-        clip_lr=args.clip_lr,
-    ).validate()
+    cfg = config_from_args(args)
     dtype = parse_dtype(args.dtype)
     from ..pruning.output import check_prune_paths
 

@@ -1,5 +1,6 @@
 """Pruning: BESA (blockwise learned sparsity allocation) and the uniform baselines (magnitude,
-Wanda, SparseGPT), run sequentially block by block on calibration activations."""
+Wanda, SparseGPT), run sequentially block by block on calibration activations. Methods are
+found by name in :mod:`besa_rs.pruning.registry` (docs/pruning.md, "Code layout")."""
 
 from __future__ import annotations
 

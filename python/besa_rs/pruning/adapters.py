@@ -9,7 +9,6 @@ Falcon, Phi...) are found by attribute path; any other decoder-only model works 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,8 +218,3 @@ def block_output(out: Any) -> torch.Tensor:
     if isinstance(out, (tuple, list)):
         return out[0]
     return out
-
-
-def iter_batches(n: int, batch_size: int) -> Iterator[slice]:
-    for s in range(0, n, batch_size):
-        yield slice(s, min(n, s + batch_size))

@@ -10,30 +10,16 @@ Masks are boolean with ``True`` = keep. Every function works on one weight matri
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ConfigError, NumericalError, ShapeError
+from .config import check_group
 
 if TYPE_CHECKING:
+    from .config import PruneConfig
     from .quant import ColumnQuantizer
-
-
-def parse_structure(structure: str) -> tuple[int, int]:
-    """``"unstructured"`` -> (0, 0); ``"2:4"`` -> (2, 4)."""
-    if structure == "unstructured":
-        return 0, 0
-    try:
-        n_s, m_s = structure.split(":")
-        n, m = int(n_s), int(m_s)
-    except ValueError:
-        raise ConfigError(
-            f"unknown structure {structure!r}: expected 'unstructured' or N:M such as '2:4'"
-        ) from None
-    if not (0 < n < m):
-        raise ConfigError(f"structure {structure!r}: N:M needs 0 < N < M")
-    return n, m
 
 
 def check_nm(name: str, cols: int, m: int) -> None:
@@ -72,18 +58,6 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     mask = torch.ones_like(g, dtype=torch.bool)
     mask.scatter_(2, idx, False)
     return mask.reshape(rows, cols)
-
-
-#: comparison groups of the unstructured magnitude and Wanda baselines
-GROUPS = ("row", "layer")
-
-
-def check_group(group: str) -> str:
-    if group not in GROUPS:
-        raise ConfigError(
-            f"unknown comparison group {group!r}: expected one of {', '.join(GROUPS)}"
-        )
-    return group
 
 
 def keep_lowest_pruned(score: torch.Tensor, sparsity: float, group: str) -> torch.Tensor:
@@ -332,3 +306,20 @@ def refit_masked(
         dead_columns=int(dead.sum()),
         dead_weights_zeroed=int((keep & dead.unsqueeze(0)).sum()),
     )
+
+
+def refit_layer(
+    weight: torch.Tensor, keep: torch.Tensor, hessian: torch.Tensor, cfg: PruneConfig, name: str
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``reconstruct`` for one layer, whatever method chose ``keep``: refits the kept weights of
+    the dense ``weight`` in place (:func:`refit_masked`). Returns the final keep mask (dead input
+    columns zeroed, so counted as pruned) and the layer's report fields about dead columns."""
+    fit = refit_masked(
+        weight, keep, hessian, blocksize=cfg.blocksize, percdamp=cfg.percdamp, name=name
+    )
+    with torch.no_grad():
+        weight.copy_(fit.weight)
+    return fit.keep, {
+        "dead_columns": fit.dead_columns,
+        "dead_weights_zeroed": fit.dead_weights_zeroed,
+    }

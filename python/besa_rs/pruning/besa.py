@@ -1,4 +1,6 @@
-"""BESA for one transformer block (spec/besa.md, steps 1-11).
+"""BESA for one transformer block (docs/pruning.md, "BESA, as implemented"), in the steps of
+the BESA paper's algorithm: 1-3 target and importance statistics, 4-6 ranks, candidate
+sparsities and logits, 7-10 optimisation, 11 hard masks with the exact block sparsity.
 
 Weights stay frozen; per linear layer we learn logits over candidate sparsities (one vector per
 output row, per group of K rows, or per layer). The block's forward uses ``W * M`` with ``M``
@@ -41,8 +43,9 @@ from torch.func import functional_call
 from .. import ste
 from ..errors import NumericalError, ShapeError
 from . import quant
-from .baselines import sparsegpt_diag_score, wanda_score
-from .sequential import BlockContext, refit_layer
+from .baselines import refit_layer, sparsegpt_diag_score, wanda_score
+from .context import BlockContext
+from .registry import Method, register
 
 
 def importance(
@@ -334,8 +337,6 @@ def optimise_block(
 
 def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
     cfg = ctx.cfg
-    if cfg.wbits is not None and cfg.sparsity == 0:  # learned clipping alone (quant.py)
-        return quant.prune_block_clip_only(ctx)
     kind, k = cfg.granularity_rows()
     dev = ctx.device
     names = list(ctx.linears)
@@ -405,7 +406,6 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
     # --- 11: hard masks with exact block sparsity, weights updated in place
     with torch.no_grad():
         alphas = {n: ste.expected_sparsity(logits[n].detach(), cand, cfg.smoothing) for n in names}
-        ctx.extra["alphas"] = alphas  # learned per-group rates, before the exact-sparsity shift
         hard_before = {
             n: ste.hard_mask(ranks[n], logits[n].detach(), cand, cfg.smoothing) for n in names
         }
@@ -466,3 +466,6 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
         "sparsity_curve": loop.penalties,
         "first_sample_reconstruction": [loop.recs[0] if loop.recs else float("nan"), rec_after],
     }
+
+
+register(Method("besa", prune_block_besa, learned=True, dense_chain=True))

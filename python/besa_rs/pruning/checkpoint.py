@@ -31,7 +31,7 @@ from .._io import atomic_path, write_json_atomic
 from ..errors import ConfigError, FormatError
 from . import quant
 from .adapters import ModelAdapter
-from .config import PruneConfig
+from .config import PruneConfig, spec_of
 from .sequential import RunState
 
 STATE = "state.json"
@@ -68,7 +68,7 @@ class Checkpointer:
         if streamed:
             self.fingerprint["load"] = "streamed"
         self.resumed_from: int | None = None
-        self.quant_spec = quant.spec_of(cfg)
+        self.quant_spec = spec_of(cfg)
 
     # ---------------------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -149,3 +149,4 @@ class Checkpointer:
         for p in self.dir.glob("inputs_*.pt"):
             if p.name != f"inputs_{nxt:03d}.pt":
                 p.unlink(missing_ok=True)
+        _native.crash_point("checkpoint-after-block")

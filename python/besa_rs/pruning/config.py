@@ -1,19 +1,21 @@
-"""Settings of a pruning run (BESA and the baselines), with validation."""
+"""Settings of a pruning run (BESA and the baselines), their parsing (sparsity structure,
+comparison group, quantization grid) and validation. Depends on no pruning method and imports
+torch only when a setting needs it (the command line reads the defaults from here)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..errors import ConfigError
+from ..errors import ConfigError, ShapeError
 from ..models import parse_dtype
-from .baselines import check_group, parse_structure
-from .quant import QuantSpec
 
+if TYPE_CHECKING:
+    import torch
+
+#: the built-in methods (:mod:`besa_rs.pruning.registry` knows every registered one)
 METHODS = ("besa", "wanda", "sparsegpt", "magnitude")
 METRICS = ("wanda", "magnitude", "sparsegpt")
 OPTIMIZERS = ("adamw", "prodigy")
@@ -26,6 +28,74 @@ LOSS_SCALINGS = ("auto", "dynamic", "off")
 DEFAULT_LR = {"adamw": 0.2, "prodigy": 1.0}
 #: default learning rates of the learned weight clipping when ``clip_lr`` is not given
 DEFAULT_CLIP_LR = {"adamw": 0.1, "prodigy": 1.0}
+#: comparison groups of the unstructured magnitude and Wanda baselines
+GROUPS = ("row", "layer")
+
+
+def parse_structure(structure: str) -> tuple[int, int]:
+    """``"unstructured"`` -> (0, 0); ``"2:4"`` -> (2, 4)."""
+    if structure == "unstructured":
+        return 0, 0
+    try:
+        n_s, m_s = structure.split(":")
+        n, m = int(n_s), int(m_s)
+    except ValueError:
+        raise ConfigError(
+            f"unknown structure {structure!r}: expected 'unstructured' or N:M such as '2:4'"
+        ) from None
+    if not (0 < n < m):
+        raise ConfigError(f"structure {structure!r}: N:M needs 0 < N < M")
+    return n, m
+
+
+def check_group(group: str) -> str:
+    if group not in GROUPS:
+        raise ConfigError(
+            f"unknown comparison group {group!r}: expected one of {', '.join(GROUPS)}"
+        )
+    return group
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Bit width and group size of the weight quantization grid (``group_size = -1``: one group
+    per row); the grid itself is :mod:`besa_rs.pruning.quant`."""
+
+    bits: int
+    group_size: int = 128
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    def check(self) -> QuantSpec:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ConfigError(f"wbits must be an integer in 2..8 (or 16 = off), got {self.bits!r}")
+        gs = self.group_size
+        if isinstance(gs, bool) or not isinstance(gs, int) or not (gs == -1 or gs >= 1):
+            raise ConfigError(
+                f"group_size must be -1 (whole row) or a positive integer, got {gs!r}"
+            )
+        return self
+
+    def group_width(self, cols: int, name: str = "") -> int:
+        """Columns per group for a layer with ``cols`` input features; ``ShapeError`` naming the
+        layer when ``group_size`` does not divide them."""
+        if self.group_size == -1:
+            return cols
+        if cols % self.group_size:
+            raise ShapeError(
+                f"layer {name}: group size {self.group_size} does not divide its {cols} input "
+                "features (use a divisor or -1 for whole rows)"
+            )
+        return self.group_size
+
+
+def spec_of(cfg: Any) -> QuantSpec | None:
+    """The grid of a :class:`PruneConfig`, or None when weights are not quantized."""
+    if getattr(cfg, "wbits", None) is None:
+        return None
+    return QuantSpec(int(cfg.wbits), int(cfg.group_size))
 
 
 @dataclass
@@ -33,7 +103,10 @@ class PruneConfig:
     """Every setting of :func:`besa_rs.prune`. Defaults are the ones documented in
     docs/pruning.md: BESA row-wise, Wanda importance, sigmoid smoothing, lambda 5, AdamW with a
     step budget of lr 0.2 x 32 steps (lr 0.2 per step at 32 steps), 1 epoch, batch of one
-    sequence, dynamic loss scaling when the block runs in float16."""
+    sequence, dynamic loss scaling when the block runs in float16.
+
+    Construction validates (:meth:`validate`): an invalid combination raises a one-line
+    :class:`~besa_rs.errors.ConfigError`, from the API exactly as from the command line."""
 
     method: str = "besa"
     sparsity: float = 0.5
@@ -75,10 +148,17 @@ class PruneConfig:
     clip_lr: float | None = None  # BESA's learned clipping; None: DEFAULT_CLIP_LR[optimizer]
 
     # ---------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> PruneConfig:
-        if self.method not in METHODS:
+        """Checks every setting and their combinations (idempotent); normalises ``wbits=16``
+        to None and an N:M structure's sparsity to N/M. Returns ``self``."""
+        from .registry import method_for, method_names
+
+        if self.method not in method_names():
             raise ConfigError(
-                f"unknown method {self.method!r}: expected one of {', '.join(METHODS)}"
+                f"unknown method {self.method!r}: expected one of {', '.join(method_names())}"
             )
         if self.metric not in METRICS:
             raise ConfigError(
@@ -104,10 +184,11 @@ class PruneConfig:
                 f"sparsity must be strictly between 0 and 1 (0 only with wbits), got {self.sparsity!r}"
             )
         check_group(self.group)
+        method = method_for(self)
         n, m = parse_structure(self.structure)
-        if m and self.method == "besa":
+        if m and not method.structured:
             raise ConfigError(
-                "structure N:M is for the uniform baselines (wanda, sparsegpt, magnitude); BESA learns an unstructured allocation"
+                f"structure N:M is for the uniform baselines (wanda, sparsegpt, magnitude); {self.method} learns an unstructured allocation"
             )
         if m and abs(self.sparsity - n / m) > 1e-9:
             # N:M fixes the sparsity; keep the two consistent so reports are not misleading
@@ -145,8 +226,14 @@ class PruneConfig:
             raise ConfigError(f"percdamp must be in [0, 1), got {self.percdamp}")
         if self.blocksize < 1:
             raise ConfigError(f"blocksize must be >= 1, got {self.blocksize}")
+        if self.prune_dense and not method.dense_chain:
+            raise ConfigError(
+                f"prune_dense (targets from the dense chain) is for BESA; method {self.method!r} does not use it"
+            )
         if self.cache_dtype is not None:
             parse_dtype(self.cache_dtype)  # ConfigError naming the accepted dtypes
+        import torch
+
         try:
             torch.device(self.device)
         except RuntimeError:
@@ -199,6 +286,8 @@ class PruneConfig:
         return lr
 
     def uses_loss_scaling(self, compute_dtype: torch.dtype) -> bool:
+        import torch
+
         if self.loss_scaling == "auto":
             return compute_dtype == torch.float16
         return self.loss_scaling == "dynamic"

@@ -1,4 +1,4 @@
-"""Weight quantization that composes with sparsity masks (issue 11, spec/quant.md).
+"""Weight quantization that composes with sparsity masks (docs/pruning.md, "Quantization").
 
 One idea: an asymmetric uniform integer grid per output row and group of ``G`` consecutive input
 columns (``G = -1``: the whole row), ``N`` bits (2..8), and the three ways besa-rs puts weights
@@ -41,11 +41,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, FormatError, NumericalError, ShapeError, first_line
+from ..errors import FormatError, NumericalError, first_line
+from .config import QuantSpec, spec_of
+from .registry import Method, register
 
 if TYPE_CHECKING:
     from .besa import ParamGroup
-    from .sequential import BlockContext
+    from .context import BlockContext
 
 #: initial clipping logit: sigmoid(4.0) = 0.982, i.e. about 2% clipping of max and min at the
 #: start (OmniQuant's initialisation); the logits are fp32 parameters
@@ -59,58 +61,7 @@ FORMAT_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------
-# the grid
-@dataclass(frozen=True)
-class QuantSpec:
-    """Bit width and group size of the grid (``group_size = -1``: one group per row)."""
-
-    bits: int
-    group_size: int = 128
-
-    @property
-    def qmax(self) -> int:
-        return (1 << self.bits) - 1
-
-    def check(self) -> QuantSpec:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise ConfigError(f"wbits must be an integer in 2..8 (or 16 = off), got {self.bits!r}")
-        gs = self.group_size
-        if isinstance(gs, bool) or not isinstance(gs, int) or not (gs == -1 or gs >= 1):
-            raise ConfigError(
-                f"group_size must be -1 (whole row) or a positive integer, got {gs!r}"
-            )
-        return self
-
-    def group_width(self, cols: int, name: str = "") -> int:
-        """Columns per group for a layer with ``cols`` input features; ``ShapeError`` naming the
-        layer when ``group_size`` does not divide them."""
-        if self.group_size == -1:
-            return cols
-        if cols % self.group_size:
-            raise ShapeError(
-                f"layer {name}: group size {self.group_size} does not divide its {cols} input "
-                "features (use a divisor or -1 for whole rows)"
-            )
-        return self.group_size
-
-
-def spec_of(cfg: Any) -> QuantSpec | None:
-    """The grid of a :class:`PruneConfig`, or None when weights are not quantized."""
-    if getattr(cfg, "wbits", None) is None:
-        return None
-    return QuantSpec(int(cfg.wbits), int(cfg.group_size))
-
-
-def check_groups(adapter: Any, first: int, last: int, spec: QuantSpec | None) -> None:
-    """Fails fast (before any block is pruned) when the group size does not divide the input
-    width of a linear layer of blocks ``first .. last - 1``."""
-    if spec is None:
-        return
-    for i in range(first, last):
-        for name, lin in adapter.linears(i).items():
-            spec.group_width(lin.in_features, f"block {i} {name}")
-
-
+# the grid (its spec, QuantSpec, lives with the settings: config.py)
 @dataclass
 class QuantParams:
     """One quantized weight matrix ``[rows, cols]``: unsigned codes (uint8), per (row, group)
@@ -539,8 +490,8 @@ def prune_block_clip_only(ctx: BlockContext) -> dict[str, Any]:
     scaling, step budget), then RTN with the learned clipping (or, with ``reconstruct``, the
     refit every method gets, which with nothing pruned only zeroes dead input columns, then the
     GPTQ pass with the learned clipping)."""
+    from .baselines import refit_layer
     from .besa import optimise_block, relative_reconstruction
-    from .sequential import refit_layer
 
     cfg = ctx.cfg
     names = list(ctx.linears)
@@ -737,3 +688,14 @@ def read_quant_file(directory: str | os.PathLike[str]) -> dict[str, QuantParams]
             f"{path}: unreadable quantization parameters ({type(e).__name__}: {first_line(e)})"
         ) from None
     return out
+
+
+# BESA with wbits and sparsity 0: learned clipping alone
+register(
+    Method(
+        "besa",
+        prune_block_clip_only,
+        learned=True,
+        when=lambda cfg: cfg.wbits is not None and cfg.sparsity == 0,
+    )
+)

@@ -4,18 +4,14 @@ the already pruned blocks before it, and its pruned outputs become the next bloc
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, DataError
-from . import quant
 from .adapters import (
     ModelAdapter,
     block_linears,
@@ -24,112 +20,9 @@ from .adapters import (
     get_adapter,
     to_device,
 )
-from .baselines import (
-    check_nm,
-    dead_columns,
-    magnitude_mask,
-    parse_structure,
-    refit_masked,
-    sparsegpt_prune,
-    wanda_mask,
-)
-from .config import PruneConfig
-from .stats import gather_stats
-
-_TEST_DELAY = os.environ.get("BESA_RS_TEST_BLOCK_DELAY")
-
-
-@dataclass
-class BlockContext:
-    """Everything a method needs to prune one block."""
-
-    index: int
-    block: nn.Module
-    linears: dict[str, nn.Linear]
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    device: torch.device
-    xs: list[torch.Tensor]  # pruned-chain inputs X_p, one [1, L, H] tensor per sample
-    xd: list[torch.Tensor] | None  # dense-chain inputs X_d (prune_dense only)
-    cfg: PruneConfig
-    cache_device: torch.device
-    cache_dtype: torch.dtype
-    compute_dtype: torch.dtype
-    progress: Any = None
-    previous: dict[str, Any] | None = None  # the previous block's report (e.g. its loss scale)
-    # filled by the method
-    next_xd: list[torch.Tensor] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.device.type == "cuda" and self.compute_dtype in (torch.float16, torch.bfloat16):
-            return torch.autocast("cuda", dtype=self.compute_dtype)
-        return contextlib.nullcontext()
-
-    def forward(self, x: torch.Tensor, block: nn.Module | None = None) -> torch.Tensor:
-        """Runs the block (or ``block``) on a batch already on the device."""
-        with self.autocast():
-            out = (block or self.block)(x, *self.args, **self.kwargs)
-        return block_output(out)
-
-    def batch(self, xs: list[torch.Tensor], sl: slice) -> torch.Tensor:
-        return torch.cat(xs[sl], dim=0).to(device=self.device, dtype=self.compute_dtype)
-
-    def store(self, y: torch.Tensor) -> list[torch.Tensor]:
-        return [
-            t.unsqueeze(0) for t in y.detach().to(device=self.cache_device, dtype=self.cache_dtype)
-        ]
-
-    @torch.no_grad()
-    def run_all(self, xs: list[torch.Tensor], batch: int = 1) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = []
-        for s in range(0, len(xs), batch):
-            out.extend(self.store(self.forward(self.batch(xs, slice(s, s + batch)))))
-        return out
-
-    @torch.no_grad()
-    def run_with_stats(
-        self, xs: list[torch.Tensor], norms: bool, hessian: bool, keep_outputs: bool
-    ) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        outs: list[torch.Tensor] = []
-        with gather_stats(self.linears, norms, hessian) as stats:
-            for s in range(len(xs)):
-                y = self.forward(self.batch(xs, slice(s, s + 1)))
-                if keep_outputs:
-                    outs.extend(self.store(y))
-        return stats, outs
-
-
-def layer_info(
-    name: str, lin: nn.Linear, target: float, keep: torch.Tensor, **extra: Any
-) -> dict[str, Any]:
-    realised = 1.0 - keep.float().mean().item()
-    return {
-        "name": name,
-        "shape": list(lin.weight.shape),
-        "params": lin.weight.numel(),
-        "target_sparsity": target,
-        "realised_sparsity": realised,
-        **extra,
-    }
-
-
-def refit_layer(
-    weight: torch.Tensor, keep: torch.Tensor, hessian: torch.Tensor, cfg: PruneConfig, name: str
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """``--reconstruct`` for one layer, whatever method chose ``keep``: refits the kept weights of
-    the dense ``weight`` in place (:func:`besa_rs.pruning.baselines.refit_masked`). Returns the
-    final keep mask (dead input columns zeroed, so counted as pruned) and the layer's report
-    fields about dead columns."""
-    fit = refit_masked(
-        weight, keep, hessian, blocksize=cfg.blocksize, percdamp=cfg.percdamp, name=name
-    )
-    with torch.no_grad():
-        weight.copy_(fit.weight)
-    return fit.keep, {
-        "dead_columns": fit.dead_columns,
-        "dead_weights_zeroed": fit.dead_weights_zeroed,
-    }
+from .config import PruneConfig, spec_of
+from .context import BlockContext
+from .registry import Method, method_for
 
 
 def block_summary(layers: list[dict[str, Any]]) -> dict[str, Any]:
@@ -141,78 +34,6 @@ def block_summary(layers: list[dict[str, Any]]) -> dict[str, Any]:
         "dead_columns": sum(li.get("dead_columns") or 0 for li in layers),
         "dead_weights_zeroed": sum(li.get("dead_weights_zeroed") or 0 for li in layers),
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# baselines as block methods
-
-
-def prune_block_baseline(ctx: BlockContext) -> dict[str, Any]:
-    cfg = ctx.cfg
-    n, m = parse_structure(cfg.structure)
-    for name, lin in ctx.linears.items():
-        check_nm(f"block {ctx.index} {name}", lin.in_features, m)
-    need_norms = cfg.method == "wanda"
-    need_h = cfg.method == "sparsegpt" or cfg.reconstruct
-    stats: dict[str, Any] = {}
-    if need_norms or need_h:
-        stats, _ = ctx.run_with_stats(ctx.xs, need_norms, need_h, keep_outputs=False)
-    layers = []
-    for name, lin in ctx.linears.items():
-        W = lin.weight.data
-        full = f"block {ctx.index} {name}"
-        gptq = quant.column_quantizer(cfg, W, full) if cfg.method == "sparsegpt" else None
-        extra: dict[str, Any] = {}
-        new_w = None
-        if cfg.method == "magnitude":
-            keep = magnitude_mask(W, cfg.sparsity, n, m, cfg.group)
-        elif cfg.method == "wanda":
-            keep = wanda_mask(W, stats[name].sq_norm, cfg.sparsity, n, m, cfg.group)
-        elif cfg.method == "sparsegpt":
-            new_w, keep = sparsegpt_prune(
-                W,
-                stats[name].hessian,
-                cfg.sparsity,
-                n,
-                m,
-                blocksize=cfg.blocksize,
-                percdamp=cfg.percdamp,
-                name=full,
-                quantizer=gptq,  # None without wbits; else SparseGPT's joint pass
-            )
-            # SparseGPT zeroes dead input columns itself (its mask counts them as pruned)
-            extra["dead_columns"] = int(dead_columns(stats[name].hessian).sum())
-        else:  # pragma: no cover - validated before
-            raise ConfigError(f"unknown method {cfg.method!r}")
-        hessian = None
-        if cfg.reconstruct:
-            # the control arm: this method's mask, then BESA's refit from the dense weight;
-            # with wbits the refitted weights then go through the GPTQ pass with that mask
-            hessian = stats[name].hessian
-            keep, extra = refit_layer(W, keep, hessian, cfg, full)
-            gptq = None  # the joint pass chose the mask; its weights are not kept
-        elif new_w is not None:
-            W.copy_(new_w)
-        else:
-            W.mul_(keep.to(W.dtype))
-        layers.append(layer_info(name, lin, cfg.sparsity, keep, **extra))
-        # RTN / the joint pass's grid / GPTQ with the mask after a refit; a no-op without wbits
-        quant.finish_layer(cfg, lin, keep, layers[-1], full, gptq, hessian=hessian)
-        if ctx.progress is not None:
-            ctx.progress.update(1)
-    del stats
-    return {"layers": layers}
-
-
-BlockMethod = Callable[[BlockContext], dict[str, Any]]
-
-
-def block_method(cfg: PruneConfig) -> BlockMethod:
-    if cfg.method == "besa":
-        from .besa import prune_block_besa
-
-        return prune_block_besa
-    return prune_block_baseline
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +93,8 @@ def run_pruning(
     last = n_blocks if cfg.num_blocks is None else min(n_blocks, first + cfg.num_blocks)
     if first >= n_blocks:
         raise ConfigError(f"first_block {first} is out of range: the model has {n_blocks} blocks")
-    quant.check_groups(adapter, first, last, quant.spec_of(cfg))  # fail before any block
+    method = method_for(cfg)
+    _check_groups(adapter, first, last, cfg)  # fail before any block
     device = torch.device(cfg.device)
     cache_device = torch.device(cfg.cache_device) if cfg.cache_device else device
     model_dtype = _model_dtype(model)
@@ -289,9 +111,8 @@ def run_pruning(
     captured = capture_block_inputs(
         adapter, tokens, cache_device=cache_device, cache_dtype=cache_dtype
     )
-    # magnitude pruning reads only the weights: no block has to run on calibration data
-    # (unless --reconstruct refits them to the calibration inputs)
-    needs_inputs = cfg.method != "magnitude" or cfg.reconstruct
+    # a method that reads only the weights (magnitude) needs no block run on calibration data
+    needs_inputs = method.reads_inputs(cfg)
     if state is None:
         xs = captured.hidden if needs_inputs else []
         # blocks before first_block are kept dense; their outputs feed first_block
@@ -300,13 +121,12 @@ def run_pruning(
             xs = _run_dense_chain(
                 adapter, captured, 0, first, device, cache_device, cache_dtype, model_dtype, stream
             )
-        if cfg.prune_dense and cfg.method == "besa":
+        if cfg.prune_dense and method.dense_chain:
             xd = [x.clone() for x in xs]
         state = RunState(next_block=first, xs=xs, xd=xd, blocks=[])
     captured.hidden = []  # the state owns the activations now
 
-    method = block_method(cfg)
-    progress = _progress(cfg, adapter, state.next_block, last, int(tokens.shape[0]))
+    progress = _progress(cfg, method, adapter, state.next_block, last, int(tokens.shape[0]))
     try:
         for i in range(state.next_block, last):
             t0 = time.perf_counter()
@@ -334,7 +154,7 @@ def run_pruning(
             )
             if progress is not None:
                 progress.set_description(f"block {i}/{last - 1} ({cfg.method})")
-            info = method(ctx)
+            info = method.prune_block(ctx)
             # the pruned block's outputs feed the next block
             if needs_inputs:
                 state.xs = ctx.run_all(state.xs)
@@ -353,8 +173,6 @@ def run_pruning(
                 stream.finish_block(i)  # written and durable before the checkpoint says so
             if checkpoint is not None:
                 checkpoint.save(adapter, state, last)
-                if _TEST_DELAY:  # lets the resume test kill a run between/inside blocks
-                    time.sleep(float(_TEST_DELAY))
     finally:
         if progress is not None:
             progress.close()
@@ -397,13 +215,27 @@ def _run_dense_chain(
     return xs
 
 
-def _progress(cfg: PruneConfig, adapter: ModelAdapter, start: int, last: int, nsamples: int) -> Any:
-    """One bar over the whole run: optimisation steps for BESA, layers for the baselines."""
+def _check_groups(adapter: ModelAdapter, first: int, last: int, cfg: PruneConfig) -> None:
+    """Fails fast when the quantization group size does not divide the input width of a linear
+    layer of blocks ``first .. last - 1``."""
+    spec = spec_of(cfg)
+    if spec is None:
+        return
+    for i in range(first, last):
+        for name, lin in adapter.linears(i).items():
+            spec.group_width(lin.in_features, f"block {i} {name}")
+
+
+def _progress(
+    cfg: PruneConfig, method: Method, adapter: ModelAdapter, start: int, last: int, nsamples: int
+) -> Any:
+    """One bar over the whole run: optimisation steps for learned methods (BESA), layers for the
+    others."""
     if not cfg.progress:
         return None
     from tqdm.auto import tqdm
 
-    if cfg.method == "besa":
+    if method.learned:
         steps = cfg.epochs * -(-nsamples // cfg.batch_size)
         return tqdm(total=(last - start) * steps, unit="step", leave=False)
     total = sum(len(adapter.linears(i)) for i in range(start, last))

@@ -1,4 +1,4 @@
-"""Straight-through sparsity mask of BESA (spec/besa.md steps 5-9), fused.
+"""Straight-through sparsity mask of BESA (the paper's steps 5-9; docs/ste_mask.md), fused.
 
 For a weight ``W`` of shape ``[R, C]`` whose entries have been ranked within their row by
 ascending importance (``ranks``, rank 0 = least important), learnable ``logits`` of shape
