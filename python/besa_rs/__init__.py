@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 #: public name -> submodule that defines it
 _LAZY: dict[str, str] = {
     "prune": "pruning",
+    "prune_streamed": "pruning.streaming",
     "PruneConfig": "pruning",
     "inspect": "inspection",
     "evaluate_perplexity": "evaluate",
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
     from .models import load_model, load_tokenizer, resolve_model
     from .packing import from_packed, load_packed, pack, unpack
     from .pruning import PruneConfig, prune
+    from .pruning.streaming import prune_streamed
     from .simulation import simulate, simulate_matrix
     from .ste import candidate_sparsities, hard_mask, row_ranks, ste_mask
     from .tasks import evaluate_tasks
@@ -111,6 +113,7 @@ __all__ = [
     "decompress",
     "ste_mask",
     "prune",
+    "prune_streamed",
     "PruneConfig",
     "hard_mask",
     "row_ranks",

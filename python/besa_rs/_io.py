@@ -25,7 +25,8 @@ def _write_error(final: Path, e: BaseException) -> BaseException:
         return e
     is_write = isinstance(e, OSError) or type(e).__name__ == "SafetensorError"
     if not is_write and isinstance(e, RuntimeError):
-        is_write = any(w in str(e) for w in ("write", "No space", "I/O error"))
+        # torch.save reports a failed write as a C++ stream error, without the errno
+        is_write = any(w in str(e) for w in ("write", "No space", "I/O error", "iostream error"))
     if not is_write:
         return e
     if isinstance(e, OSError) and e.strerror:
@@ -33,7 +34,16 @@ def _write_error(final: Path, e: BaseException) -> BaseException:
     else:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         msg = lines[0] if lines else type(e).__name__
+        if "No space" not in msg and _disk_full(final.parent):
+            msg = "No space left on device"
     return BesaIOError(f"cannot write {final}: {msg}")
+
+
+def _disk_full(directory: Path) -> bool:
+    try:
+        return os.statvfs(directory).f_bavail == 0
+    except OSError:
+        return False
 
 
 def _umask() -> int:

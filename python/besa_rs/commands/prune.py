@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from . import add_common, emit_json
 
 
@@ -149,6 +150,14 @@ def register(sub: Any) -> None:
         "--cache-dtype", "cache_dtype", "activation cache dtype (default: the model's; or float32)"
     )
     p.add_argument("--dtype", default="float32", help="model dtype: float32 | float16 | bfloat16")
+    p.add_argument(
+        "--load",
+        default="auto",
+        choices=["auto", "streamed", "in-memory"],
+        help="streamed: one block in memory at a time, read from the safetensors shards and "
+        "written to the output when pruned; in-memory: the whole model; auto (default): "
+        "streamed where it gives the same result (docs/pruning.md, Streamed loading)",
+    )
     field("--seed", "seed", "random seed (calibration sampling, BESA)", type=int)
     field(
         "--blocks",
@@ -230,6 +239,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..pruning.checkpoint import Checkpointer
     from ..pruning.output import write_outputs
     from ..pruning.sequential import run_pruning
+    from ..pruning.streaming import open_stream
 
     if args.quiet:
         from transformers.utils import logging as hf_logging
@@ -237,7 +247,21 @@ def _run(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=dtype)
+    if distributed.world_size() > 1:
+        # every rank would fill the same output files: a distributed run loads in memory
+        if args.load == "streamed":
+            raise ConfigError(
+                "--load streamed: not available in a torch.distributed run (each rank would "
+                "write the output shards); use --load auto or in-memory"
+            )
+        stream, why = None, "a torch.distributed run (streamed loading is single-process)"
+    else:
+        stream, why = open_stream(
+            args.model, dtype, args.load, resume_from=ckdir if resume else None
+        )
+    if stream is None and args.load == "auto" and not args.quiet and main:
+        print(f"besa-rs prune: loading the whole model in memory: {why}", file=sys.stderr)
+    model = stream.model if stream is not None else load_model(args.model, dtype=dtype)
     tokens = calibration_set(
         tokenizer,
         args.calib,
@@ -246,10 +270,12 @@ def _run(args: argparse.Namespace) -> int:
         seed=cfg.seed,
         allow_calib_overlap=args.allow_calib_overlap,
     )
-    ck = Checkpointer(ckdir, cfg, tokens, resume=resume)
+    ck = Checkpointer(ckdir, cfg, tokens, resume=resume, streamed=stream is not None)
     try:
-        report = run_pruning(model, tokens, cfg, checkpoint=ck)
+        report = run_pruning(model, tokens, cfg, checkpoint=ck, stream=stream)
     except Exception:
+        if stream is not None:
+            stream.close()
         # A failure (disk full, ...) before the first complete checkpoint leaves nothing to
         # resume: do not leave its debris behind.
         if main and not (ckdir / "state.json").is_file():
@@ -258,8 +284,9 @@ def _run(args: argparse.Namespace) -> int:
     report["model"] = str(args.model)
     report["calibration"]["sources"] = [str(s) for s in args.calib]
     report["resumed_from_block"] = ck.resumed_from
+    report["load"] = {"mode": "streamed" if stream is not None else "in-memory", "reason": why}
     if main:
-        write_outputs(model, tokenizer, report, out, overwrite=args.overwrite)
+        write_outputs(model, tokenizer, report, out, overwrite=args.overwrite, stream=stream)
         shutil.rmtree(ckdir, ignore_errors=True)
     # the other ranks finish when rank 0 has written the outputs (or fail if it fails)
     distributed.barrier("the writing of the outputs")

@@ -59,14 +59,20 @@ class Checkpointer:
         cfg: PruneConfig,
         tokens: torch.Tensor,
         resume: bool,
+        streamed: bool = False,
     ):
         self.dir = Path(directory)
         self.resume = resume
-        self.fingerprint = {
+        # streamed runs keep finished blocks in the output files being filled in this directory
+        # (besa_rs.pruning.streaming), not in block files
+        self.streamed = streamed
+        self.fingerprint: dict[str, Any] = {
             "version": VERSION,
             "settings": cfg.fingerprint(),
             "tokens": tokens_digest(tokens),
         }
+        if streamed:
+            self.fingerprint["load"] = "streamed"
         self.resumed_from: int | None = None
         self.quant_spec = spec_of(cfg)
 
@@ -95,7 +101,7 @@ class Checkpointer:
                 f"(torchrun --nproc-per-node {made_by}) or start over with --overwrite"
             )
         nxt = int(state["next_block"])
-        for info in state["blocks"]:
+        for info in [] if self.streamed else state["blocks"]:
             i = int(info["index"])
             path = self.dir / f"block_{i:03d}.safetensors"
             if not path.is_file():
@@ -127,6 +133,7 @@ class Checkpointer:
         main = distributed.is_main()
         if main:
             self.dir.mkdir(parents=True, exist_ok=True)
+        if main and not self.streamed:
             weights = {
                 name: lin.weight.detach().to("cpu").contiguous()
                 for name, lin in adapter.linears(i).items()
@@ -134,6 +141,7 @@ class Checkpointer:
             weights.update(quant.block_tensors(adapter.linears(i)))  # codes, scales, zero points
             with atomic_path(self.dir / f"block_{i:03d}.safetensors") as tmp:
                 save_file(weights, str(tmp))
+        if main:
             _native.crash_point("checkpoint-after-block-file")
         distributed.barrier(f"block {i}'s checkpoint")  # the directory exists for every rank
         nxt = state.next_block

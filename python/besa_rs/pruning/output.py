@@ -16,9 +16,11 @@ from . import quant
 
 REPORT = "besa_report.json"
 HEATMAP = "sparsity_heatmap.png"
-#: Files a checkpoint directory holds (``checkpoint.py``), and atomic_path's temporaries.
+#: Files a checkpoint directory holds (``checkpoint.py``; a streamed run's output files being
+#: filled, ``streaming.py``), and atomic_path's temporaries.
 _CHECKPOINT_FILE = re.compile(
-    r"(block_\d+\.safetensors|inputs_\d+(\.rank\d+)?\.pt|state\.json|\..*\.tmp)"
+    r"(block_\d+\.safetensors|inputs_\d+(\.rank\d+)?\.pt|state\.json|\..*\.tmp"
+    r"|model(-\d{5}-of-\d{5})?\.safetensors|quantization\.safetensors)"
 )
 
 
@@ -144,16 +146,22 @@ def write_outputs(
     report: dict[str, Any],
     out: str | os.PathLike[str],
     overwrite: bool = False,
+    stream: Any = None,
 ) -> Path:
     """Writes the model directory atomically: built under a temporary name next to ``out`` and
-    renamed into place only when complete."""
+    renamed into place only when complete. With ``stream`` (a streamed run's
+    :class:`besa_rs.pruning.streaming.StreamedModel`) the weight files it filled are moved in."""
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if stream is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            streamed_q = stream.save_into(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         report = dict(report, outputs={"model_dir": str(out), "report": REPORT, "heatmap": HEATMAP})
-        qfile = quant.write_quant_file(model, tmp)  # quantization.safetensors, if quantized
+        # quantization.safetensors, if quantized
+        qfile = quant.write_quant_file(model, tmp) if stream is None else streamed_q
         if qfile is not None:
             report["quantization"] = qfile
             report["outputs"]["quantization"] = qfile["file"]

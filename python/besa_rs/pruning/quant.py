@@ -610,15 +610,25 @@ def write_quant_file(model: nn.Module, directory: str | os.PathLike[str]) -> dic
     params = collect(model)
     if not params:
         return None
-    bits = {p.bits for p in params.values()}
-    groups = {p.group_size for p in params.values()}
     tensors: dict[str, torch.Tensor] = {}
     layers = {}
     for wname, p in params.items():
         base = wname[: -len(".weight")]
         tensors.update(layer_tensors(base, p))
         layers[wname] = {"bits": p.bits, "group_size": p.group_size, "shape": list(p.codes.shape)}
-    meta = {
+    meta = file_metadata(layers)
+    path = Path(directory) / QUANT_FILE
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return file_summary(meta)
+
+
+def file_metadata(layers: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The string metadata of ``quantization.safetensors`` for ``layers``
+    (``{"<module path>.weight": {"bits", "group_size", "shape"}}``, in module order)."""
+    bits = {li["bits"] for li in layers.values()}
+    groups = {li["group_size"] for li in layers.values()}
+    return {
         "format": FORMAT_NAME,
         "version": str(FORMAT_VERSION),
         "bits": json.dumps(sorted(bits)[0] if len(bits) == 1 else sorted(bits)),
@@ -626,15 +636,16 @@ def write_quant_file(model: nn.Module, directory: str | os.PathLike[str]) -> dic
         "symmetric": "false",
         "layers": json.dumps(layers),
     }
-    path = Path(directory) / QUANT_FILE
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+
+
+def file_summary(meta: dict[str, str]) -> dict[str, Any]:
+    """The report's summary of a ``quantization.safetensors`` with metadata ``meta``."""
     return {
         "file": QUANT_FILE,
         "format": FORMAT_NAME,
         "bits": json.loads(meta["bits"]),
         "group_size": json.loads(meta["group_size"]),
-        "layers": len(params),
+        "layers": len(json.loads(meta["layers"])),
     }
 
 

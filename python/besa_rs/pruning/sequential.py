@@ -78,11 +78,14 @@ def run_pruning(
     tokens: torch.Tensor,
     cfg: PruneConfig,
     checkpoint: Any = None,
+    stream: Any = None,
 ) -> dict[str, Any]:
     """Prunes ``model`` in place; returns the run report (per block: layers, times, losses).
 
     ``checkpoint`` (a :class:`besa_rs.pruning.checkpoint.Checkpointer`) saves progress after
-    every block and, when it holds a previous run's progress, the run continues from there."""
+    every block and, when it holds a previous run's progress, the run continues from there.
+    ``stream`` (a :class:`besa_rs.pruning.streaming.StreamedModel` whose skeleton is ``model``)
+    loads each block when its turn comes and writes it to the output files when done."""
     cfg.validate()
     adapter = get_adapter(model)
     tokens = _check_tokens(tokens, model)
@@ -104,6 +107,9 @@ def run_pruning(
     t_start = time.perf_counter()
 
     state: RunState | None = checkpoint.load(adapter) if checkpoint is not None else None
+    if stream is not None:
+        workdir = checkpoint.dir if checkpoint is not None else stream.workdir
+        stream.begin(workdir, cfg, first, last, resumed=state is not None)
     captured = capture_block_inputs(
         adapter,
         tokens if shard is None else tokens[shard.indices],  # this rank's samples only
@@ -118,7 +124,7 @@ def run_pruning(
         xd = None
         if first > 0 and needs_inputs:
             xs = _run_dense_chain(
-                adapter, captured, 0, first, device, cache_device, cache_dtype, model_dtype
+                adapter, captured, 0, first, device, cache_device, cache_dtype, model_dtype, stream
             )
         if cfg.prune_dense and method.dense_chain:
             xd = [x.clone() for x in xs]
@@ -133,6 +139,8 @@ def run_pruning(
     try:
         for i in range(state.next_block, last):
             t0 = time.perf_counter()
+            if stream is not None:
+                stream.load_block(i)
             block = adapter.blocks[i]
             home = next(block.parameters()).device
             block.to(device)
@@ -174,6 +182,8 @@ def run_pruning(
                 info["communication"] = distributed.TRAFFIC.take()
             state.blocks.append(info)
             state.next_block = i + 1
+            if stream is not None:
+                stream.finish_block(i)  # written and durable before the checkpoint says so
             if checkpoint is not None:
                 checkpoint.save(adapter, state, last)
     finally:
@@ -198,9 +208,12 @@ def _run_dense_chain(
     cache_device: torch.device,
     cache_dtype: torch.dtype,
     model_dtype: torch.dtype,
+    stream: Any = None,
 ) -> list[torch.Tensor]:
     xs = captured.hidden
     for i in range(start, stop):
+        if stream is not None:
+            stream.load_block(i)
         block = adapter.blocks[i]
         home = next(block.parameters()).device
         block.to(device)
@@ -213,6 +226,8 @@ def _run_dense_chain(
             for x in xs
         ]
         block.to(home)
+        if stream is not None:
+            stream.release_block(i)
     return xs
 
 
