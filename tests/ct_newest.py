@@ -5,7 +5,8 @@ of tests/test_pack_interop.py), so `make ct-newest` installs it --no-deps into i
 directory (``.venv/ct-newest``) and this file, run as a script with ``PYTHONPATH`` pointing
 there, is the only code that imports it. :func:`run` is what tests call.
 
-Script commands (tensors in and out as safetensors files):
+Script commands (tensors in and out as safetensors files; several in one run, separated by
+an argument ``;``):
 
 * ``compress SPEC.json IN OUT``: per module ``m`` of SPEC (``{m: {"bits", "group_size"}}``),
   IN holds ``m.weight`` (dequantized), ``m.weight_scale``, ``m.weight_zero_point`` (unsigned
@@ -147,13 +148,17 @@ def main(argv: list[str]) -> None:
             f"expected compressed-tensors {want} from {TARGET}, got "
             f"{compressed_tensors.__version__} from {compressed_tensors.__file__}"
         )
-    cmd, *rest = argv
-    if cmd == "compress":
-        _compress(*rest)
-    else:
-        fn = {"decompress": _decompress, "load": _load}[cmd]
-        for directory, out in zip(rest[::2], rest[1::2], strict=True):
-            fn(directory, out)
+    # several commands in one run (the import alone takes seconds): separated by ";"
+    while argv:
+        end = argv.index(";") if ";" in argv else len(argv)
+        cmd, *rest = argv[:end]
+        argv = argv[end + 1 :]
+        if cmd == "compress":
+            _compress(*rest)
+        else:
+            fn = {"decompress": _decompress, "load": _load}[cmd]
+            for directory, out in zip(rest[::2], rest[1::2], strict=True):
+                fn(directory, out)
 
 
 if __name__ == "__main__":
