@@ -414,3 +414,57 @@ def pack_dir(src: Any, out: Any, fmt: str) -> dict[str, Any]:
         if f.name.startswith(("tokenizer", "generation_config", "special_tokens")):
             shutil.copy(f, out / f.name)
     return mods
+
+
+def unpack_dir(src: Any, out: Any) -> None:
+    """Reference ``besa-rs unpack`` of a single-file quantized packed directory: dense
+    dequantized weights in ``model.safetensors``, the regenerated ``quantization.safetensors``
+    (tensors and metadata keys of besa-rs' side file), config.json without
+    ``quantization_config``."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    src, out = Path(src), Path(out)
+    out.mkdir(parents=True)
+    cfg = json.loads((src / "config.json").read_text())
+    qc = cfg.pop("quantization_config")
+    (group,) = qc["config_groups"].values()
+    bits = int(group["weights"]["num_bits"])
+    gs = -1 if group["weights"]["strategy"] == "channel" else int(group["weights"]["group_size"])
+    fmt = qc["format"]
+    anchor, parts_of, decode = (
+        ("weight_packed", PACK_QUANTIZED_PARTS, decode_pack_quantized)
+        if fmt == "pack-quantized"
+        else ("bitmask", BITMASK_QUANTIZED_PARTS, decode_bitmask_quantized)
+    )
+    tensors, meta = read_safetensors(src / "model.safetensors")
+    mods = [k[: -len(anchor) - 1] for k in tensors if k.endswith("." + anchor)]
+    dense: Tensors = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] not in mods}
+    side: Tensors = {}
+    layers = {}
+    for m in mods:
+        parts = {p: tensors[f"{m}.{p}"][1] for p in parts_of}
+        if meta.get(f"besa_rs.crc32.{m}") not in (None, crc32(parts, parts_of)):
+            raise LayoutError(f"{m}: checksum mismatch")
+        codes, scale, zero = decode(parts, bits)
+        dt = tensors[f"{m}.weight_scale"][0]
+        dense[f"{m}.weight"] = (dt, dequantize(codes, scale, zero, dt))
+        side[f"{m}.weight_codes"] = ("U8", codes)
+        side[f"{m}.weight_scale"] = (dt, np.ascontiguousarray(scale))
+        side[f"{m}.weight_zero_point"] = ("U8", zero)
+        layers[f"{m}.weight"] = {"bits": bits, "group_size": gs, "shape": list(codes.shape)}
+    write_safetensors(out / "model.safetensors", dense, {})
+    smeta = {
+        "format": "besa-rs-quant",
+        "version": "1",
+        "bits": json.dumps(bits),
+        "group_size": json.dumps(gs),
+        "symmetric": "false",
+        "layers": json.dumps(layers),
+    }
+    write_safetensors(out / "quantization.safetensors", side, smeta)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "generation_config", "special_tokens")):
+            shutil.copy(f, out / f.name)

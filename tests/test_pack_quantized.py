@@ -200,6 +200,25 @@ def test_reference_bitmask_quantized_roundtrip_and_size(pruned, ref_dirs):
         assert ideal <= real <= 1.01 * ideal, (v, real, ideal)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_reference_unpack_gives_the_pruned_directory_back(pruned, ref_dirs, tmp_path, fmt):
+    """The oracle's unpack: the saved weights and the side file, tensor for tensor."""
+    for v, d in pruned.items():
+        u = tmp_path / vid(v)
+        ref.unpack_dir(ref_dirs[(fmt, v)], u)
+        w, got = _weights(d), _weights(u)
+        assert got.keys() == w.keys()
+        for k, t in w.items():
+            assert got[k].dtype == t.dtype and torch.equal(got[k], t), (fmt, v, k)
+        a, b = quant.read_quant_file(d), quant.read_quant_file(u)
+        assert a.keys() == b.keys()
+        for k, pa in a.items():
+            pb = b[k]
+            assert (pa.bits, pa.group_size) == (pb.bits, pb.group_size)
+            for x, y in ((pa.codes, pb.codes), (pa.scale, pb.scale), (pa.zero, pb.zero)):
+                assert x.dtype == y.dtype and torch.equal(x, y), (fmt, v, k)
+
+
 def test_reference_rejects_bad_streams():
     codes, scale, zero = ref.random_module(6, 32, 3, 8, seed=3)
     parts = ref.encode_bitmask_quantized(codes, scale, zero, 3)
