@@ -164,6 +164,10 @@ def main() -> None:
             f"{bits}-bit RTN, groups of {gs} (bf16)"
         )
         dense = dir_bytes(src)
+        print(
+            f"   quantized matrices: {dense_w:,} dense bytes; everything else (embeddings, "
+            f"lm_head, norms; copied by every format): {dense - dense_w:,} bytes"
+        )
         rows = [("dense bf16", dense, float(dense))]
         results["sizes"]["dense"] = {"bytes": dense}
         # numpy reference files (always)
