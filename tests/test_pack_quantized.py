@@ -19,6 +19,8 @@ import pytest
 import quant_formats_ref as ref
 import torch
 from _tiny import prune_args
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import besa_rs
@@ -217,6 +219,36 @@ def test_reference_unpack_gives_the_pruned_directory_back(pruned, ref_dirs, tmp_
             assert (pa.bits, pa.group_size) == (pb.bits, pb.group_size)
             for x, y in ((pa.codes, pb.codes), (pa.scale, pb.scale), (pa.zero, pb.zero)):
                 assert x.dtype == y.dtype and torch.equal(x, y), (fmt, v, k)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 12),
+    groups=st.integers(1, 4),
+    width=st.integers(1, 24),
+    bits=st.integers(2, 8),
+    density=st.floats(0, 1),
+    dt=st.sampled_from(["BF16", "F16", "F32"]),
+    seed=st.integers(0, 2**16),
+)
+def test_reference_codecs_round_trip(rows, groups, width, bits, density, dt, seed):
+    """Both layouts decode to the codes, scales and zero points they encoded; the bitmask holds
+    exactly the positions whose code differs from its zero point; sizes are as documented."""
+    cols = groups * width
+    codes, scale, zero = ref.random_module(rows, cols, bits, width, density, dt, seed)
+    pq = ref.encode_pack_quantized(codes, scale, zero, bits)
+    assert pq["weight_packed"].shape == (rows, -(-cols * bits // 32))
+    assert pq["weight_zero_point"].shape == (-(-rows * bits // 32), groups)
+    bq = ref.encode_bitmask_quantized(codes, scale, zero, bits)
+    keep = codes != np.repeat(zero, width, axis=1)
+    assert np.array_equal(np.unpackbits(bq["bitmask"], axis=1, bitorder="little")[:, :cols], keep)
+    assert bq["codes"].shape == (-(-int(keep.sum()) * bits // 8),)
+    for enc, dec in ((pq, ref.decode_pack_quantized), (bq, ref.decode_bitmask_quantized)):
+        for x, y in zip(dec(enc, bits), (codes, scale, zero), strict=True):
+            assert np.array_equal(x, y)
+    w = ref.dequantize(codes, scale, zero, dt)
+    as_float = w.astype(np.uint32) << 16 if dt == "BF16" else w
+    assert np.array_equal(np.asarray(as_float != 0), keep)
 
 
 def test_reference_rejects_bad_streams():
