@@ -363,7 +363,9 @@ def test_besa_reads_newest_ct_files(ct_reference, pruned, tmp_path):
     assert got.keys() == w.keys()
     for k, t in w.items():
         assert torch.equal(got[k], t), k
-    info = {p["name"]: p for p in besa_rs.inspect(d)["packed"]}
+    rep = besa_rs.inspect(d)
+    assert rep["verified"] == {"packed_tensors": 14, "checksums": 0}  # no besa-rs metadata
+    info = {p["name"]: p for p in rep["packed"]}
     assert len(info) == 14 and {p["format"] for p in info.values()} == {"pack-quantized"}
     unpack(d, tmp_path / "u", sync=False)
     for k, t in _weights(tmp_path / "u").items():
@@ -423,7 +425,7 @@ def test_inspect_reports_bits_group_size_and_sparsity(packed, pruned, fmt, tmp_p
         bits, gs, _ = v
         w = _weights(d)
         rep = besa_rs.inspect(packed[(fmt, v)])
-        assert rep["verified"] == 14
+        assert rep["verified"] == {"packed_tensors": 14, "checksums": 14}
         info = {p["name"]: p for p in rep["packed"]}
         assert info.keys() == _quantized_names(d)
         for name, p in info.items():
