@@ -448,7 +448,9 @@ def test_simulate_matches_the_dense_model(packed, pruned, fmt):
     b = besa_rs.simulate(packed[(fmt, v)])
     assert len(a["matrices"]) == 14
     assert b["matrices"] == a["matrices"]
-    assert b["totals"] == a["totals"] and b["summary"] == a["summary"]
+    assert {k: x for k, x in b.items() if k != "path"} == {
+        k: x for k, x in a.items() if k != "path"
+    }
 
 
 def test_sizes(packed, pruned):
