@@ -7,7 +7,7 @@ pruned model directory with ``quantization.safetensors``. Then:
 
 1. Size: dense bf16 file, bitmask, pack-quantized, bitmask-quantized: bytes, ratio to the
    dense file, ratio to the format's ideal (every file: 8 + header + copied tensors + per
-   packed module: bitmask R*C/8 + nnz*itemsize; pack-quantized R*C*N/8 + groups*(itemsize +
+   packed module: bitmask R*ceil(C/8) + nnz*itemsize + 8R (benches/pack.py); pack-quantized R*C*N/8 + groups*(itemsize +
    N/8); bitmask-quantized R*C/8 + nnz*N/8 + groups*(itemsize + N/8); docs/formats.md).
 2. Throughput: ``besa_rs.pack`` / ``unpack`` (Rust) against the numpy reference implementation
    of the same layouts (tests/quant_formats_ref.py: ``pack_dir`` / ``unpack_dir``), same input,
@@ -78,7 +78,7 @@ def ideal_bytes(d: Path, fmt: str, bits: int) -> float:
                 rows, cols = (int(x) for x in tensors[f"{m}.shape"][1])
                 nnz = tensors[f"{m}.compressed"][1].size
                 item = tensors[f"{m}.compressed"][1].dtype.itemsize
-                total += rows * cols / 8 + nnz * item
+                total += rows * ((cols + 7) // 8) + nnz * item + rows * 8  # as benches/pack.py
                 continue
             scale = tensors[f"{m}.weight_scale"][1]
             item, groups = scale.dtype.itemsize, scale.size
