@@ -5,8 +5,8 @@ magnitude and quantized round-to-nearest to N bits in groups of G (default 4 bit
 ``besa_rs.pruning.quant.rtn``, the same grid ``besa-rs prune --wbits`` saves), written as a
 pruned model directory with ``quantization.safetensors``. Then:
 
-1. Size: dense bf16 file, bitmask, pack-quantized, bitmask-quantized: bytes, ratio to the
-   dense file, ratio to the format's ideal (every file: 8 + header + copied tensors + per
+1. Size: dense bf16 file (model.safetensors, without the side file), bitmask, pack-quantized,
+   bitmask-quantized: bytes, ratio to the dense file, ratio to the format's ideal (every file: 8 + header + copied tensors + per
    packed module: bitmask R*ceil(C/8) + nnz*itemsize + 8R (benches/pack.py); pack-quantized R*C*N/8 + groups*(itemsize +
    N/8); bitmask-quantized R*C/8 + nnz*N/8 + groups*(itemsize + N/8); docs/formats.md).
 2. Throughput: ``besa_rs.pack`` / ``unpack`` (Rust) against the numpy reference implementation
@@ -65,7 +65,7 @@ def header_len(f: Path) -> int:
 def ideal_bytes(d: Path, fmt: str, bits: int) -> float:
     """The format's ideal over every safetensors file of ``d`` (see the module docstring)."""
     total = 0.0
-    for f in sorted(d.glob("*.safetensors")):
+    for f in model_files(d):
         tensors, _ = ref.read_safetensors(f)
         total += 8 + header_len(f)
         anchor = {"bitmask": "bitmask", "bitmask-quantized": "bitmask"}.get(fmt, "weight_packed")
@@ -94,8 +94,13 @@ def ideal_bytes(d: Path, fmt: str, bits: int) -> float:
     return total
 
 
+def model_files(d: Path) -> list[Path]:
+    """The checkpoint's safetensors files (not prune's side file quantization.safetensors)."""
+    return sorted(p for p in d.glob("*.safetensors") if p.name != "quantization.safetensors")
+
+
 def dir_bytes(d: Path) -> int:
-    return sum(p.stat().st_size for p in d.glob("*.safetensors"))
+    return sum(p.stat().st_size for p in model_files(d))
 
 
 def best_time(fn, repeat: int, cleanup) -> float:  # type: ignore[no-untyped-def]
