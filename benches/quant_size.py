@@ -6,9 +6,10 @@ magnitude and quantized round-to-nearest to N bits in groups of G (default 4 bit
 pruned model directory with ``quantization.safetensors``. Then:
 
 1. Size: dense bf16 file (model.safetensors, without the side file), bitmask, pack-quantized,
-   bitmask-quantized: bytes, ratio to the dense file, ratio to the format's ideal (every file: 8 + header + copied tensors + per
-   packed module: bitmask R*ceil(C/8) + nnz*itemsize + 8R (benches/pack.py); pack-quantized R*C*N/8 + groups*(itemsize +
-   N/8); bitmask-quantized R*C/8 + nnz*N/8 + groups*(itemsize + N/8); docs/formats.md).
+   bitmask-quantized: bytes, ratio to the dense file, ratio to the format's ideal. Ideal of a
+   file: 8 + header + copied tensors + per packed module: bitmask R*ceil(C/8) + nnz*itemsize
+   + 8R (as benches/pack.py); pack-quantized R*C*N/8 + groups*(itemsize + N/8);
+   bitmask-quantized R*C/8 + nnz*N/8 + groups*(itemsize + N/8) (docs/formats.md).
 2. Throughput: ``besa_rs.pack`` / ``unpack`` (Rust) against the numpy reference implementation
    of the same layouts (tests/quant_formats_ref.py: ``pack_dir`` / ``unpack_dir``), same input,
    same run; MB/s of dense weight bytes of the quantized matrices, best of ``--repeat``.
