@@ -97,7 +97,8 @@ fn pack_open_decode_unpack_round_trip_in_every_format() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("dense");
     write_model(&src);
-    for &fmt in codec::all() {
+    // the quantized formats need a quantized model: quantized_pack_round_trip
+    for &fmt in codec::all().iter().filter(|f| !f.is_quantized()) {
         let packed = tmp
             .path()
             .join(format!("packed-{}", fmt.name().replace(':', "")));
