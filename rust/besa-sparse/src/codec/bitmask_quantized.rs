@@ -35,17 +35,18 @@ fn bit(row: &[u8], c: usize) -> bool {
     row[c / 8] >> (c % 8) & 1 == 1
 }
 
-/// The full codes of row `r` (clear bits: the group's zero point) from its stored codes.
+/// The full codes of row `r` (clear bits: the group's zero point `zero[c / width]`) from its
+/// stored codes, the first of which is field `first` of the stream.
 fn row_codes(
     s: &Stored<'_>,
     bits: u32,
     zero: &[u8],
-    width: usize,
     r: usize,
     first: usize,
     stored: &mut Vec<u8>,
     out: &mut [u8],
 ) {
+    let width = s.cols / zero.len().max(1);
     let wb = bitmask_row_bytes(s.cols);
     let mrow = &s.parts[1][r * wb..(r + 1) * wb];
     let n = mrow.iter().map(|b| b.count_ones() as usize).sum::<usize>();
@@ -252,8 +253,8 @@ impl Codec for BitmaskQuantized {
         let wb = bitmask_row_bytes(s.cols);
         (0..s.rows).into_par_iter().try_for_each(|r| {
             let mrow = &s.parts[1][r * wb..(r + 1) * wb];
-            let mut k = offs[r] as usize;
-            for c in (0..s.cols).filter(|&c| bit(mrow, c)) {
+            let kept = (0..s.cols).filter(|&c| bit(mrow, c));
+            for (k, c) in (offs[r] as usize..).zip(kept) {
                 let v = nbit::field(s.parts[2], q.bits, k);
                 let z = zero[r * groups + c / width];
                 ensure!(
@@ -261,7 +262,6 @@ impl Codec for BitmaskQuantized {
                     format,
                     "codes: the stored code of [{r}, {c}] equals its zero point {z} (its bitmask bit must be clear)"
                 );
-                k += 1;
             }
             Ok(())
         })?;
@@ -290,7 +290,7 @@ impl Codec for BitmaskQuantized {
                 || (Vec::new(), vec![0u8; s.cols]),
                 |(stored, codes), (o, r)| {
                     let z = &zero[r * groups..(r + 1) * groups];
-                    row_codes(s, q.bits, z, width, r, offs[r] as usize, stored, codes);
+                    row_codes(s, q.bits, z, r, offs[r] as usize, stored, codes);
                     let sc = &s.parts[3][r * sb..(r + 1) * sb];
                     nbit::dequantize_row(s.dtype, codes, z, sc, width, o);
                 },
@@ -316,7 +316,6 @@ impl Codec for BitmaskQuantized {
         let mut zero = vec![0u8; s.rows * groups];
         nbit::unpack_stream(s.parts[4], q.bits, 0, &mut zero);
         let (offs, _) = prefix_offsets(counts);
-        let width = s.cols / groups;
         let mut codes = vec![0u8; s.rows * s.cols];
         if s.cols > 0 {
             codes
@@ -324,7 +323,7 @@ impl Codec for BitmaskQuantized {
                 .enumerate()
                 .for_each_init(Vec::new, |stored, (r, c)| {
                     let z = &zero[r * groups..(r + 1) * groups];
-                    row_codes(s, q.bits, z, width, r, offs[r] as usize, stored, c);
+                    row_codes(s, q.bits, z, r, offs[r] as usize, stored, c);
                 });
         }
         Ok(QuantData {

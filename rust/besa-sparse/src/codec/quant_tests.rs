@@ -13,6 +13,7 @@ fn f32s(v: &[f32]) -> Vec<u8> {
 }
 
 /// Encodes a module through the trait; returns its parts in [`Codec::parts`] order.
+#[allow(clippy::too_many_arguments)]
 fn encode(
     fmt: PackFormat,
     dtype: Dtype,
