@@ -53,12 +53,15 @@ fn row_codes(
     stored.resize(n, 0);
     nbit::unpack_stream(s.parts[2], bits, first, stored);
     let mut k = 0;
-    for (c, o) in out.iter_mut().enumerate() {
-        if bit(mrow, c) {
-            *o = stored[k];
-            k += 1;
-        } else {
-            *o = zero[c / width];
+    for (g, og) in out.chunks_mut(width.max(1)).enumerate() {
+        let zg = zero[g];
+        for (j, o) in og.iter_mut().enumerate() {
+            if bit(mrow, g * width + j) {
+                *o = stored[k];
+                k += 1;
+            } else {
+                *o = zg;
+            }
         }
     }
 }
@@ -215,14 +218,14 @@ impl Codec for BitmaskQuantized {
                     }
                 });
         }
-        let kept = qi
-            .codes
-            .iter()
-            .enumerate()
-            .filter(|(i, &v)| {
-                v != qi.zero[(i / m.cols.max(1)) * qi.groups + (i % m.cols.max(1)) / width]
-            })
-            .map(|(_, &v)| v);
+        let mut kept = Vec::with_capacity(codes.len() * 8 / bits as usize + 1);
+        if m.cols > 0 {
+            for (c, z) in qi.codes.chunks(m.cols).zip(qi.zero.chunks(qi.groups)) {
+                for (cg, &zg) in c.chunks(width).zip(z) {
+                    kept.extend(cg.iter().copied().filter(|&v| v != zg));
+                }
+            }
+        }
         nbit::pack_stream(kept, bits, codes);
         scale.copy_from_slice(qi.scale);
         nbit::pack_stream(qi.zero.iter().copied(), bits, zp);

@@ -62,6 +62,23 @@ pub fn stream_bytes(n: usize, bits: u32, align: usize) -> usize {
 /// Writes `values` as one LSB-first stream of `bits`-bit fields into `out`; the rest of `out`
 /// (padding) is zeroed. Values must be < 2^bits.
 pub fn pack_stream(values: impl IntoIterator<Item = u8>, bits: u32, out: &mut [u8]) {
+    if bits == 8 || bits == 4 {
+        let mut pos = 0usize;
+        let mut it = values.into_iter();
+        if bits == 8 {
+            for v in it {
+                out[pos] = v;
+                pos += 1;
+            }
+        } else {
+            while let Some(lo) = it.next() {
+                out[pos] = lo | it.next().map_or(0, |hi| hi << 4);
+                pos += 1;
+            }
+        }
+        out[pos..].fill(0);
+        return;
+    }
     let mut acc: u64 = 0;
     let mut nacc = 0u32;
     let mut pos = 0usize;
@@ -94,6 +111,24 @@ pub fn field(data: &[u8], bits: u32, i: usize) -> u8 {
 
 /// Fields `start .. start + out.len()` of a stream into `out`.
 pub fn unpack_stream(data: &[u8], bits: u32, start: usize, out: &mut [u8]) {
+    if bits == 8 {
+        out.copy_from_slice(&data[start..start + out.len()]);
+        return;
+    }
+    if bits == 4 && start % 2 == 0 {
+        let src = &data[start / 2..];
+        let half_len = out.len() / 2;
+        let mut pairs = out.chunks_exact_mut(2);
+        for (o, &b) in (&mut pairs).zip(src) {
+            o[0] = b & 15;
+            o[1] = b >> 4;
+        }
+        let rest = pairs.into_remainder();
+        if let Some(o) = rest.first_mut() {
+            *o = src[half_len] & 15;
+        }
+        return;
+    }
     let mask = (1u64 << bits) - 1;
     let off = start * bits as usize;
     let mut acc: u64 = 0;
@@ -180,6 +215,8 @@ pub fn check_scales(dtype: Dtype, scale: &[u8]) -> Result<()> {
 
 /// Dequantizes one row: `out[c] = (codes[c] - zero[c / width]) * scale[c / width]`, in the
 /// scale dtype with one rounding (F16/BF16: the exact F32 product rounded to nearest-even).
+/// Groups are computed through a table of their (at most 256) possible values when that is
+/// cheaper than converting every weight.
 pub fn dequantize_row(
     dtype: Dtype,
     codes: &[u8],
@@ -199,21 +236,19 @@ pub fn dequantize_row(
         match dtype {
             Dtype::F16 | Dtype::BF16 => {
                 let s = scale_f64(dtype, sb) as f32;
-                for (&q, o) in cs.iter().zip(os.chunks_exact_mut(2)) {
+                let one = |q: u8| -> u16 {
                     let p = (i32::from(q) - z) as f32 * s;
-                    let b = if dtype == Dtype::F16 {
-                        f16::from_f32(p).to_le_bytes()
+                    if dtype == Dtype::F16 {
+                        f16::from_f32(p).to_bits()
                     } else {
-                        bf16::from_f32(p).to_le_bytes()
-                    };
-                    o.copy_from_slice(&b);
-                }
+                        bf16::from_f32(p).to_bits()
+                    }
+                };
+                group_through_table(cs, os, one);
             }
             Dtype::F32 => {
                 let s = f32::from_le_bytes(sb.try_into().expect("4 bytes"));
-                for (&q, o) in cs.iter().zip(os.chunks_exact_mut(4)) {
-                    o.copy_from_slice(&((i32::from(q) - z) as f32 * s).to_le_bytes());
-                }
+                group_through_table(cs, os, |q| ((i32::from(q) - z) as f32 * s).to_bits());
             }
             _ => {
                 let s = f64::from_le_bytes(sb.try_into().expect("8 bytes"));
@@ -221,6 +256,43 @@ pub fn dequantize_row(
                     o.copy_from_slice(&(f64::from(i32::from(q) - z) * s).to_le_bytes());
                 }
             }
+        }
+    }
+}
+
+/// Little-endian bytes of an unsigned word (u16 or u32).
+trait LeWord: Copy + Default {
+    const N: usize;
+    fn put(self, out: &mut [u8]);
+}
+impl LeWord for u16 {
+    const N: usize = 2;
+    fn put(self, out: &mut [u8]) {
+        out.copy_from_slice(&self.to_le_bytes());
+    }
+}
+impl LeWord for u32 {
+    const N: usize = 4;
+    fn put(self, out: &mut [u8]) {
+        out.copy_from_slice(&self.to_le_bytes());
+    }
+}
+
+/// Writes `value(q)` of every code of a group, through a table of the codes' values when the
+/// group is wider than the range of its codes.
+fn group_through_table<W: LeWord>(cs: &[u8], os: &mut [u8], value: impl Fn(u8) -> W) {
+    let hi = cs.iter().copied().max().unwrap_or(0) as usize;
+    if hi < cs.len() {
+        let mut table = [W::default(); 256];
+        for (q, t) in table.iter_mut().enumerate().take(hi + 1) {
+            *t = value(q as u8);
+        }
+        for (&q, o) in cs.iter().zip(os.chunks_exact_mut(W::N)) {
+            table[q as usize].put(o);
+        }
+    } else {
+        for (&q, o) in cs.iter().zip(os.chunks_exact_mut(W::N)) {
+            value(q).put(o);
         }
     }
 }
