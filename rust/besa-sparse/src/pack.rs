@@ -563,10 +563,10 @@ fn decide_quantized(
             .map(|r| {
                 let z = &qi.zero[r * qi.groups..(r + 1) * qi.groups];
                 qi.codes[r * cols..(r + 1) * cols]
-                    .iter()
-                    .enumerate()
-                    .filter(|(c, &q)| q != z[c / width])
-                    .count() as u64
+                    .chunks(width.max(1))
+                    .zip(z)
+                    .map(|(cg, &zg)| cg.iter().filter(|&&q| q != zg).count() as u64)
+                    .sum::<u64>()
             })
             .collect()
     };

@@ -50,18 +50,18 @@ fn row_codes(
     let wb = bitmask_row_bytes(s.cols);
     let mrow = &s.parts[1][r * wb..(r + 1) * wb];
     let n = mrow.iter().map(|b| b.count_ones() as usize).sum::<usize>();
-    stored.resize(n, 0);
-    nbit::unpack_stream(s.parts[2], bits, first, stored);
+    // one spare field so that the branch-free loop below may read one past the last code
+    stored.resize(n + 1, 0);
+    nbit::unpack_stream(s.parts[2], bits, first, &mut stored[..n]);
     let mut k = 0;
     for (g, og) in out.chunks_mut(width.max(1)).enumerate() {
         let zg = zero[g];
         for (j, o) in og.iter_mut().enumerate() {
-            if bit(mrow, g * width + j) {
-                *o = stored[k];
-                k += 1;
-            } else {
-                *o = zg;
-            }
+            let c = g * width + j;
+            let b = (mrow[c / 8] >> (c % 8)) & 1;
+            let v = stored[k];
+            *o = if b == 1 { v } else { zg };
+            k += b as usize;
         }
     }
 }
@@ -211,9 +211,10 @@ impl Codec for BitmaskQuantized {
                 .zip(qi.codes.par_chunks(m.cols))
                 .zip(qi.zero.par_chunks(qi.groups))
                 .for_each(|((o, c), z)| {
-                    for (j, &v) in c.iter().enumerate() {
-                        if v != z[j / width] {
-                            o[j / 8] |= 1 << (j % 8);
+                    for (g, (cg, &zg)) in c.chunks(width.max(1)).zip(z).enumerate() {
+                        for (j, &v) in cg.iter().enumerate() {
+                            let c = g * width + j;
+                            o[c / 8] |= u8::from(v != zg) << (c % 8);
                         }
                     }
                 });
@@ -254,20 +255,30 @@ impl Codec for BitmaskQuantized {
         let (offs, _) = prefix_offsets(&counts);
         let width = s.cols / groups;
         let wb = bitmask_row_bytes(s.cols);
-        (0..s.rows).into_par_iter().try_for_each(|r| {
-            let mrow = &s.parts[1][r * wb..(r + 1) * wb];
-            let kept = (0..s.cols).filter(|&c| bit(mrow, c));
-            for (k, c) in (offs[r] as usize..).zip(kept) {
-                let v = nbit::field(s.parts[2], q.bits, k);
-                let z = zero[r * groups + c / width];
-                ensure!(
-                    v != z,
-                    format,
-                    "codes: the stored code of [{r}, {c}] equals its zero point {z} (its bitmask bit must be clear)"
-                );
-            }
-            Ok(())
-        })?;
+        (0..s.rows).into_par_iter().try_for_each_init(
+            || (Vec::new(), vec![0u8; s.cols]),
+            |(stored, codes), r| {
+                let z = &zero[r * groups..(r + 1) * groups];
+                row_codes(s, q.bits, z, r, offs[r] as usize, stored, codes);
+                let mrow = &s.parts[1][r * wb..(r + 1) * wb];
+                // a stored code equal to its zero point: bit set and code == zero
+                for (g, cg) in codes.chunks(width.max(1)).enumerate() {
+                    let bad = cg.iter().enumerate().position(|(j, &v)| {
+                        let c = g * width + j;
+                        (mrow[c / 8] >> (c % 8)) & 1 == 1 && v == z[g]
+                    });
+                    if let Some(j) = bad {
+                        bail!(
+                            format,
+                            "codes: the stored code of [{r}, {}] equals its zero point {} (its bitmask bit must be clear)",
+                            g * width + j,
+                            z[g]
+                        );
+                    }
+                }
+                Ok(())
+            },
+        )?;
         Ok(counts)
     }
 

@@ -229,10 +229,10 @@ impl Codec for PackQuantized {
                 let mut codes = vec![0u8; s.cols];
                 nbit::unpack_stream(row, q.bits, 0, &mut codes);
                 Ok(codes
-                    .iter()
-                    .enumerate()
-                    .filter(|(c, &v)| v != z[c / width])
-                    .count() as u64)
+                    .chunks(width)
+                    .zip(z)
+                    .map(|(cg, &zg)| cg.iter().filter(|&&v| v != zg).count() as u64)
+                    .sum::<u64>())
             })
             .collect()
     }
@@ -275,8 +275,15 @@ impl Codec for PackQuantized {
             .zip(d.codes.chunks(s.cols.max(1)))
             .enumerate()
         {
-            for (j, (o, &v)) in o.iter_mut().zip(c).enumerate() {
-                *o = u8::from(v != d.zero[r * d.groups + j / width]);
+            let z = &d.zero[r * d.groups..(r + 1) * d.groups];
+            for ((og, cg), &zg) in o
+                .chunks_mut(width.max(1))
+                .zip(c.chunks(width.max(1)))
+                .zip(z)
+            {
+                for (o, &v) in og.iter_mut().zip(cg) {
+                    *o = u8::from(v != zg);
+                }
             }
         }
         Ok(())
