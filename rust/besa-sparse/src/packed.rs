@@ -390,10 +390,21 @@ impl PackedModel {
         p: &PackedParts,
     ) -> Result<(codec::QuantData, &[u8])> {
         let counts = self.validate(t, p)?;
+        self.quant_data_of(t, p, &counts)
+    }
+
+    /// [`Self::quant_data`] of a tensor already validated (`counts` from [`Self::validate`], or
+    /// empty: the codec recomputes what it needs from the index).
+    pub fn quant_data_of(
+        &self,
+        t: &LogicalTensor,
+        p: &PackedParts,
+        counts: &[u64],
+    ) -> Result<(codec::QuantData, &[u8])> {
         let data = self.stored_data(p);
         let d = p
             .format
-            .quant_data(&self.stored(t, p, &data), &counts)
+            .quant_data(&self.stored(t, p, &data), counts)
             .map_err(|e| e.context(self.where_(t, p)))?;
         let scale = self.part_data(p.parts[d.scale_part]);
         Ok((d, scale))

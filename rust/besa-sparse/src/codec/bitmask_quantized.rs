@@ -36,7 +36,8 @@ fn bit(row: &[u8], c: usize) -> bool {
 }
 
 /// The full codes of row `r` (clear bits: the group's zero point `zero[c / width]`) from its
-/// stored codes, the first of which is field `first` of the stream.
+/// stored codes, the first of which is field `first` of the stream. Returns whether a stored
+/// code equals its group's zero point (not canonical).
 fn row_codes(
     s: &Stored<'_>,
     bits: u32,
@@ -45,7 +46,7 @@ fn row_codes(
     first: usize,
     stored: &mut Vec<u8>,
     out: &mut [u8],
-) {
+) -> bool {
     let width = s.cols / zero.len().max(1);
     let wb = bitmask_row_bytes(s.cols);
     let mrow = &s.parts[1][r * wb..(r + 1) * wb];
@@ -54,16 +55,19 @@ fn row_codes(
     stored.resize(n + 1, 0);
     nbit::unpack_stream(s.parts[2], bits, first, &mut stored[..n]);
     let mut k = 0;
+    let mut equal = false;
     for (g, og) in out.chunks_mut(width.max(1)).enumerate() {
         let zg = zero[g];
         for (j, o) in og.iter_mut().enumerate() {
             let c = g * width + j;
             let b = (mrow[c / 8] >> (c % 8)) & 1;
             let v = stored[k];
+            equal |= (b == 1) & (v == zg);
             *o = if b == 1 { v } else { zg };
             k += b as usize;
         }
     }
+    equal
 }
 
 impl Codec for BitmaskQuantized {
@@ -219,14 +223,20 @@ impl Codec for BitmaskQuantized {
                     }
                 });
         }
-        let mut kept = Vec::with_capacity(codes.len() * 8 / bits as usize + 1);
+        // the kept codes, compacted without branches (one spare slot for the last write)
+        let mut kept = vec![0u8; qi.codes.len() + 1];
+        let mut k = 0usize;
         if m.cols > 0 {
             for (c, z) in qi.codes.chunks(m.cols).zip(qi.zero.chunks(qi.groups)) {
-                for (cg, &zg) in c.chunks(width).zip(z) {
-                    kept.extend(cg.iter().copied().filter(|&v| v != zg));
+                for (cg, &zg) in c.chunks(width.max(1)).zip(z) {
+                    for &v in cg {
+                        kept[k] = v;
+                        k += usize::from(v != zg);
+                    }
                 }
             }
         }
+        kept.truncate(k);
         nbit::pack_stream(kept, bits, codes);
         scale.copy_from_slice(qi.scale);
         nbit::pack_stream(qi.zero.iter().copied(), bits, zp);
@@ -259,7 +269,9 @@ impl Codec for BitmaskQuantized {
             || (Vec::new(), vec![0u8; s.cols]),
             |(stored, codes), r| {
                 let z = &zero[r * groups..(r + 1) * groups];
-                row_codes(s, q.bits, z, r, offs[r] as usize, stored, codes);
+                if !row_codes(s, q.bits, z, r, offs[r] as usize, stored, codes) {
+                    return Ok(());
+                }
                 let mrow = &s.parts[1][r * wb..(r + 1) * wb];
                 // a stored code equal to its zero point: bit set and code == zero
                 for (g, cg) in codes.chunks(width.max(1)).enumerate() {
@@ -304,7 +316,7 @@ impl Codec for BitmaskQuantized {
                 || (Vec::new(), vec![0u8; s.cols]),
                 |(stored, codes), (o, r)| {
                     let z = &zero[r * groups..(r + 1) * groups];
-                    row_codes(s, q.bits, z, r, offs[r] as usize, stored, codes);
+                    let _ = row_codes(s, q.bits, z, r, offs[r] as usize, stored, codes);
                     let sc = &s.parts[3][r * sb..(r + 1) * sb];
                     nbit::dequantize_row(s.dtype, codes, z, sc, width, o);
                 },
@@ -327,6 +339,13 @@ impl Codec for BitmaskQuantized {
 
     fn quant_data(&self, s: &Stored<'_>, counts: &[u64]) -> Result<QuantData> {
         let (q, groups) = params(s)?;
+        let own;
+        let counts = if counts.len() == s.rows {
+            counts
+        } else {
+            own = bitmask_row_counts(s.parts[1], s.rows, s.cols)?;
+            &own
+        };
         let mut zero = vec![0u8; s.rows * groups];
         nbit::unpack_stream(s.parts[4], q.bits, 0, &mut zero);
         let (offs, _) = prefix_offsets(counts);
@@ -337,7 +356,7 @@ impl Codec for BitmaskQuantized {
                 .enumerate()
                 .for_each_init(Vec::new, |stored, (r, c)| {
                     let z = &zero[r * groups..(r + 1) * groups];
-                    row_codes(s, q.bits, z, r, offs[r] as usize, stored, c);
+                    let _ = row_codes(s, q.bits, z, r, offs[r] as usize, stored, c);
                 });
         }
         Ok(QuantData {

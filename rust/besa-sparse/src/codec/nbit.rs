@@ -115,7 +115,12 @@ pub fn unpack_stream(data: &[u8], bits: u32, start: usize, out: &mut [u8]) {
         out.copy_from_slice(&data[start..start + out.len()]);
         return;
     }
-    if bits == 4 && start % 2 == 0 {
+    if bits == 4 && start % 2 == 1 && !out.is_empty() {
+        out[0] = data[start / 2] >> 4;
+        unpack_stream(data, bits, start + 1, &mut out[1..]);
+        return;
+    }
+    if bits == 4 {
         let src = &data[start / 2..];
         let half_len = out.len() / 2;
         let mut pairs = out.chunks_exact_mut(2);
