@@ -8,7 +8,7 @@ STAMP := $(VENV)/.deps-stamp
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: demo test build deps lint fmt test-rust test-python ste-ext clean
+.PHONY: demo test build deps lint fmt test-rust test-python ste-ext ct-newest clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -23,6 +23,17 @@ $(STAMP): requirements/lock.txt requirements/nodeps.txt | $(UV)
 	touch $(STAMP)
 
 deps: $(STAMP)
+
+# The newest compressed-tensors release, the reference of the pack-quantized format, in its own
+# --target directory (the venv keeps 0.14 for the sparse-bitmask interop test); only test
+# subprocesses import it (tests/ct_newest.py). Its dependencies come from the lock.
+CT_NEWEST := $(VENV)/ct-newest
+$(CT_NEWEST)/.stamp: requirements/ct-newest.txt | $(STAMP)
+	rm -rf $(CT_NEWEST)
+	$(UV) pip install -q --python $(PY) --no-deps --target $(CT_NEWEST) -r requirements/ct-newest.txt
+	touch $@
+
+ct-newest: $(CT_NEWEST)/.stamp
 
 # Release build of the Rust extension into the venv (incremental; quick when nothing changed).
 build: $(STAMP)
@@ -39,7 +50,7 @@ demo: build
 test-rust:
 	cargo test --workspace --release -q
 
-test-python: build ste-ext
+test-python: build ste-ext ct-newest
 	$(PY) -m pytest -q
 
 test: build test-rust test-python

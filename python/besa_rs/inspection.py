@@ -43,10 +43,13 @@ def format_report(report: dict[str, Any], per_tensor: bool = True) -> str:
     ]
     parts.append(format_table(["layer type", "tensors", "params", "size", "zeros"], rows))
     if report.get("packed"):
+        # quantized formats also show their bit width and group size (-1: whole rows)
+        quantized = any("bits" in p for p in report["packed"])
         rows = [
             [
                 p["name"],
                 p["format"],
+                *([str(p.get("bits", "")), str(p.get("group_size", ""))] if quantized else []),
                 p["dtype"],
                 "x".join(map(str, p["shape"])),
                 f"{p['nnz']:,}",
@@ -56,18 +59,10 @@ def format_report(report: dict[str, Any], per_tensor: bool = True) -> str:
             ]
             for p in report["packed"]
         ]
+        head = ["packed tensor", "format", *(["bits", "group"] if quantized else [])]
         parts.append(
             format_table(
-                [
-                    "packed tensor",
-                    "format",
-                    "dtype",
-                    "dense shape",
-                    "nnz",
-                    "zeros",
-                    "dense",
-                    "packed",
-                ],
+                [*head, "dtype", "dense shape", "nnz", "zeros", "dense", "packed"],
                 rows,
             )
         )

@@ -47,6 +47,7 @@ fn compress_parts<'py>(
             rows,
             cols,
             data: contiguous("the input tensor", bytes)?,
+            quant: None,
         };
         let plan = plan_compress(format, m, opts).map_err(|e| {
             // The codec's hint names the command-line flag; this API's is `force_24=True`.

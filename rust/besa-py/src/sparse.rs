@@ -125,8 +125,10 @@ impl PackedReader {
     }
 
     /// Per packed tensor info as a JSON string.
-    fn packed_info_json(&self) -> String {
-        serde_json::to_string(&self.inner.packed_info()).expect("serialises")
+    fn packed_info_json(&self, py: Python<'_>) -> PyResult<String> {
+        let inner = &self.inner;
+        let info = run(py, move || inner.packed_info())?;
+        Ok(serde_json::to_string(&info).expect("serialises"))
     }
 }
 

@@ -126,7 +126,8 @@ pub fn inspect_with(path: &Path, verify: bool) -> Result<InspectReport> {
     };
     let mut report = inspect_model(pm.model());
     if pm.is_packed() {
-        let info = pm.packed_info();
+        let info = pm.packed_info()?;
+        let info_nnz: BTreeMap<&str, u64> = info.iter().map(|i| (i.name.as_str(), i.nnz)).collect();
         let fmt = pm.format().map(|f| f.name()).unwrap_or("dense");
         report.format = format!("safetensors (packed: {fmt})");
         let zeros_of: BTreeMap<&str, Option<u64>> = report
@@ -149,7 +150,11 @@ pub fn inspect_with(path: &Path, verify: bool) -> Result<InspectReport> {
                         .copied()
                         .flatten()
                         .unwrap_or(0);
-                    let kept = (p.nnz as u64).saturating_sub(stored_zeros).min(numel);
+                    let kept = if p.format.is_quantized() {
+                        info_nnz.get(t.name.as_str()).copied().unwrap_or(0)
+                    } else {
+                        (p.nnz as u64).saturating_sub(stored_zeros).min(numel)
+                    };
                     lin_numel += numel;
                     lin_zeros += numel - kept;
                 }

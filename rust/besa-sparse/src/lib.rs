@@ -13,6 +13,7 @@ pub mod model;
 pub mod output;
 pub mod pack;
 pub mod packed;
+pub mod quant_file;
 pub mod st;
 pub mod stats;
 pub mod unpack;

@@ -52,6 +52,7 @@ pub fn plan_compress(
     m: Matrix<'_>,
     opts: EncodeOptions,
 ) -> Result<Compression> {
+    refuse_quantized(format)?;
     let n = float_itemsize(m.dtype)?;
     check_dense_len(m.data, m.rows, m.cols, n)?;
     let counts = row_nnz(m.dtype, m.data, m.rows, m.cols)?;
@@ -72,7 +73,7 @@ pub fn plan_compress(
             m.cols
         ),
     };
-    let parts = format.plan(m.dtype, m.rows, m.cols, stored_nnz as usize);
+    let parts = format.plan(m.dtype, m.rows, m.cols, stored_nnz as usize, None);
     Ok(Compression {
         format,
         dtype: m.dtype,
@@ -134,12 +135,31 @@ pub struct Part<'a> {
     pub data: &'a [u8],
 }
 
+/// Quantized formats are packed from a pruned directory (codes, scales and zero points come
+/// from its side file), not from one dense matrix.
+fn refuse_quantized(format: PackFormat) -> Result<()> {
+    ensure!(
+        !format.is_quantized(),
+        config,
+        "format {} needs the codes, scales and zero points of a quantized model: pack a pruned \
+         directory with `besa-rs pack --format {}` instead of compressing one matrix",
+        format.name(),
+        format.name()
+    );
+    Ok(())
+}
+
 /// The format whose part names are exactly `names` (in any order).
 pub fn detect(names: &[&str]) -> Result<PackFormat> {
     let same = |f: &PackFormat| {
         f.parts().len() == names.len() && f.parts().iter().all(|p| names.contains(p))
     };
-    if let Some(f) = codec::all().iter().copied().find(same) {
+    if let Some(f) = codec::all()
+        .iter()
+        .copied()
+        .filter(|f| !f.is_quantized())
+        .find(same)
+    {
         return Ok(f);
     }
     let known: Vec<String> = codec::all()
@@ -217,6 +237,7 @@ pub fn plan_decompress<'a>(
         Some(f) => f,
         None => detect(&names)?,
     };
+    refuse_quantized(format)?;
     for (i, p) in parts.iter().enumerate() {
         ensure!(
             format.parts().contains(&p.name),
@@ -272,7 +293,7 @@ pub fn plan_decompress<'a>(
             nbytes: p.data.len(),
         })
         .collect();
-    let layout = format.check_layout(rows, cols, &infos)?;
+    let layout = format.check_layout(rows, cols, &infos, None)?;
     let n = float_itemsize(layout.dtype).map_err(|_| {
         crate::Error::dtype(format!(
             "part {:?} is {}, the values of a matrix must be F16, BF16, F32 or F64",
@@ -282,11 +303,13 @@ pub fn plan_decompress<'a>(
     })?;
     let datas: Vec<&'a [u8]> = ordered.iter().map(|p| p.data).collect();
     let counts = format.validate(&Stored {
+        dtype: layout.dtype,
         rows,
         cols,
         itemsize: n,
         nnz: layout.nnz,
         parts: &datas,
+        quant: None,
     })?;
     Ok(Decompression {
         format,
@@ -319,11 +342,13 @@ impl Decompression<'_> {
             self.dense_nbytes()
         );
         let stored = Stored {
+            dtype: self.dtype,
             rows: self.rows,
             cols: self.cols,
             itemsize: itemsize(self.dtype),
             nnz: self.nnz,
             parts: &self.parts,
+            quant: None,
         };
         self.format.decode(&stored, &self.counts, 0..self.rows, out)
     }
@@ -381,10 +406,16 @@ mod tests {
                 rows,
                 cols,
                 data: &data,
+                quant: None,
             };
             let mut canon = data.clone();
             crate::codec::kernels::canonical_zeros(Dtype::F32, &mut canon).unwrap();
             for f in codec::all().iter().copied() {
+                if f.is_quantized() {
+                    let e = compress(f, m).unwrap_err();
+                    assert_eq!(e.kind, ErrorKind::Config, "{e}");
+                    continue;
+                }
                 if f == TWO_FOUR && cols % 4 != 0 {
                     let e = compress(f, m).unwrap_err();
                     assert_eq!(e.kind, ErrorKind::Shape, "{e}");
@@ -413,6 +444,7 @@ mod tests {
             rows: 6,
             cols: 16,
             data: &data,
+            quant: None,
         };
         let good = compress(BITMASK, m).unwrap();
         let kind = |parts: &[(PartSpec, Vec<u8>)], f: Option<PackFormat>| {
@@ -460,6 +492,7 @@ mod tests {
             rows: 2,
             cols: 8,
             data: &data,
+            quant: None,
         };
         // Dense 2:4 candidate without force, integer dtype, buffer not matching the shape.
         assert_eq!(compress(TWO_FOUR, m).unwrap_err().kind, ErrorKind::Shape);

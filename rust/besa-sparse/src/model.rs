@@ -118,6 +118,7 @@ impl Model {
             .map_err(|e| Error::io(dir, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "safetensors") && p.is_file())
+            .filter(|p| !p.ends_with(crate::quant_file::QUANT_FILE))
             .collect();
         if out.is_empty() {
             return Err(Error::format(format!(

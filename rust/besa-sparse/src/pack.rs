@@ -6,15 +6,16 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use crate::codec::{self, kernels, Admission, EncodeOptions, Matrix, PackFormat};
+use crate::codec::{self, kernels, nbit, Admission, EncodeOptions, Matrix, PackFormat};
 use crate::dtype::{self, name as dtype_name};
 use crate::error::{Error, Result};
-use crate::inspect::is_block_linear;
+use crate::inspect::{in_numbered_block, is_block_linear};
 use crate::output::{
     add_notes, file_bytes, finish_output, open_for_output, write_json, write_shards, OutGroup,
     Report, TensorReport, Totals,
 };
 use crate::packed::{crc_of, LogicalTensor, PackedModel, Storage, META_CRC_PREFIX, META_FORMAT};
+use crate::quant_file::SideFile;
 use crate::writer::PlannedTensor;
 use crate::{bail, ensure};
 
@@ -87,13 +88,48 @@ pub fn pack(src: &Path, out: &Path, opts: &PackOptions) -> Result<Report> {
     );
     let (pm, notes) = open_for_output(src, out, opts.shard_size, opts.overwrite)?;
     let config = check_plain_input(&pm, src)?;
+    let side = if opts.format.is_quantized() {
+        let dir = if src.is_dir() {
+            src.to_path_buf()
+        } else {
+            src.parent().map(Path::to_path_buf).unwrap_or_default()
+        };
+        Some(SideFile::open(&dir)?)
+    } else {
+        None
+    };
     let asked = asked_tensors(&pm, src, opts)?;
+    if let (Some(side), Some(names)) = (&side, &asked) {
+        for n in names {
+            ensure!(
+                side.layers.contains_key(*n),
+                config,
+                "tensor {n:?} asked to be packed as {} is not quantized ({} does not list it)",
+                opts.format.name(),
+                side.path().display()
+            );
+        }
+    }
+    if let Some(side) = &side {
+        for n in side.layers.keys() {
+            ensure!(
+                pm.get(n).is_some(),
+                format,
+                "{}: lists {n:?}, which is not in {}",
+                side.path().display(),
+                src.display()
+            );
+        }
+    }
     let all_names: HashSet<&str> = pm.tensors().iter().map(|t| t.name.as_str()).collect();
     let mut decisions = Vec::with_capacity(pm.tensors().len());
     let mut warnings = Vec::new();
     for t in pm.tensors() {
         let want = asked.as_ref().map(|a| a.contains(t.name.as_str()));
-        let d = decide(&pm, t, want, &all_names, opts)?;
+        let d = match &side {
+            Some(side) => decide_quantized(&pm, t, want, side, &all_names, opts)?,
+            None => decide(&pm, t, want, &all_names, opts)?,
+        };
         if d.dropped > 0 {
             warnings.push(format!(
                 "--force-24: re-pruned {:?} by magnitude, dropping {} non-zero weights ({:.2}% of the tensor)",
@@ -111,12 +147,15 @@ pub fn pack(src: &Path, out: &Path, opts: &PackOptions) -> Result<Report> {
         .tensors()
         .iter()
         .zip(&decisions)
-        .map(|(t, d)| out_group(&pm, t, &d.job, opts.format))
+        .map(|(t, d)| out_group(&pm, t, &d.job, opts.format, side.as_ref()))
         .collect();
     let files = write_shards(dir.path(), &groups, opts.shard_size, opts.sync)?;
     drop(groups);
     if let Some(mut cfg) = config {
-        add_sparsity_config(&mut cfg, &decisions, opts.format);
+        match &side {
+            Some(side) => add_quant_config(&mut cfg, &pm, &decisions, opts.format, side),
+            None => add_sparsity_config(&mut cfg, &decisions, opts.format),
+        }
         write_json(&dir.path().join("config.json"), &cfg)?;
     }
     let out_files = finish_output(dir, src, &files, opts.sync)?;
@@ -276,6 +315,7 @@ fn decide(
         rows: t.shape[0],
         cols: t.shape[1],
         data: dense_data(pm, t),
+        quant: None,
     };
     let w = where_(pm, t);
     let counts = kernels::row_nnz(m.dtype, m.data, m.rows, m.cols).map_err(|e| e.context(&w))?;
@@ -316,7 +356,7 @@ fn decide(
         }
     };
     let module = t.name.strip_suffix(".weight").expect("checked").to_string();
-    let size = planned_size(fmt, t, &module, stored_nnz, all_names, &w)?;
+    let size = planned_size(fmt, t, &module, stored_nnz, None, all_names, &w)?;
     if size as u64 >= report.dense_bytes {
         report.reason = Some(format!(
             "{} would take {size} bytes, not smaller than dense ({})",
@@ -346,10 +386,11 @@ fn planned_size(
     t: &LogicalTensor,
     module: &str,
     stored_nnz: usize,
+    quant: Option<codec::QuantParams>,
     all_names: &HashSet<&str>,
     w: &str,
 ) -> Result<usize> {
-    let planned = fmt.plan(t.dtype, t.shape[0], t.shape[1], stored_nnz);
+    let planned = fmt.plan(t.dtype, t.shape[0], t.shape[1], stored_nnz, quant);
     for p in &planned {
         let name = format!("{module}.{}", p.suffix);
         ensure!(
@@ -373,6 +414,7 @@ fn out_group<'a>(
     t: &'a LogicalTensor,
     job: &'a Job,
     fmt: PackFormat,
+    side: Option<&'a SideFile>,
 ) -> OutGroup<'a> {
     let Job::Pack {
         module,
@@ -391,7 +433,7 @@ fn out_group<'a>(
     };
     let (rows, cols) = (t.shape[0], t.shape[1]);
     let tensors: Vec<PlannedTensor> = fmt
-        .plan(t.dtype, rows, cols, *stored_nnz)
+        .plan(t.dtype, rows, cols, *stored_nnz, side.map(|s| s.params))
         .into_iter()
         .map(|p| PlannedTensor::new(format!("{module}.{}", p.suffix), p.dtype, p.shape))
         .collect();
@@ -404,11 +446,15 @@ fn out_group<'a>(
             (META_FORMAT.into(), fmt.name().into()),
         ],
         write: Box::new(move |w| {
+            let quant = side
+                .map(|s| s.input(module, t.dtype, rows, cols))
+                .transpose()?;
             let m = Matrix {
                 dtype: t.dtype,
                 rows,
                 cols,
                 data: dense_data(pm, t),
+                quant,
             };
             let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
             let crc = w
@@ -458,6 +504,180 @@ fn add_sparsity_config(cfg: &mut serde_json::Value, decisions: &[Decision], fmt:
             "registry_requires_subclass": false,
         }
     });
+    if let Some(obj) = cfg.as_object_mut() {
+        obj.insert("quantization_config".into(), qc);
+    }
+}
+
+/// [`decide`] for the quantized formats: the tensors listed in the side file are packed
+/// whatever their sparsity, after checking their codes, zero points and scales and that the
+/// model holds exactly their dequantized values.
+fn decide_quantized(
+    pm: &PackedModel,
+    t: &LogicalTensor,
+    asked: Option<bool>,
+    side: &SideFile,
+    all_names: &HashSet<&str>,
+    opts: &PackOptions,
+) -> Result<Decision> {
+    let mut report = copy_report(t);
+    let listed = side.layers.contains_key(&t.name);
+    if !listed || asked == Some(false) {
+        return Ok(Decision {
+            job: Job::Copy,
+            report,
+            dropped: 0,
+        });
+    }
+    is_candidate(pm, t, Some(true))?;
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let module = t.name.strip_suffix(".weight").expect("checked").to_string();
+    let w = where_(pm, t);
+    let qi = side.input(&module, t.dtype, rows, cols)?;
+    let data = dense_data(pm, t);
+    let n = dtype::itemsize(t.dtype);
+    let width = cols / qi.groups.max(1);
+    let counts: Vec<u64> = {
+        use rayon::prelude::*;
+        let rb = cols * n;
+        let ok = (0..rows).into_par_iter().all(|r| {
+            let mut out = vec![0u8; rb];
+            let g = qi.groups;
+            nbit::dequantize_row(
+                t.dtype,
+                &qi.codes[r * cols..(r + 1) * cols],
+                &qi.zero[r * g..(r + 1) * g],
+                &qi.scale[r * g * n..(r + 1) * g * n],
+                width,
+                &mut out,
+            );
+            out == data[r * rb..(r + 1) * rb]
+        });
+        ensure!(
+            ok,
+            format,
+            "{w}: not the dequantized values of {} (weights edited after prune?)",
+            side.path().display()
+        );
+        (0..rows)
+            .map(|r| {
+                let z = &qi.zero[r * qi.groups..(r + 1) * qi.groups];
+                qi.codes[r * cols..(r + 1) * cols]
+                    .chunks(width.max(1))
+                    .zip(z)
+                    .map(|(cg, &zg)| cg.iter().filter(|&&q| q != zg).count() as u64)
+                    .sum::<u64>()
+            })
+            .collect()
+    };
+    let nnz: u64 = counts.iter().sum();
+    let numel = (rows * cols) as u64;
+    report.nnz = Some(nnz);
+    report.sparsity = Some(if numel == 0 {
+        0.0
+    } else {
+        1.0 - nnz as f64 / numel as f64
+    });
+    let fmt = opts.format;
+    let size = planned_size(
+        fmt,
+        t,
+        &module,
+        nnz as usize,
+        Some(side.params),
+        all_names,
+        &w,
+    )?;
+    report.action = "packed".into();
+    report.format = Some(fmt.name().into());
+    report.stored_bytes = size as u64;
+    report.ratio = size as f64 / report.dense_bytes.max(1) as f64;
+    Ok(Decision {
+        job: Job::Pack {
+            module,
+            counts,
+            stored_nnz: nnz as usize,
+        },
+        report,
+        dropped: 0,
+    })
+}
+
+/// Adds the `quantization_config` block of a quantized pack (docs/formats.md): the block
+/// compressed-tensors 0.20.1 writes for the scheme; besa-rs formats add their sparsity config.
+fn add_quant_config(
+    cfg: &mut serde_json::Value,
+    pm: &PackedModel,
+    decisions: &[Decision],
+    fmt: PackFormat,
+    side: &SideFile,
+) {
+    let q = side.params;
+    let packed: Vec<&str> = decisions
+        .iter()
+        .filter_map(|d| match &d.job {
+            Job::Pack { module, .. } => Some(module.as_str()),
+            Job::Copy => None,
+        })
+        .collect();
+    let mut ignore = vec!["lm_head".to_string()];
+    for t in pm.tensors() {
+        if t.shape.len() == 2 && in_numbered_block(&t.name) && !side.layers.contains_key(&t.name) {
+            if let Some(m) = t.name.strip_suffix(".weight") {
+                ignore.push(m.to_string());
+            }
+        }
+    }
+    let (group_size, strategy) = if q.group_size == -1 {
+        (serde_json::Value::Null, "channel")
+    } else {
+        (q.group_size.into(), "group")
+    };
+    let mut qc = serde_json::json!({
+        "config_groups": {"group_0": {
+            "format": null, "input_activations": null, "output_activations": null,
+            "targets": ["Linear"],
+            "weights": {"dynamic": false, "group_size": group_size, "num_bits": q.bits,
+                        "strategy": strategy, "symmetric": false, "type": "int"}}},
+        "format": fmt.config_name(),
+        "global_compression_ratio": null,
+        "ignore": ignore,
+        "kv_cache_scheme": null,
+        "moe_sparsity_config": null,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": "0.20.1",
+    });
+    let (method, structure) = fmt.config_method();
+    if method != "compressed-tensors" {
+        let (mut zeros, mut numel) = (0u64, 0u64);
+        for r in decisions
+            .iter()
+            .filter(|d| matches!(d.job, Job::Pack { .. }))
+        {
+            let n = r.report.shape.iter().product::<usize>() as u64;
+            numel += n;
+            zeros += n - r.report.nnz.unwrap_or(n).min(n);
+        }
+        let global = if numel == 0 {
+            0.0
+        } else {
+            zeros as f64 / numel as f64
+        };
+        let mut targets = packed.clone();
+        targets.sort_unstable();
+        qc["quant_method"] = method.into();
+        qc["version"] = "1".into();
+        qc["sparsity_config"] = serde_json::json!({
+            "format": fmt.config_name(),
+            "global_sparsity": global,
+            "sparsity_structure": structure,
+            "targets": targets,
+            "ignore": ["lm_head"],
+        });
+    }
     if let Some(obj) = cfg.as_object_mut() {
         obj.insert("quantization_config".into(), qc);
     }

@@ -10,7 +10,7 @@ use std::path::Path;
 use safetensors::tensor::Dtype;
 use serde::Serialize;
 
-use crate::codec::{self, PackFormat, Stored};
+use crate::codec::{self, PackFormat, QuantParams, Stored};
 use crate::dtype::{itemsize, name as dtype_name};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::Model;
@@ -99,6 +99,8 @@ impl LogicalTensor {
 pub struct PackedModel {
     model: Model,
     format: Option<PackFormat>,
+    /// The quantization scheme config.json declares for a quantized format.
+    quant: Option<QuantParams>,
     tensors: Vec<LogicalTensor>,
     by_name: HashMap<String, usize>,
 }
@@ -114,6 +116,12 @@ pub struct PackedTensorInfo {
     pub sparsity: f64,
     pub dense_bytes: u64,
     pub packed_bytes: u64,
+    /// Quantized formats: bits per code.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bits: Option<u32>,
+    /// Quantized formats: columns per group (-1: one group per row).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_size: Option<i64>,
 }
 
 /// The sparsity format named by config.json (`quantization_config.sparsity_config.format`):
@@ -122,8 +130,34 @@ pub fn config_format(
     config: Option<&serde_json::Value>,
     where_: &str,
 ) -> Result<Option<PackFormat>> {
-    let Some(fmt) = config
-        .and_then(|c| c.get("quantization_config"))
+    let qc = config.and_then(|c| c.get("quantization_config"));
+    if let Some(f) = qc.and_then(|q| q.get("format")).filter(|f| !f.is_null()) {
+        let Some(name) = f.as_str() else {
+            bail!(
+                format,
+                "{where_}: quantization_config.format is not a string"
+            );
+        };
+        if name != "dense" {
+            let quantized: Vec<PackFormat> = codec::all()
+                .iter()
+                .copied()
+                .filter(|f| f.is_quantized())
+                .collect();
+            match quantized.iter().find(|f| f.config_name() == name) {
+                Some(f) => return Ok(Some(*f)),
+                None => {
+                    let known: Vec<&str> = quantized.iter().map(|f| f.config_name()).collect();
+                    bail!(
+                        format,
+                        "{where_}: unknown quantization format {name:?} (known: {}, dense)",
+                        known.join(", ")
+                    )
+                }
+            }
+        }
+    }
+    let Some(fmt) = qc
         .and_then(|q| q.get("sparsity_config"))
         .and_then(|s| s.get("format"))
     else {
@@ -148,6 +182,66 @@ pub fn config_format(
     }
 }
 
+/// The quantization scheme of config.json's `quantization_config` (one `config_groups` entry
+/// of integer weights, strategy `group` or `channel`, asymmetric).
+pub fn config_quant(config: Option<&serde_json::Value>, where_: &str) -> Result<QuantParams> {
+    let qc = config.and_then(|c| c.get("quantization_config"));
+    let groups = qc
+        .and_then(|q| q.get("config_groups"))
+        .and_then(|g| g.as_object());
+    let Some(groups) = groups else {
+        bail!(
+            format,
+            "{where_}: quantization_config has no config_groups (bit width and group size of the packed weights)"
+        );
+    };
+    ensure!(
+        groups.len() == 1,
+        format,
+        "{where_}: quantization_config.config_groups has {} entries; besa-rs reads one scheme per checkpoint",
+        groups.len()
+    );
+    let w = groups.values().next().and_then(|g| g.get("weights"));
+    let field = |k: &str| w.and_then(|w| w.get(k));
+    ensure!(
+        field("type").and_then(|t| t.as_str()) == Some("int"),
+        format,
+        "{where_}: config_groups weights.type must be \"int\""
+    );
+    let bits = field("num_bits").and_then(|b| b.as_u64()).unwrap_or(0);
+    ensure!(
+        (1..=8).contains(&bits),
+        format,
+        "{where_}: config_groups weights.num_bits = {} is not supported (1..8)",
+        field("num_bits").map_or("missing".into(), |v| v.to_string())
+    );
+    ensure!(
+        !field("symmetric")
+            .and_then(|s| s.as_bool())
+            .unwrap_or(false),
+        format,
+        "{where_}: symmetric quantization (no stored zero points) is not supported"
+    );
+    let group_size = match field("strategy").and_then(|s| s.as_str()) {
+        Some("channel") => -1,
+        Some("group") => match field("group_size").and_then(|g| g.as_i64()) {
+            Some(g) if g > 0 => g,
+            _ => bail!(
+                format,
+                "{where_}: config_groups weights.group_size must be a positive integer for strategy \"group\""
+            ),
+        },
+        other => bail!(
+            format,
+            "{where_}: config_groups weights.strategy {other:?} is not supported (group, channel)"
+        ),
+    };
+    Ok(QuantParams {
+        bits: bits as u32,
+        group_size,
+    })
+}
+
 impl PackedModel {
     /// Opens and validates the layout of a checkpoint (file or directory). Every packed module
     /// is checked for part names, dtypes and shapes here; bit-level checks (popcounts,
@@ -156,7 +250,11 @@ impl PackedModel {
         let model = Model::open(path)?;
         let config_where = model.root().join("config.json").display().to_string();
         let format = config_format(model.config(), &config_where)?;
-        let tensors = Self::logical_tensors(&model, format)?;
+        let quant = match format {
+            Some(f) if f.is_quantized() => Some(config_quant(model.config(), &config_where)?),
+            _ => None,
+        };
+        let tensors = Self::logical_tensors(&model, format, quant)?;
         let mut by_name = HashMap::new();
         for (i, t) in tensors.iter().enumerate() {
             ensure!(
@@ -170,6 +268,7 @@ impl PackedModel {
         Ok(Self {
             model,
             format,
+            quant,
             tensors,
             by_name,
         })
@@ -177,7 +276,11 @@ impl PackedModel {
 
     /// The logical tensors of a model in stored order (by file, then by offset of the anchor
     /// part / tensor), packed modules checked and their checksums attached.
-    fn logical_tensors(model: &Model, config: Option<PackFormat>) -> Result<Vec<LogicalTensor>> {
+    fn logical_tensors(
+        model: &Model,
+        config: Option<PackFormat>,
+        quant: Option<QuantParams>,
+    ) -> Result<Vec<LogicalTensor>> {
         let mut loc_of = HashMap::new();
         for (fi, f) in model.files().iter().enumerate() {
             for (ti, t) in f.tensors().iter().enumerate() {
@@ -193,6 +296,7 @@ impl PackedModel {
             model,
             loc_of,
             config,
+            quant,
             declared,
         };
         let mut logical = Self::packed_modules(&ctx)?;
@@ -248,7 +352,16 @@ impl PackedModel {
                     .copied()
                     .filter(|c| c.anchor() == suffix)
                     .collect();
-                if candidates.is_empty() {
+                // a part of another format's module (bitmask-quantized stores a `bitmask`
+                // too): that module is found through its own anchor
+                let part_of_other = codec::all().iter().any(|c| {
+                    c.anchor() != suffix
+                        && c.parts().contains(&suffix)
+                        && ctx
+                            .loc_of
+                            .contains_key(format!("{prefix}.{}", c.anchor()).as_str())
+                });
+                if candidates.is_empty() || part_of_other {
                     continue;
                 }
                 if let Some((fmt, parts)) = detect::find_module(ctx, f, prefix, &candidates)? {
@@ -265,6 +378,36 @@ impl PackedModel {
 
     pub fn model(&self) -> &Model {
         &self.model
+    }
+    /// The quantization scheme config.json declares (quantized formats only).
+    pub fn quant(&self) -> Option<QuantParams> {
+        self.quant
+    }
+    /// The codes, zero points and scales of a quantized packed tensor (validated first).
+    pub fn quant_data(
+        &self,
+        t: &LogicalTensor,
+        p: &PackedParts,
+    ) -> Result<(codec::QuantData, &[u8])> {
+        let counts = self.validate(t, p)?;
+        self.quant_data_of(t, p, &counts)
+    }
+
+    /// [`Self::quant_data`] of a tensor already validated (`counts` from [`Self::validate`], or
+    /// empty: the codec recomputes what it needs from the index).
+    pub fn quant_data_of(
+        &self,
+        t: &LogicalTensor,
+        p: &PackedParts,
+        counts: &[u64],
+    ) -> Result<(codec::QuantData, &[u8])> {
+        let data = self.stored_data(p);
+        let d = p
+            .format
+            .quant_data(&self.stored(t, p, &data), counts)
+            .map_err(|e| e.context(self.where_(t, p)))?;
+        let scale = self.part_data(p.parts[d.scale_part]);
+        Ok((d, scale))
     }
     /// The pack format declared in config.json, if any.
     pub fn declared_format(&self) -> Option<PackFormat> {
@@ -360,6 +503,8 @@ impl PackedModel {
 
     fn stored<'a>(&self, t: &LogicalTensor, p: &PackedParts, data: &'a [&'a [u8]]) -> Stored<'a> {
         Stored {
+            dtype: t.dtype,
+            quant: self.quant,
             rows: p.rows,
             cols: p.cols,
             itemsize: itemsize(t.dtype),
@@ -439,31 +584,41 @@ impl PackedModel {
         Ok(out)
     }
 
-    /// Per packed tensor: format, dense shape, nnz, sparsity, packed size.
-    pub fn packed_info(&self) -> Vec<PackedTensorInfo> {
-        self.tensors
-            .iter()
-            .filter_map(|t| match &t.storage {
-                Storage::Packed(p) => {
-                    let numel = t.numel() as u64;
-                    Some(PackedTensorInfo {
-                        name: t.name.clone(),
-                        format: p.format.name().to_string(),
-                        dtype: dtype_name(t.dtype),
-                        shape: t.shape.clone(),
-                        nnz: p.nnz as u64,
-                        sparsity: if numel == 0 {
-                            0.0
-                        } else {
-                            1.0 - p.nnz as f64 / numel as f64
-                        },
-                        dense_bytes: t.nbytes() as u64,
-                        packed_bytes: self.stored_bytes(t) as u64,
-                    })
-                }
-                Storage::Dense(_) => None,
-            })
-            .collect()
+    /// Per packed tensor: format, dense shape, nnz, sparsity, packed size (quantized formats:
+    /// bits and group size, and nnz = codes that differ from their zero point, which needs the
+    /// validated data).
+    pub fn packed_info(&self) -> Result<Vec<PackedTensorInfo>> {
+        let mut out = Vec::new();
+        for t in &self.tensors {
+            let Storage::Packed(p) = &t.storage else {
+                continue;
+            };
+            let numel = t.numel() as u64;
+            let (nnz, bits, group_size) = if p.format.is_quantized() {
+                let nnz: u64 = self.validate(t, p)?.iter().sum();
+                let q = self.quant;
+                (nnz, q.map(|q| q.bits), q.map(|q| q.group_size))
+            } else {
+                (p.nnz as u64, None, None)
+            };
+            out.push(PackedTensorInfo {
+                name: t.name.clone(),
+                format: p.format.name().to_string(),
+                dtype: dtype_name(t.dtype),
+                shape: t.shape.clone(),
+                nnz,
+                sparsity: if numel == 0 {
+                    0.0
+                } else {
+                    1.0 - nnz as f64 / numel as f64
+                },
+                dense_bytes: t.nbytes() as u64,
+                packed_bytes: self.stored_bytes(t) as u64,
+                bits,
+                group_size,
+            });
+        }
+        Ok(out)
     }
 }
 

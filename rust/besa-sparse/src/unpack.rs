@@ -11,6 +11,7 @@ use crate::output::{
     Report, TensorReport, Totals, DEFAULT_SHARD_SIZE,
 };
 use crate::packed::{LogicalTensor, PackedModel, Storage};
+use crate::quant_file::{self, SideEntry, QUANT_FILE};
 use crate::writer::{AtomicDir, PlannedTensor};
 
 /// Options of [`unpack`].
@@ -37,11 +38,28 @@ pub fn unpack(src: &Path, out: &Path, opts: &UnpackOptions) -> Result<Report> {
     let dir = AtomicDir::new(out, opts.overwrite)?;
     let mut warnings = notes;
     add_notes(&mut warnings, dir.notes());
-    let groups: Vec<OutGroup<'_>> = pm.tensors().iter().map(|t| out_group(&pm, t)).collect();
+    // Written in the order safetensors' `save_file` uses (decreasing item size, then name), so
+    // that unpacking a pack of a saved model gives its file back and packing that again gives
+    // the same packed file.
+    let mut order: Vec<&LogicalTensor> = pm.tensors().iter().collect();
+    order.sort_by(|a, b| {
+        (std::cmp::Reverse(itemsize(a.dtype)), &a.name)
+            .cmp(&(std::cmp::Reverse(itemsize(b.dtype)), &b.name))
+    });
+    let groups: Vec<OutGroup<'_>> = order.iter().map(|t| out_group(&pm, t)).collect();
     let files = write_shards(dir.path(), &groups, opts.shard_size, opts.sync)?;
     drop(groups);
+    let quantized = pm.format().is_some_and(|f| f.is_quantized());
+    if quantized {
+        write_side_file(&pm, &dir.path().join(QUANT_FILE))?;
+    }
     if let Some(mut cfg) = pm.model().config().cloned() {
         strip_sparsity_config(&mut cfg);
+        if quantized {
+            if let Some(obj) = cfg.as_object_mut() {
+                obj.remove("quantization_config");
+            }
+        }
         write_json(&dir.path().join("config.json"), &cfg)?;
     }
     let out_files = finish_output(dir, src, &files, opts.sync)?;
@@ -131,4 +149,35 @@ pub fn strip_sparsity_config(cfg: &mut serde_json::Value) {
     if remove_all {
         obj.remove("quantization_config");
     }
+}
+
+/// Regenerates the side file `quantization.safetensors` of a quantized packed checkpoint
+/// (codes with the zero point at pruned positions, scales, zero points).
+fn write_side_file(pm: &PackedModel, path: &Path) -> Result<()> {
+    let Some(q) = pm.quant() else {
+        return Ok(());
+    };
+    let mut entries = Vec::new();
+    for t in pm.tensors() {
+        let Storage::Packed(p) = &t.storage else {
+            continue;
+        };
+        if !p.format.is_quantized() {
+            continue;
+        }
+        // validated when its dense weight was written above
+        let (d, scale) = pm.quant_data_of(t, p, &[])?;
+        entries.push(SideEntry {
+            module: p.module().to_string(),
+            rows: p.rows,
+            cols: p.cols,
+            dtype: t.dtype,
+            groups: d.groups,
+            codes: d.codes,
+            scale,
+            zero: d.zero,
+        });
+    }
+    quant_file::write(path, q, &entries)?;
+    Ok(())
 }

@@ -50,7 +50,13 @@ impl Codec for Bitmask {
         1
     }
 
-    fn check_layout(&self, rows: usize, cols: usize, parts: &[PartInfo<'_>]) -> Result<Layout> {
+    fn check_layout(
+        &self,
+        rows: usize,
+        cols: usize,
+        parts: &[PartInfo<'_>],
+        _quant: Option<super::QuantParams>,
+    ) -> Result<Layout> {
         let [_, vals, idx, ro] = parts else {
             bail!(
                 format,
@@ -92,7 +98,14 @@ impl Codec for Bitmask {
         })
     }
 
-    fn plan(&self, dtype: Dtype, rows: usize, cols: usize, nnz: usize) -> Vec<PartSpec> {
+    fn plan(
+        &self,
+        dtype: Dtype,
+        rows: usize,
+        cols: usize,
+        nnz: usize,
+        _quant: Option<super::QuantParams>,
+    ) -> Vec<PartSpec> {
         vec![
             PartSpec {
                 suffix: "shape",

@@ -36,7 +36,13 @@ impl Codec for Csr {
         3
     }
 
-    fn check_layout(&self, rows: usize, cols: usize, parts: &[PartInfo<'_>]) -> Result<Layout> {
+    fn check_layout(
+        &self,
+        rows: usize,
+        cols: usize,
+        parts: &[PartInfo<'_>],
+        _quant: Option<super::QuantParams>,
+    ) -> Result<Layout> {
         let [_, crow, ci, vals] = parts else {
             bail!(format, "CSR module needs 4 parts, found {}", parts.len());
         };
@@ -97,7 +103,14 @@ impl Codec for Csr {
         })
     }
 
-    fn plan(&self, dtype: Dtype, rows: usize, _cols: usize, nnz: usize) -> Vec<PartSpec> {
+    fn plan(
+        &self,
+        dtype: Dtype,
+        rows: usize,
+        _cols: usize,
+        nnz: usize,
+        _quant: Option<super::QuantParams>,
+    ) -> Vec<PartSpec> {
         vec![
             PartSpec {
                 suffix: "shape",

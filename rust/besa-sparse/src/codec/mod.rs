@@ -13,12 +13,16 @@ use safetensors::tensor::Dtype;
 use crate::error::Result;
 
 mod bitmask;
+mod bitmask_quantized;
 mod csr;
 pub mod kernels;
+pub mod nbit;
+mod pack_quantized;
 #[cfg(target_arch = "x86_64")]
 mod simd16;
 mod two_four;
 
+pub use nbit::{QuantInput, QuantParams};
 pub use two_four::{check_24, Not24};
 
 /// A dense row-major float matrix (little-endian bytes).
@@ -28,6 +32,8 @@ pub struct Matrix<'a> {
     pub rows: usize,
     pub cols: usize,
     pub data: &'a [u8],
+    /// Quantized formats: the codes, scales and zero points the matrix was dequantized from.
+    pub quant: Option<QuantInput<'a>>,
 }
 
 /// Header facts of one stored part, for [`Codec::check_layout`].
@@ -58,11 +64,27 @@ pub struct Layout {
 /// The stored parts of one packed matrix, in [`Codec::parts`] order, after the layout check.
 #[derive(Debug, Clone, Copy)]
 pub struct Stored<'a> {
+    /// Dtype of the dense matrix.
+    pub dtype: Dtype,
     pub rows: usize,
     pub cols: usize,
     pub itemsize: usize,
     pub nnz: usize,
     pub parts: &'a [&'a [u8]],
+    /// Quantized formats: the checkpoint's scheme (config.json `quantization_config`).
+    pub quant: Option<QuantParams>,
+}
+
+/// The quantization parameters of one stored matrix (to regenerate the side file).
+#[derive(Debug, Clone)]
+pub struct QuantData {
+    /// U8 `[rows, cols]` codes (pruned positions hold their group's zero point).
+    pub codes: Vec<u8>,
+    /// U8 `[rows, groups]` zero points.
+    pub zero: Vec<u8>,
+    /// Index in [`Codec::parts`] of `weight_scale` (`[rows, groups]`, stored as given).
+    pub scale_part: usize,
+    pub groups: usize,
 }
 
 /// Encoder settings.
@@ -94,8 +116,18 @@ pub trait Codec: Send + Sync + 'static {
     }
     /// `(quant_method, sparsity_structure)` of the config.json block.
     fn config_method(&self) -> (&'static str, &'static str);
-    /// Suffixes of the stored parts in stored and checksum order; the first is "shape".
+    /// Suffixes of the stored parts in stored and checksum order.
     fn parts(&self) -> &'static [&'static str];
+    /// Index in [`Codec::parts`] of the part holding the dense shape (I64 `[rows, cols]`).
+    fn shape_part(&self) -> usize {
+        0
+    }
+    /// Whether the format stores quantized codes (its modules need [`QuantParams`], from
+    /// config.json when reading and from the side file `quantization.safetensors` when
+    /// packing).
+    fn is_quantized(&self) -> bool {
+        false
+    }
     /// The part whose presence marks a module as stored in this format.
     fn anchor(&self) -> &'static str;
     /// Index in [`Codec::parts`] of the stored values.
@@ -104,13 +136,27 @@ pub trait Codec: Send + Sync + 'static {
     fn has_force(&self) -> bool {
         false
     }
-    /// Checks dtypes and shapes of the parts (`shape` already read: `rows x cols`); errors
-    /// say what is wrong without naming the file (the reader adds that).
-    fn check_layout(&self, rows: usize, cols: usize, parts: &[PartInfo<'_>]) -> Result<Layout>;
+    /// Checks dtypes and shapes of the parts (`shape` already read: `rows x cols`; `quant`:
+    /// the checkpoint's quantization scheme, if any); errors say what is wrong without naming
+    /// the file (the reader adds that).
+    fn check_layout(
+        &self,
+        rows: usize,
+        cols: usize,
+        parts: &[PartInfo<'_>],
+        quant: Option<QuantParams>,
+    ) -> Result<Layout>;
     /// Whether a candidate can be stored; `counts` are its kept elements per row.
     fn admit(&self, m: Matrix<'_>, counts: &[u64], opts: EncodeOptions) -> Result<Admission>;
     /// The parts written for a matrix, in [`Codec::parts`] order.
-    fn plan(&self, dtype: Dtype, rows: usize, cols: usize, stored_nnz: usize) -> Vec<PartSpec>;
+    fn plan(
+        &self,
+        dtype: Dtype,
+        rows: usize,
+        cols: usize,
+        stored_nnz: usize,
+        quant: Option<QuantParams>,
+    ) -> Vec<PartSpec>;
     /// Encodes `m` into its planned parts (every byte written).
     fn encode(&self, m: Matrix<'_>, counts: &[u64], out: &mut [&mut [u8]]) -> Result<()>;
     /// Bit-level checks of stored parts; returns the values stored per row.
@@ -126,6 +172,10 @@ pub trait Codec: Send + Sync + 'static {
     /// One byte per weight of validated parts (1 = stored and non-zero under the zero rule),
     /// read from the index and the stored values without decoding the matrix.
     fn keep_mask(&self, s: &Stored<'_>, counts: &[u64], out: &mut [u8]) -> Result<()>;
+    /// Quantized formats: the codes and zero points of validated parts.
+    fn quant_data(&self, _s: &Stored<'_>, _counts: &[u64]) -> Result<QuantData> {
+        crate::bail!(format, "{} stores no quantization parameters", self.name())
+    }
 }
 
 /// A packed format: a copyable handle on its codec.
@@ -138,10 +188,14 @@ pub const BITMASK: PackFormat = PackFormat(&bitmask::Bitmask);
 pub const TWO_FOUR: PackFormat = PackFormat(&two_four::TwoFour);
 /// besa-rs CSR.
 pub const CSR: PackFormat = PackFormat(&csr::Csr);
+/// compressed-tensors "pack-quantized".
+pub const PACK_QUANTIZED: PackFormat = PackFormat(&pack_quantized::PackQuantized);
+/// besa-rs "bitmask-quantized".
+pub const BITMASK_QUANTIZED: PackFormat = PackFormat(&bitmask_quantized::BitmaskQuantized);
 
 /// Every format, in the order they are listed to users.
 pub fn all() -> &'static [PackFormat] {
-    static ALL: [PackFormat; 3] = [BITMASK, TWO_FOUR, CSR];
+    static ALL: [PackFormat; 5] = [BITMASK, TWO_FOUR, CSR, PACK_QUANTIZED, BITMASK_QUANTIZED];
     &ALL
 }
 
@@ -228,5 +282,7 @@ pub fn bitmask_row_bytes(cols: usize) -> usize {
     cols.div_ceil(8)
 }
 
+#[cfg(test)]
+mod quant_tests;
 #[cfg(test)]
 mod tests;

@@ -47,7 +47,13 @@ impl Codec for TwoFour {
         true
     }
 
-    fn check_layout(&self, rows: usize, cols: usize, parts: &[PartInfo<'_>]) -> Result<Layout> {
+    fn check_layout(
+        &self,
+        rows: usize,
+        cols: usize,
+        parts: &[PartInfo<'_>],
+        _quant: Option<super::QuantParams>,
+    ) -> Result<Layout> {
         let [_, vals, idx] = parts else {
             bail!(format, "2:4 module needs 3 parts, found {}", parts.len());
         };
@@ -95,7 +101,14 @@ impl Codec for TwoFour {
         })
     }
 
-    fn plan(&self, dtype: Dtype, rows: usize, cols: usize, _nnz: usize) -> Vec<PartSpec> {
+    fn plan(
+        &self,
+        dtype: Dtype,
+        rows: usize,
+        cols: usize,
+        _nnz: usize,
+        _quant: Option<super::QuantParams>,
+    ) -> Vec<PartSpec> {
         vec![
             PartSpec {
                 suffix: "shape",

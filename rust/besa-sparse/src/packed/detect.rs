@@ -28,6 +28,8 @@ pub(super) struct Ctx<'a> {
     pub loc_of: HashMap<&'a str, Loc>,
     /// The format config.json declares.
     pub config: Option<PackFormat>,
+    /// The quantization scheme config.json declares (quantized formats).
+    pub quant: Option<crate::codec::QuantParams>,
     /// Whether config.json or any file's metadata declares the checkpoint packed.
     pub declared: bool,
 }
@@ -112,9 +114,12 @@ pub(super) fn check_module(
     prefix: &str,
     parts: Vec<Loc>,
 ) -> Result<LogicalTensor> {
-    let file = ctx.model.files()[parts[0].0].path().display().to_string();
+    let file = ctx.model.files()[parts[format.shape_part()].0]
+        .path()
+        .display()
+        .to_string();
     let err = |e: Error| Error::format(format!("{file}: packed tensor {prefix:?}: {}", e.message));
-    let (rows, cols) = read_shape_part(ctx, parts[0]).map_err(err)?;
+    let (rows, cols) = read_shape_part(ctx, parts[format.shape_part()]).map_err(err)?;
     let infos: Vec<PartInfo<'_>> = parts
         .iter()
         .map(|&l| {
@@ -126,7 +131,9 @@ pub(super) fn check_module(
             }
         })
         .collect();
-    let layout = format.check_layout(rows, cols, &infos).map_err(err)?;
+    let layout = format
+        .check_layout(rows, cols, &infos, ctx.quant)
+        .map_err(err)?;
     let dtype = layout.dtype;
     if !matches!(dtype.bitsize(), 8 | 16 | 32 | 64) || dtype == Dtype::BOOL {
         return Err(err(Error::format(format!(

@@ -1,0 +1,232 @@
+//! The side file `quantization.safetensors` of a quantized model directory (written by
+//! `besa_rs.pruning.quant.write_quant_file`, docs/formats.md "Quantized formats"): per
+//! quantized `<m>.weight` its U8 codes, scales (model dtype) and U8 zero points, with
+//! `format = besa-rs-quant`, `version = 1` and the `layers` JSON in the metadata. Pack reads
+//! it; unpack regenerates it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::Dtype;
+
+use crate::codec::nbit::{self, QuantInput, QuantParams};
+use crate::dtype::name as dtype_name;
+use crate::error::{Error, Result};
+use crate::st::{StFile, TensorEntry};
+use crate::writer::PlannedTensor;
+use crate::{bail, ensure};
+
+/// File name of the side file in a model directory.
+pub const QUANT_FILE: &str = "quantization.safetensors";
+/// `format` of its metadata.
+pub const FORMAT_NAME: &str = "besa-rs-quant";
+
+/// An opened side file.
+#[derive(Debug)]
+pub struct SideFile {
+    file: StFile,
+    pub params: QuantParams,
+    /// `<m>.weight` -> `[rows, cols]`.
+    pub layers: BTreeMap<String, (usize, usize)>,
+}
+
+impl SideFile {
+    /// Opens the side file of the model directory `dir` and checks its metadata.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let path = dir.join(QUANT_FILE);
+        ensure!(
+            path.is_file(),
+            format,
+            "{}: no quantization parameters (the model was not quantized); quantize with `besa-rs prune --wbits N`",
+            path.display()
+        );
+        let file = StFile::open(&path)?;
+        let meta = file.metadata();
+        let here = path.display();
+        ensure!(
+            meta.get("format").map(String::as_str) == Some(FORMAT_NAME)
+                && meta.get("version").map(String::as_str) == Some("1"),
+            format,
+            "{here}: not a {FORMAT_NAME} version 1 file"
+        );
+        let layers: serde_json::Value = meta
+            .get("layers")
+            .and_then(|l| serde_json::from_str(l).ok())
+            .ok_or_else(|| Error::format(format!("{here}: metadata \"layers\" is not JSON")))?;
+        let Some(layers) = layers.as_object() else {
+            bail!(format, "{here}: metadata \"layers\" is not a JSON object");
+        };
+        let mut schemes = std::collections::BTreeSet::new();
+        let mut out = BTreeMap::new();
+        for (name, li) in layers {
+            let num = |k: &str| li.get(k).and_then(|v| v.as_i64());
+            let shape: Option<Vec<usize>> = li.get("shape").and_then(|s| {
+                s.as_array()?
+                    .iter()
+                    .map(|d| d.as_u64().map(|d| d as usize))
+                    .collect()
+            });
+            let (Some(bits), Some(gs), Some(shape)) = (num("bits"), num("group_size"), shape)
+            else {
+                bail!(
+                    format,
+                    "{here}: layers entry {name:?} lacks bits, group_size or shape"
+                );
+            };
+            ensure!(
+                shape.len() == 2 && name.ends_with(".weight"),
+                format,
+                "{here}: layers entry {name:?} is not a 2-D <module>.weight"
+            );
+            schemes.insert((bits, gs));
+            out.insert(name.clone(), (shape[0], shape[1]));
+        }
+        ensure!(!out.is_empty(), format, "{here}: no quantized layers");
+        if schemes.len() > 1 {
+            let list: Vec<String> = schemes
+                .iter()
+                .map(|(b, g)| format!("{b} bits, group size {g}"))
+                .collect();
+            bail!(
+                config,
+                "{here}: layers use different bit widths or group sizes ({}); besa-rs packs one scheme per checkpoint",
+                list.join("; ")
+            );
+        }
+        let (bits, group_size) = *schemes.iter().next().expect("one scheme");
+        ensure!(
+            (2..=8).contains(&bits),
+            format,
+            "{here}: bits = {bits} outside 2..8"
+        );
+        ensure!(
+            group_size == -1 || group_size > 0,
+            format,
+            "{here}: group_size = {group_size} is neither -1 nor positive"
+        );
+        Ok(Self {
+            file,
+            params: QuantParams {
+                bits: bits as u32,
+                group_size,
+            },
+            layers: out,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    fn tensor(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<&[u8]> {
+        let here = self.path().display();
+        let Some(e): Option<&TensorEntry> = self.file.get(name) else {
+            bail!(format, "{here}: tensor {name:?} is missing");
+        };
+        ensure!(
+            e.dtype == dtype && e.shape == shape,
+            format,
+            "{here}: tensor {name:?} is {} {:?}, expected {} {shape:?}",
+            dtype_name(e.dtype),
+            e.shape,
+            dtype_name(dtype)
+        );
+        Ok(self.file.data(e))
+    }
+
+    /// The checked codes, scales and zero points of `<module>.weight` (`dtype`, `[rows,
+    /// cols]` in the model): shapes agree, codes and zero points are in range.
+    pub fn input(
+        &self,
+        module: &str,
+        dtype: Dtype,
+        rows: usize,
+        cols: usize,
+    ) -> Result<QuantInput<'_>> {
+        let here = self.path().display();
+        let wname = format!("{module}.weight");
+        let want = self.layers.get(&wname).copied();
+        ensure!(
+            want == Some((rows, cols)),
+            format,
+            "{here}: layers gives {wname:?} shape {want:?}, the model [{rows}, {cols}]"
+        );
+        let q = self.params;
+        let groups = q
+            .groups(cols)
+            .map_err(|e| e.context(format!("{here}: {wname:?}")))?;
+        let codes = self.tensor(&format!("{module}.weight_codes"), Dtype::U8, &[rows, cols])?;
+        let scale = self.tensor(&format!("{module}.weight_scale"), dtype, &[rows, groups])?;
+        let zero = self.tensor(
+            &format!("{module}.weight_zero_point"),
+            Dtype::U8,
+            &[rows, groups],
+        )?;
+        let ctx = |part: &str| format!("{here}: tensor \"{module}.{part}\"");
+        nbit::check_range(codes, q.bits, "code").map_err(|e| e.context(ctx("weight_codes")))?;
+        nbit::check_range(zero, q.bits, "zero point")
+            .map_err(|e| e.context(ctx("weight_zero_point")))?;
+        nbit::check_scales(dtype, scale).map_err(|e| e.context(ctx("weight_scale")))?;
+        Ok(QuantInput {
+            params: q,
+            groups,
+            codes,
+            scale,
+            zero,
+        })
+    }
+}
+
+/// One module of a regenerated side file.
+pub struct SideEntry<'a> {
+    pub module: String,
+    pub rows: usize,
+    pub cols: usize,
+    pub dtype: Dtype,
+    pub groups: usize,
+    pub codes: Vec<u8>,
+    pub scale: &'a [u8],
+    pub zero: Vec<u8>,
+}
+
+/// Writes a side file at `path` (tensors and metadata keys as besa-rs' prune writes them).
+pub fn write(path: &Path, params: QuantParams, entries: &[SideEntry<'_>]) -> Result<PathBuf> {
+    let mut tensors: Vec<(PlannedTensor, &[u8])> = Vec::new();
+    let mut layers = serde_json::Map::new();
+    for e in entries {
+        let m = &e.module;
+        tensors.push((
+            PlannedTensor::new(format!("{m}.weight_codes"), Dtype::U8, vec![e.rows, e.cols]),
+            &e.codes,
+        ));
+        tensors.push((
+            PlannedTensor::new(format!("{m}.weight_scale"), e.dtype, vec![e.rows, e.groups]),
+            e.scale,
+        ));
+        tensors.push((
+            PlannedTensor::new(
+                format!("{m}.weight_zero_point"),
+                Dtype::U8,
+                vec![e.rows, e.groups],
+            ),
+            &e.zero,
+        ));
+        layers.insert(
+            format!("{m}.weight"),
+            serde_json::json!({"bits": params.bits, "group_size": params.group_size, "shape": [e.rows, e.cols]}),
+        );
+    }
+    let meta: BTreeMap<String, String> = [
+        ("format", FORMAT_NAME.to_string()),
+        ("version", "1".into()),
+        ("bits", params.bits.to_string()),
+        ("group_size", params.group_size.to_string()),
+        ("symmetric", "false".into()),
+        ("layers", serde_json::Value::Object(layers).to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    crate::writer::write_file(path, &tensors, Some(&meta))?;
+    Ok(path.to_path_buf())
+}
