@@ -26,8 +26,8 @@ __all__ = [
     "simulate_arrays",
     "simulate_matrix",
     "simulate_path",
-    "pack_json",
-    "unpack_json",
+    "pack",
+    "unpack",
     "PackedReader",
     "formats",
     "recover_leftovers",
@@ -122,7 +122,7 @@ def dense_baseline_cycles(
 ) -> int: ...
 
 # --- sparse.rs ---
-def pack_json(
+def pack(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
     format: str = "bitmask",
@@ -132,14 +132,14 @@ def pack_json(
     force_24: bool = False,
     tensors: list[str] | None = None,
     sync: bool = True,
-) -> str: ...
-def unpack_json(
+) -> dict[str, Any]: ...
+def unpack(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
     shard_size: int = 5_000_000_000,
     overwrite: bool = False,
     sync: bool = True,
-) -> str: ...
+) -> dict[str, Any]: ...
 def formats() -> list[tuple[str, str, list[str]]]: ...
 def recover_leftovers(out: str | os.PathLike[str]) -> list[str]: ...
 def make_partial_dir(out: str | os.PathLike[str]) -> str: ...
@@ -159,4 +159,4 @@ class PackedReader:
     def declared_format(self) -> str | None: ...
     def is_packed(self) -> bool: ...
     def read_into(self, name: str, out: npt.NDArray[np.uint8]) -> None: ...
-    def packed_info_json(self) -> str: ...
+    def packed_info(self) -> list[dict[str, Any]]: ...

@@ -89,18 +89,16 @@ def pack(
     format = _check_format(format)
     size = parse_size(shard_size)
     if isinstance(model_or_path, (str, os.PathLike)):
-        return json.loads(
-            _native.pack_json(
-                os.fspath(model_or_path),
-                os.fspath(out),
-                format=format,
-                min_sparsity=float(min_sparsity),
-                shard_size=size,
-                overwrite=overwrite,
-                force_24=force_24,
-                tensors=tensors,
-                sync=sync,
-            )
+        return _native.pack(
+            os.fspath(model_or_path),
+            os.fspath(out),
+            format=format,
+            min_sparsity=float(min_sparsity),
+            shard_size=size,
+            overwrite=overwrite,
+            force_24=force_24,
+            tensors=tensors,
+            sync=sync,
         )
     is_model = hasattr(model_or_path, "save_pretrained")
     if not is_model and not isinstance(model_or_path, Mapping):
@@ -166,14 +164,12 @@ def unpack(
     sync: bool = True,
 ) -> dict[str, Any]:
     """Decodes a packed checkpoint back into a plain Hugging Face checkpoint at ``out``."""
-    return json.loads(
-        _native.unpack_json(
-            os.fspath(path),
-            os.fspath(out),
-            shard_size=parse_size(shard_size),
-            overwrite=overwrite,
-            sync=sync,
-        )
+    return _native.unpack(
+        os.fspath(path),
+        os.fspath(out),
+        shard_size=parse_size(shard_size),
+        overwrite=overwrite,
+        sync=sync,
     )
 
 

@@ -9,15 +9,16 @@ use besa_sparse::packed::PackedModel;
 use besa_sparse::{codec, Error, PackFormat};
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::prelude::*;
+use pythonize::pythonize;
 
 use crate::errors::{run, to_py};
 
-/// Packs a checkpoint; returns the report as a JSON string.
+/// Packs a checkpoint; returns the report (a dict built from the Rust report struct).
 #[pyfunction]
 #[pyo3(signature = (src, out, format="bitmask", min_sparsity=0.25, shard_size=5_000_000_000, overwrite=false, force_24=false, tensors=None, sync=true))]
 #[allow(clippy::too_many_arguments)]
-fn pack_json(
-    py: Python<'_>,
+fn pack<'py>(
+    py: Python<'py>,
     src: PathBuf,
     out: PathBuf,
     format: &str,
@@ -27,7 +28,7 @@ fn pack_json(
     force_24: bool,
     tensors: Option<Vec<String>>,
     sync: bool,
-) -> PyResult<String> {
+) -> PyResult<Bound<'py, PyAny>> {
     let format = PackFormat::parse(format).map_err(to_py)?;
     let opts = PackOptions {
         format,
@@ -38,32 +39,28 @@ fn pack_json(
         tensors,
         sync,
     };
-    run(py, move || {
-        let r = besa_sparse::pack::pack(&src, &out, &opts)?;
-        Ok(serde_json::to_string(&r).expect("report serialises"))
-    })
+    let r = run(py, move || besa_sparse::pack::pack(&src, &out, &opts))?;
+    Ok(pythonize(py, &r)?)
 }
 
-/// Unpacks a packed checkpoint into a plain one; returns the report as a JSON string.
+/// Unpacks a packed checkpoint into a plain one; returns the report (a dict).
 #[pyfunction]
 #[pyo3(signature = (src, out, shard_size=5_000_000_000, overwrite=false, sync=true))]
-fn unpack_json(
-    py: Python<'_>,
+fn unpack<'py>(
+    py: Python<'py>,
     src: PathBuf,
     out: PathBuf,
     shard_size: u64,
     overwrite: bool,
     sync: bool,
-) -> PyResult<String> {
+) -> PyResult<Bound<'py, PyAny>> {
     let opts = UnpackOptions {
         shard_size,
         overwrite,
         sync,
     };
-    run(py, move || {
-        let r = besa_sparse::pack::unpack(&src, &out, &opts)?;
-        Ok(serde_json::to_string(&r).expect("report serialises"))
-    })
+    let r = run(py, move || besa_sparse::pack::unpack(&src, &out, &opts))?;
+    Ok(pythonize(py, &r)?)
 }
 
 /// (name, dtype, shape, format or None, nbytes) of a logical tensor.
@@ -124,11 +121,11 @@ impl PackedReader {
         run(py, move || inner.read_into(t, slice))
     }
 
-    /// Per packed tensor info as a JSON string.
-    fn packed_info_json(&self, py: Python<'_>) -> PyResult<String> {
+    /// Per packed tensor info (format, bits / group size where quantized, sizes, nnz).
+    fn packed_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let inner = &self.inner;
         let info = run(py, move || inner.packed_info())?;
-        Ok(serde_json::to_string(&info).expect("serialises"))
+        Ok(pythonize(py, &info)?)
     }
 }
 
@@ -189,8 +186,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(commit_dir, m)?)?;
     m.add_function(wrap_pyfunction!(crash_point, m)?)?;
     m.add_function(wrap_pyfunction!(check_out, m)?)?;
-    m.add_function(wrap_pyfunction!(pack_json, m)?)?;
-    m.add_function(wrap_pyfunction!(unpack_json, m)?)?;
+    m.add_function(wrap_pyfunction!(pack, m)?)?;
+    m.add_function(wrap_pyfunction!(unpack, m)?)?;
     m.add_class::<PackedReader>()?;
     Ok(())
 }
