@@ -7,7 +7,7 @@ maturin, cargo) are missing."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -20,12 +20,23 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
+def _installed(dist: str) -> bool:
+    # importlib.metadata, not importlib.util.find_spec("pip"): looking pip up through the import
+    # system trips setuptools' distutils shim (its meta-path finder switches this process back to
+    # the stdlib distutils), and torch's cpp_extension then fails to import setuptools in later
+    # tests (tests/test_ste_ext.py)
+    try:
+        importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        importlib.util.find_spec("maturin") is None
-        or importlib.util.find_spec("pip") is None
-        or shutil.which("cargo") is None,
+        not _installed("maturin") or not _installed("pip") or shutil.which("cargo") is None,
         reason="needs pip, maturin and cargo to build the wheel offline",
     ),
 ]
