@@ -9,7 +9,7 @@ use safetensors::tensor::Dtype;
 
 use super::kernels::prefix_offsets;
 use super::kernels::{bitmask_decode, bitmask_encode, bitmask_keep_mask, bitmask_row_counts};
-use super::{bitmask_row_bytes, write_shape, Admission, Codec, EncodeOptions, Layout, Matrix};
+use super::{bitmask_row_bytes, write_shape, Codec, Layout, Matrix};
 use super::{PartInfo, PartSpec, Stored};
 use crate::dtype::name as dtype_name;
 use crate::error::Result;
@@ -88,13 +88,6 @@ impl Codec for Bitmask {
         Ok(Layout {
             dtype: vals.dtype,
             nnz,
-        })
-    }
-
-    fn admit(&self, _m: Matrix<'_>, counts: &[u64], _opts: EncodeOptions) -> Result<Admission> {
-        Ok(Admission::Pack {
-            stored_nnz: counts.iter().sum(),
-            dropped: 0,
         })
     }
 

@@ -13,7 +13,7 @@ use safetensors::tensor::Dtype;
 use super::bitmask::check_bitmask_part;
 use super::kernels::{bitmask_row_counts, prefix_offsets};
 use super::nbit::{self, QuantParams};
-use super::{bitmask_row_bytes, write_shape, Admission, Codec, EncodeOptions, Layout, Matrix};
+use super::{bitmask_row_bytes, write_shape, Codec, Layout, Matrix};
 use super::{PartInfo, PartSpec, QuantData, Stored};
 use crate::dtype::name as dtype_name;
 use crate::error::Result;
@@ -146,13 +146,6 @@ impl Codec for BitmaskQuantized {
         Ok(Layout {
             dtype,
             nnz: (codes.shape[0] * 8 / q.bits as usize).min(rows * cols),
-        })
-    }
-
-    fn admit(&self, _m: Matrix<'_>, counts: &[u64], _opts: EncodeOptions) -> Result<Admission> {
-        Ok(Admission::Pack {
-            stored_nnz: counts.iter().sum(),
-            dropped: 0,
         })
     }
 

@@ -147,7 +147,13 @@ pub trait Codec: Send + Sync + 'static {
         quant: Option<QuantParams>,
     ) -> Result<Layout>;
     /// Whether a candidate can be stored; `counts` are its kept elements per row.
-    fn admit(&self, m: Matrix<'_>, counts: &[u64], opts: EncodeOptions) -> Result<Admission>;
+    /// Default: every matrix fits, storing its nonzeros (`counts` per row).
+    fn admit(&self, _m: Matrix<'_>, counts: &[u64], _opts: EncodeOptions) -> Result<Admission> {
+        Ok(Admission::Pack {
+            stored_nnz: counts.iter().sum(),
+            dropped: 0,
+        })
+    }
     /// The parts written for a matrix, in [`Codec::parts`] order.
     fn plan(
         &self,

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use safetensors::tensor::Dtype;
 
 use super::nbit::{self, QuantParams};
-use super::{write_shape, Admission, Codec, EncodeOptions, Layout, Matrix, PartInfo, PartSpec};
+use super::{write_shape, Codec, Layout, Matrix, PartInfo, PartSpec};
 use super::{QuantData, Stored};
 use crate::dtype::name as dtype_name;
 use crate::error::Result;
@@ -133,13 +133,6 @@ impl Codec for PackQuantized {
         Ok(Layout {
             dtype,
             nnz: rows * cols,
-        })
-    }
-
-    fn admit(&self, _m: Matrix<'_>, counts: &[u64], _opts: EncodeOptions) -> Result<Admission> {
-        Ok(Admission::Pack {
-            stored_nnz: counts.iter().sum(),
-            dropped: 0,
         })
     }
 
