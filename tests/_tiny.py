@@ -6,9 +6,14 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    FalconConfig,
+    GemmaConfig,
+    GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
     OPTConfig,
+    Phi3Config,
+    PhiConfig,
     Qwen2Config,
 )
 
@@ -41,6 +46,39 @@ def tiny_config(arch: str, layers: int = 2, hidden: int = 64, intermediate: int 
             num_attention_heads=4,
             max_position_embeddings=256,
             word_embed_proj_dim=hidden,
+        )
+    if arch == "gpt_neox":  # Pythia: parallel attention + MLP, fused query_key_value
+        return GPTNeoXConfig(**common, intermediate_size=inter, num_attention_heads=4)
+    if arch == "falcon":  # Falcon-7B layout: multi-query attention, parallel attention + MLP
+        return FalconConfig(
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            new_decoder_architecture=False,
+            multi_query=True,
+            parallel_attn=True,
+            bias=False,
+        )
+    if arch == "phi":  # Phi-2: dense, biases, partial rotary, parallel attention + MLP
+        return PhiConfig(**common, intermediate_size=inter, num_attention_heads=4)
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj
+        return Phi3Config(
+            **common,
+            intermediate_size=inter,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    if arch == "gemma":
+        return GemmaConfig(
+            **common,
+            intermediate_size=inter,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=hidden // 4,
         )
     raise ValueError(arch)
 

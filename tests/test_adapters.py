@@ -11,7 +11,7 @@ from _tiny import single_thread, tiny_model, tiny_tokens  # noqa: E402, F401
 from besa_rs.errors import ModelError  # noqa: E402
 from besa_rs.pruning.adapters import block_output, capture_block_inputs, get_adapter, to_device  # noqa: E402
 
-ARCHS = ["llama", "mistral", "qwen2", "opt"]
+ARCHS = ["llama", "mistral", "qwen2", "opt", "gpt_neox", "falcon", "phi", "phi3", "gemma"]
 EXPECTED_LINEARS = {
     "llama": [
         "self_attn.q_proj",
@@ -32,6 +32,32 @@ EXPECTED_LINEARS = {
     ],
 }
 EXPECTED_LINEARS["mistral"] = EXPECTED_LINEARS["qwen2"] = EXPECTED_LINEARS["llama"]
+EXPECTED_LINEARS["gemma"] = EXPECTED_LINEARS["llama"]
+EXPECTED_LINEARS["gpt_neox"] = EXPECTED_LINEARS["falcon"] = [
+    "attention.query_key_value",
+    "attention.dense",
+    "mlp.dense_h_to_4h",
+    "mlp.dense_4h_to_h",
+]
+EXPECTED_LINEARS["falcon"] = [
+    "self_attention" + n[len("attention") :] if n.startswith("attention") else n
+    for n in EXPECTED_LINEARS["gpt_neox"]
+]
+EXPECTED_LINEARS["phi"] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.dense",
+    "mlp.fc1",
+    "mlp.fc2",
+]
+# Phi-3 registers o_proj before the fused qkv_proj
+EXPECTED_LINEARS["phi3"] = [
+    "self_attn.o_proj",
+    "self_attn.qkv_proj",
+    "mlp.gate_up_proj",
+    "mlp.down_proj",
+]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -43,6 +69,23 @@ def test_adapter_finds_blocks_and_linears(arch):
     if arch == "llama":  # grouped-query attention: k/v are narrower than q
         lin = ad.linears(0)
         assert lin["self_attn.k_proj"].out_features == lin["self_attn.q_proj"].out_features // 2
+
+
+def _final_norm(model):
+    """The norm applied after the last block (its name differs per architecture)."""
+    for path in (
+        "model.norm",
+        "model.decoder.final_layer_norm",
+        "model.final_layernorm",
+        "gpt_neox.final_layer_norm",
+        "transformer.ln_f",
+    ):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is not None:
+            return obj
+    raise AssertionError(f"no final norm found on {type(model).__name__}")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -65,8 +108,7 @@ def test_captured_inputs_reproduce_the_model(arch):
                 x = block_output(block(x, *args, **kwargs))
             # the last entry of hidden_states is after the final norm; compare the penultimate
             ref_last = ref[-1][s]
-            final_norm = getattr(model.model, "norm", None) or model.model.decoder.final_layer_norm
-            assert torch.allclose(final_norm(x[0]), ref_last, atol=1e-5)
+            assert torch.allclose(_final_norm(model)(x[0]), ref_last, atol=1e-5)
 
 
 def test_capture_restores_blocks():

@@ -125,7 +125,7 @@ def test_parse_structure_errors():
             parse_structure(bad)
 
 
-ARCHS = ["llama", "mistral", "qwen2", "opt"]
+ARCHS = ["llama", "mistral", "qwen2", "opt", "gpt_neox", "falcon", "phi", "phi3", "gemma"]
 
 
 def _rel_err(model, toks, ref):

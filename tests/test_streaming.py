@@ -126,11 +126,32 @@ def test_streamed_equals_in_memory(tiny_dir, calib_file, tmp_path, extra):
         assert torch.equal(got[w], src[w].half())
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2", "opt"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "opt", "falcon", "phi", "phi3", "gemma"])
 def test_streamed_equals_in_memory_other_architectures(arch, calib_file, tmp_path):
-    # OPT ties its output embedding to the input embedding (saved once, as in memory)
+    # OPT ties its output embedding to the input embedding (saved once, as in memory); Falcon
+    # and Phi run attention and MLP in parallel; Phi-3 has fused qkv / gate_up projections
     model = save_tiny(tmp_path / arch, arch, layers=2)
-    _both(model, calib_file, tmp_path, "--method", "sparsegpt")
+    _, out, rep = _both(model, calib_file, tmp_path, "--method", "sparsegpt")
+    assert rep["model_type"] == arch and len(rep["blocks"]) == 2
+    assert all(len(b["layers"]) >= 4 for b in rep["blocks"])
+    assert rep["totals"]["realised_sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_gpt_neox_is_loaded_in_memory_with_the_reason(calib_file, tmp_path, capsys):
+    # transformers renames GPT-NeoX's checkpoint tensors when it loads them, so the streamed
+    # reader cannot find them by the module names: auto says so and loads in memory, and an
+    # explicit --load streamed is refused before anything is written
+    model = save_tiny(tmp_path / "neox", "gpt_neox", layers=2)
+    out = tmp_path / "out"
+    assert main(prune_args(model, out, calib_file, "--method", "wanda")) == 0
+    rep = json.loads((out / "besa_report.json").read_text())
+    assert rep["load"]["mode"] == "in-memory" and "converted" in rep["load"]["reason"]
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    assert main(prune_args(model, bad, calib_file, "--load", "streamed")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be streamed" in err[0] and "gpt_neox" in err[0]
+    assert not bad.exists()
 
 
 def test_streamed_bfloat16_checkpoint_to_float32(calib_file, tmp_path):
