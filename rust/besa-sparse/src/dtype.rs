@@ -3,9 +3,12 @@
 //! comes back as `+0.0` from a pack/unpack round trip); NaN and every other value are kept bit
 //! for bit.
 
-use safetensors::tensor::Dtype;
+pub use safetensors::tensor::Dtype;
 
 use crate::error::Result;
+
+/// The float dtypes that weights are stored in and that the codecs pack.
+pub const FLOATS: [Dtype; 4] = [Dtype::F16, Dtype::BF16, Dtype::F32, Dtype::F64];
 
 /// Bytes per element of a dtype (sub-byte dtypes are refused by the callers that need this).
 pub fn itemsize(dtype: Dtype) -> usize {
@@ -25,7 +28,7 @@ pub fn parse(name: &str) -> Result<Dtype> {
 
 /// True for the float dtypes that weights are stored in and that the codecs pack.
 pub fn is_float(dtype: Dtype) -> bool {
-    matches!(dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
+    FLOATS.contains(&dtype)
 }
 
 /// Item size of a float dtype the codecs accept; any other dtype is a `Dtype` error.
