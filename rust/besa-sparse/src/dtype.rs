@@ -54,6 +54,28 @@ pub fn magnitude<const N: usize>(b: &[u8]) -> u64 {
     }
 }
 
+/// The zero rule on an element loaded as the unsigned word of its size (`u8`, `u16`, `u32`,
+/// `u64`): for kernels that read whole aligned rows as words, which the compiler vectorises.
+pub trait FloatBits: Copy + Send + Sync + 'static {
+    /// Every bit but the sign bit.
+    const MAGNITUDE: Self;
+    /// True for a zero under the zero rule.
+    fn is_zero(self) -> bool;
+}
+
+macro_rules! float_bits {
+    ($($t:ty),*) => {
+        $(impl FloatBits for $t {
+            const MAGNITUDE: Self = <$t>::MAX >> 1;
+            #[inline(always)]
+            fn is_zero(self) -> bool {
+                self & Self::MAGNITUDE == 0
+            }
+        })*
+    };
+}
+float_bits!(u8, u16, u32, u64);
+
 /// The zero rule for one little-endian element of any size.
 #[inline]
 pub fn is_zero(e: &[u8]) -> bool {
@@ -102,6 +124,14 @@ mod tests {
                 magnitude::<4>(b)
             };
             assert_eq!(m == 0, zero);
+            let word = if b.len() == 2 {
+                u16::from_le_bytes([b[0], b[1]]).is_zero()
+            } else {
+                u32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_zero()
+            };
+            assert_eq!(word, zero);
         }
+        assert!(0x80u8.is_zero() && !0x01u8.is_zero());
+        assert!((1u64 << 63).is_zero() && !(1u64 << 62).is_zero());
     }
 }
