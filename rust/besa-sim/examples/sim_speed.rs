@@ -41,6 +41,10 @@ fn main() {
             .fold(0u64, u64::wrapping_add)
     });
     let (t_deg, deg) = best_of(5, || view.column_degrees());
+    let mask: Vec<u8> = data.chunks_exact(2).map(|b| (b[1] != 0) as u8).collect();
+    let bool_view = MaskView::new(&mask[..], Dtype::BOOL, rows, cols).unwrap();
+    let (t_bool, bool_deg) = best_of(5, || bool_view.column_degrees());
+    assert_eq!(bool_deg, deg);
     let p = RefParams::default();
     let (t_ref, chunks) = best_of(5, || simulate_matrix_with_degrees(&view, &deg, false, &p));
     let (t_full, full) = best_of(3, || simulate_full(&view, &deg, &FullParams::default()));
@@ -50,6 +54,7 @@ fn main() {
     );
     println!("plain pass over the bytes: {t_sum:8.2} ms (checksum {sum:x})");
     println!("column degrees:            {t_deg:8.2} ms");
+    println!("column degrees, BOOL mask: {t_bool:8.2} ms (45 MB)");
     println!(
         "reference search:          {t_ref:8.2} ms ({} evaluations, {} cycles)",
         chunks[0].evals.len(),

@@ -129,29 +129,40 @@ impl<'a> MaskView<'a> {
 
     /// Kept weights per column (one parallel pass over the bytes).
     pub fn column_degrees(&self) -> Vec<u32> {
+        // Narrow partial counts per block of rows, widened at the end: narrow lanes make the
+        // inner loop several times faster than u32 accumulators (u8 for 1-byte elements, at
+        // most 255 rows a block; u16 otherwise).
+        match self.size {
+            1 => self.degrees::<u8, u8>(255),
+            2 => self.degrees::<u16, u16>(1024),
+            4 => self.degrees::<u32, u16>(1024),
+            _ => self.degrees::<u64, u16>(1024),
+        }
+    }
+
+    /// [`Self::column_degrees`] reading elements as words `W`, counting in `C` per block of
+    /// `block` rows.
+    fn degrees<W, C>(&self, block: usize) -> Vec<u32>
+    where
+        W: FloatBits + bytemuck::Pod,
+        C: Copy + Default + Send + From<bool> + Into<u32> + std::ops::AddAssign,
+    {
         let cols = self.cols;
         if self.rows == 0 || cols == 0 {
             return vec![0; cols];
         }
-        // u16 partial counts per block of at most 65535 rows, widened at the end: narrow lanes
-        // make the inner loop several times faster than u32 accumulators.
-        let block = 1024usize;
         let nblocks = self.rows.div_ceil(block);
         (0..nblocks)
             .into_par_iter()
             .fold(
-                || (vec![0u32; cols], vec![0u16; cols]),
+                || (vec![0u32; cols], vec![C::default(); cols]),
                 |(mut total, mut part), b| {
-                    part.iter_mut().for_each(|p| *p = 0);
-                    let rows = b * block..((b + 1) * block).min(self.rows);
-                    match self.size {
-                        1 => add_rows::<u8>(self, rows, &mut part),
-                        2 => add_rows::<u16>(self, rows, &mut part),
-                        4 => add_rows::<u32>(self, rows, &mut part),
-                        _ => add_rows::<u64>(self, rows, &mut part),
+                    part.iter_mut().for_each(|p| *p = C::default());
+                    for i in b * block..((b + 1) * block).min(self.rows) {
+                        add_row::<W, C>(self.row_bytes(i), &mut part);
                     }
-                    for (t, p) in total.iter_mut().zip(&part) {
-                        *t += *p as u32;
+                    for (t, &p) in total.iter_mut().zip(&part) {
+                        *t += p.into();
                     }
                     (total, part)
                 },
@@ -181,27 +192,25 @@ impl<'a> MaskView<'a> {
     }
 }
 
-/// Adds the kept weights of rows `rows` of `view` to the per-column counts `part`, each row
-/// read as words `W` of the element size (a loop the compiler vectorises: about 10x faster than
-/// element by element on 11008 x 4096 BF16); a row that is not aligned for `W` (a numpy view
-/// at an odd offset) is read element by element.
-fn add_rows<W: FloatBits + bytemuck::Pod>(
-    view: &MaskView<'_>,
-    rows: std::ops::Range<usize>,
-    part: &mut [u16],
-) {
-    for i in rows {
-        let row = view.row_bytes(i);
-        match bytemuck::try_cast_slice::<u8, W>(row) {
-            Ok(words) => {
-                for (p, &w) in part.iter_mut().zip(words) {
-                    *p += !w.is_zero() as u16;
-                }
+/// Adds the kept weights of one row to the per-column counts `part`, the row read as words
+/// `W` of the element size (a loop the compiler vectorises: about 7x faster than element by
+/// element on 11008 x 4096 BF16); a row that is not aligned for `W` (a numpy view at an odd
+/// offset) is read element by element.
+#[inline]
+fn add_row<W, C>(row: &[u8], part: &mut [C])
+where
+    W: FloatBits + bytemuck::Pod,
+    C: Copy + From<bool> + std::ops::AddAssign,
+{
+    match bytemuck::try_cast_slice::<u8, W>(row) {
+        Ok(words) => {
+            for (p, &w) in part.iter_mut().zip(words) {
+                *p += C::from(!w.is_zero());
             }
-            Err(_) => {
-                for (p, b) in part.iter_mut().zip(row.chunks_exact(size_of::<W>())) {
-                    *p += !dtype::is_zero(b) as u16;
-                }
+        }
+        Err(_) => {
+            for (p, b) in part.iter_mut().zip(row.chunks_exact(size_of::<W>())) {
+                *p += C::from(!dtype::is_zero(b));
             }
         }
     }
