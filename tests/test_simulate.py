@@ -114,6 +114,9 @@ def test_model_directory_matches_oracle(tmp_path: Path) -> None:
     sd_bf16 = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in sd.items()}
     rep3 = besa_rs.simulate(sd_bf16)
     assert {m["name"]: m["cycles"] for m in rep3["matrices"]} == by_name
+    # In-memory reports name dtypes as file reports do (safetensors names).
+    assert {m["dtype"] for m in rep2["matrices"]} == {"F32"}
+    assert {m["dtype"] for m in rep3["matrices"]} == {"BF16"}
 
 
 def test_bf16_file_and_layers_filter(tmp_path: Path) -> None:

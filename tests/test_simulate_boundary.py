@@ -90,6 +90,31 @@ def test_parameters_are_converted_once_in_rust() -> None:
     assert rep["params"]["full"]["clock_hz"] == 250e6
 
 
+def test_full_mode_formats_come_from_rust() -> None:
+    from besa_rs.cli import build_parser
+    from besa_rs.simulation import FORMATS
+
+    packed = {name: aliases for name, _, aliases in _native.formats()}
+    assert FORMATS == _native.SIM_FORMATS and "bitmask" in FORMATS
+    assert set(FORMATS) <= set(packed)
+    # The CLI offers exactly these.
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    sim = sub.choices["simulate"]  # type: ignore[index]
+    assert tuple(next(a for a in sim._actions if a.dest == "format").choices) == FORMATS
+    two4 = np.zeros((8, 8), dtype=bool)
+    two4[:, ::4] = True
+    for name in FORMATS:
+        for spelling in [name, *packed[name]]:
+            f = besa_rs.simulate_matrix(two4, "full", format=spelling)["full"]
+            assert f["format"] == name and f["format_ok"] and f["metadata_bytes"] > 0
+    # A packed format the full model has no index model for is refused, naming the choices.
+    for name in set(packed) - set(FORMATS):
+        with pytest.raises(ConfigError) as e:
+            _native.SimParams("full", format=name)
+        assert f"{name} has no sparse index" in _one_line(e)
+        assert ", ".join(FORMATS) in str(e.value)
+
+
 def test_dense_baseline_bad_pe_array_is_a_besa_error() -> None:
     with pytest.raises(ConfigError) as e:
         dense_baseline(64, 64, pe_width=0)
@@ -177,16 +202,18 @@ def test_arrays_are_read_in_place_or_in_row_major_order() -> None:
     assert besa_rs.simulate_matrix(fortran)["flops"] == ref["flops"]
     assert besa_rs.simulate_matrix(w.T.copy().T)["cycles"] == ref["cycles"]
     params = _native.SimParams()
-    with pytest.raises(DtypeError, match="m: the float64 weight came as a numpy array of dtype"):
-        _native.simulate_matrix(w, "float64", params, name="m")
-    with pytest.raises(DtypeError, match="m: dtype int8 is not supported"):
+    with pytest.raises(DtypeError, match="m: the F64 weight came as a numpy array of dtype"):
+        _native.simulate_matrix(w, "F64", params, name="m")
+    with pytest.raises(DtypeError, match="m: dtype I8 is not supported by the simulator"):
+        _native.simulate_matrix(w.astype(np.int8), "I8", params, name="m")
+    with pytest.raises(DtypeError, match='m: unknown dtype "int8"'):
         _native.simulate_matrix(w.astype(np.int8), "int8", params, name="m")
     with pytest.raises(DtypeError, match="m: expected a numpy array, got list"):
-        _native.simulate_matrix([[1.0]], "float32", params, name="m")
+        _native.simulate_matrix([[1.0]], "F32", params, name="m")
     with pytest.raises(
         ShapeError, match=re.escape("m: expected a 2-D weight or mask, got shape [3]")
     ):
-        _native.simulate_matrix(np.ones(3, np.float32), "float32", params, name="m")
+        _native.simulate_matrix(np.ones(3, np.float32), "F32", params, name="m")
 
 
 def test_errors_are_the_classes_of_besa_rs_errors(tmp_path: Path) -> None:
@@ -254,11 +281,11 @@ def test_state_dicts_are_fetched_a_batch_at_a_time() -> None:
 
     def fetch(n: str) -> tuple[np.ndarray, str]:
         fetched.append(n)
-        return arrays[n], "float32"
+        return arrays[n], "F32"
 
     rep = _native.simulate_arrays(
         "sd",
-        [(n, [8, 8], "float32") for n in names],
+        [(n, [8, 8], "F32") for n in names],
         fetch,
         _native.SimParams(),
         on_matrix=lambda m, total: fetched_when_reported.append(len(fetched)),

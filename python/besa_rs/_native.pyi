@@ -19,6 +19,7 @@ __all__ = [
     "__version__",
     "inspect",
     "SIM_FULL_OPTIONS",
+    "SIM_FORMATS",
     "SimParams",
     "compress_parts",
     "decompress_parts",
@@ -30,6 +31,7 @@ __all__ = [
     "unpack",
     "PackedReader",
     "formats",
+    "FLOAT_DTYPES",
     "recover_leftovers",
     "make_partial_dir",
     "commit_dir",
@@ -43,9 +45,12 @@ def inspect(path: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]
 # --- sim.rs (SimParams: sim_params.rs; arrays: arrays.rs) ---
 #: Names of the full-mode options of SimParams, in CLI help order.
 SIM_FULL_OPTIONS: tuple[str, ...]
+#: Storage formats of the full model (the packed formats whose index it models).
+SIM_FORMATS: tuple[str, ...]
 
-#: dtype names of a weight or mask handed to the simulator ("bfloat16": its bits as uint16).
-_WeightDtype = Literal["bool", "float16", "bfloat16", "float32", "float64"]
+#: safetensors dtype names of a weight or mask handed to the simulator ("BF16": its bits as
+#: uint16).
+_WeightDtype = Literal["BOOL", "F16", "BF16", "F32", "F64"]
 #: Called with each matrix report (in completion order) and the number of matrices selected.
 _OnMatrix = Callable[[MatrixReport, int], object]
 
@@ -84,7 +89,7 @@ class SimParams:
         value_bits: int | None = None,
         act_bits: int | None = None,
         index_bits: int | None = None,
-        format: Literal["bitmask", "csr", "2:4"] | None = None,
+        format: str | None = None,  # one of SIM_FORMATS (or an alias)
         prefill_tokens: int | None = None,
         weight_buffer_kb: float | None = None,
         index_buffer_kb: float | None = None,
@@ -111,7 +116,7 @@ def simulate_arrays(
     batch: int | None = None,
 ) -> SimReport: ...
 def simulate_matrix(
-    array: object,  # a 2-D numpy array of dtype `dtype` (bfloat16: uint16 bits)
+    array: object,  # a 2-D numpy array of dtype `dtype` (BF16: uint16 bits)
     dtype: _WeightDtype | str,
     params: SimParams,
     name: str = "matrix",
@@ -141,6 +146,10 @@ def unpack(
     sync: bool = True,
 ) -> dict[str, Any]: ...
 def formats() -> list[tuple[str, str, list[str]]]: ...
+
+#: safetensors names of the float dtypes (weights that are packed and simulated).
+FLOAT_DTYPES: tuple[str, ...]
+
 def recover_leftovers(out: str | os.PathLike[str]) -> list[str]: ...
 def make_partial_dir(out: str | os.PathLike[str]) -> str: ...
 def commit_dir(

@@ -32,49 +32,11 @@ from typing import TYPE_CHECKING, Any, overload
 import numpy as np
 import numpy.typing as npt
 
-from . import _native
+from . import _native, dtypes
 from .errors import ConfigError, DtypeError, FormatError, ShapeError
 
 if TYPE_CHECKING:
     import torch
-
-#: numpy dtypes of dense matrices (little-endian) -> safetensors dtype names
-_NP_FLOATS: dict[np.dtype[Any], str] = {
-    np.dtype("<f2"): "F16",
-    np.dtype("<f4"): "F32",
-    np.dtype("<f8"): "F64",
-}
-#: safetensors dtype names of parts and matrices -> numpy dtypes (BF16: its raw bits)
-_NP_OF: dict[str, np.dtype[Any]] = {
-    "F16": np.dtype("<f2"),
-    "F32": np.dtype("<f4"),
-    "F64": np.dtype("<f8"),
-    "BF16": np.dtype("<i2"),
-    "I64": np.dtype("<i8"),
-    "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"),
-    "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"),
-    "U16": np.dtype("<u2"),
-    "U32": np.dtype("<u4"),
-    "U64": np.dtype("<u8"),
-    "BOOL": np.dtype("?"),
-}
-_NAME_OF_NP: dict[np.dtype[Any], str] = {v: k for k, v in _NP_OF.items() if k != "BF16"}
-
-_TORCH_NAMES = {
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "float32": "F32",
-    "float64": "F64",
-    "int64": "I64",
-    "int32": "I32",
-    "int16": "I16",
-    "int8": "I8",
-    "uint8": "U8",
-    "bool": "BOOL",
-}
-_FLOATS = ("F16", "BF16", "F32", "F64")
 
 
 def _torch_module() -> Any:
@@ -93,7 +55,7 @@ def _torch_bytes(t: torch.Tensor, what: str) -> tuple[npt.NDArray[np.uint8], str
         raise ConfigError(f"{what} is on {t.device}; only CPU tensors are supported (use .cpu())")
     if t.layout != _torch_module().strided:
         raise ConfigError(f"{what} is a {t.layout} tensor; a dense (strided) tensor is needed")
-    name = _TORCH_NAMES.get(str(t.dtype).removeprefix("torch."))
+    name = dtypes.name_of(t.dtype)
     if name is None:
         raise DtypeError(f"{what} has dtype {t.dtype}, which has no packed equivalent")
     if not t.is_contiguous():
@@ -109,7 +71,7 @@ def _torch_bytes(t: torch.Tensor, what: str) -> tuple[npt.NDArray[np.uint8], str
 
 def _numpy_bytes(a: npt.NDArray[Any], what: str) -> tuple[npt.NDArray[np.uint8], str]:
     """A flat uint8 view of a numpy array's memory and its dtype name (no copy)."""
-    name = _NAME_OF_NP.get(a.dtype)
+    name = dtypes.name_of(a.dtype)
     if name is None:
         raise DtypeError(
             f"{what} has dtype {a.dtype}, which has no packed equivalent"
@@ -136,7 +98,7 @@ def _matrix(x: object) -> tuple[npt.NDArray[np.uint8], str, int, int, bool]:
         raise ConfigError(
             f"compress() takes a numpy array or a torch tensor, got {type(x).__name__}"
         )
-    if name not in _FLOATS:
+    if name not in dtypes.FLOATS:
         raise DtypeError(
             f"dtype {getattr(x, 'dtype', name)} cannot be compressed "
             "(only float16, bfloat16, float32, float64)"
@@ -149,9 +111,9 @@ def _matrix(x: object) -> tuple[npt.NDArray[np.uint8], str, int, int, bool]:
 def _view(buf: npt.NDArray[np.uint8], dtype: str, shape: Sequence[int], torch_out: bool) -> Any:
     """The flat byte array ``buf`` seen as ``dtype`` ``shape`` (numpy or torch, no copy)."""
     if not torch_out:
-        return buf.view(_NP_OF[dtype]).reshape(shape)
+        return buf.view(dtypes.numpy_dtype(dtype)).reshape(shape)
     torch = _torch_module()
-    tdtype = getattr(torch, next(k for k, v in _TORCH_NAMES.items() if v == dtype))
+    tdtype = dtypes.torch_dtype(dtype)
     t = torch.from_numpy(buf)
     if buf.size == 0:
         return torch.empty(tuple(shape), dtype=tdtype)

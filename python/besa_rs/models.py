@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._io import public_mode
+from ._io import atomic_dir
 from .errors import ConfigError, MissingFileError, ModelError, first_line
 
 if TYPE_CHECKING:
@@ -100,25 +99,15 @@ def _convert_builtin(name: str, dest: Path) -> None:
     model.load_state_dict(gguf_model.state_dict(), assign=True)
     model.tie_weights()
     model.eval()
-    from . import _native
-
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _native.recover_leftovers(dest)  # partial conversions of killed processes
-    tmp = Path(_native.make_partial_dir(dest))
-    public_mode(tmp, directory=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (tmp / "BESA_RS_SOURCE").write_text(f"{pkg_dir / fname}\n")
-        try:
-            _native.commit_dir(tmp, dest, overwrite=False, sync=True)
-        except ConfigError:
-            if not (dest / "config.json").is_file():  # someone else won the race: fine
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(dest) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            (tmp / "BESA_RS_SOURCE").write_text(f"{pkg_dir / fname}\n")
+    except ConfigError:
+        if not (dest / "config.json").is_file():  # someone else won the race: fine
+            raise
 
 
 def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:

@@ -173,41 +173,13 @@ def unpack(
     )
 
 
-_TORCH_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "U16": "uint16",
-    "U32": "uint32",
-    "U64": "uint64",
-    "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    from .errors import DtypeError
-
-    attr = _TORCH_DTYPES.get(name)
-    if attr is None or not hasattr(torch, attr):
-        raise DtypeError(f"dtype {name} has no torch equivalent")
-    return getattr(torch, attr)
-
-
 def load_packed(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Reads a packed (or plain) checkpoint into a dense state dict of CPU torch tensors,
     decoding in Rust directly into the tensors' memory; checksums are verified."""
     import numpy as np
     import torch
+
+    from .dtypes import torch_dtype
 
     reader = _native.PackedReader(os.fspath(path))
     out: dict[str, torch.Tensor] = {}
@@ -216,9 +188,9 @@ def load_packed(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         reader.read_into(name, buf)
         t = torch.from_numpy(buf)
         if nbytes:
-            t = t.view(_torch_dtype(dtype))
+            t = t.view(torch_dtype(dtype))
         else:
-            t = torch.empty(0, dtype=_torch_dtype(dtype))
+            t = torch.empty(0, dtype=torch_dtype(dtype))
         out[name] = t.reshape(shape)
     return out
 

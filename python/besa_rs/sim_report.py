@@ -58,7 +58,7 @@ class Step(TypedDict):
 class FullResult(TypedDict):
     """The full model of one matrix."""
 
-    format: Literal["bitmask", "csr", "2:4"]
+    format: str  # one of besa_rs.simulation.FORMATS
     format_ok: bool
     value_bytes: int
     metadata_bytes: int
@@ -149,7 +149,7 @@ class FullParams(TypedDict):
     value_bits: int
     act_bits: int
     index_bits: int
-    format: Literal["bitmask", "csr", "2:4"]
+    format: str  # one of besa_rs.simulation.FORMATS
     prefill_tokens: int
     weight_buffer: int
     index_buffer: int

@@ -19,17 +19,20 @@ from typing import Any
 
 import numpy as np
 
-from . import _native
+from . import _native, dtypes
 from .errors import ConfigError, DtypeError
 from .sim_report import MatrixReport, Mode, SimReport
 
 #: Parameters of the full model (``--mode full``), in CLI help order.
 FULL_KEYS: tuple[str, ...] = _native.SIM_FULL_OPTIONS
+#: Storage formats of the full model (``format=``): the packed formats whose index it models
+#: (listed by Rust, ``besa_sim::full::formats``).
+FORMATS: tuple[str, ...] = _native.SIM_FORMATS
 
 
 def _as_array(x: Any, name: str) -> tuple[Any, str]:
     """``x`` as a numpy array (no copy for CPU data; bfloat16 as its bits in a uint16 view) and
-    its dtype name; shape and dtype are checked by the engine."""
+    its safetensors dtype name; shape and dtype are checked by the engine."""
     if type(x).__module__.startswith("torch"):
         import torch
 
@@ -38,15 +41,15 @@ def _as_array(x: Any, name: str) -> tuple[Any, str]:
             if t.device.type != "cpu":
                 t = t.cpu()
             t = t.contiguous()
-            dt = str(t.dtype).removeprefix("torch.")
+            dt = dtypes.name_of(t.dtype) or str(t.dtype).removeprefix("torch.")
             if t.dtype == torch.bfloat16:
                 return t.view(torch.int16).numpy().view(np.uint16), dt
             try:
                 return t.numpy(), dt
             except TypeError:  # a dtype numpy does not have (float8, ...)
-                raise DtypeError(f"{name}: dtype {dt} is not supported") from None
+                raise DtypeError(f"{name}: dtype {t.dtype} is not supported") from None
     a = np.asarray(x)
-    return a, str(a.dtype)
+    return a, dtypes.name_of(a.dtype) or str(a.dtype)
 
 
 def simulate_matrix(

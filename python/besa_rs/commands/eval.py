@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_common, emit_json
+from . import add_common, emit
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -90,13 +90,14 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     res = {"model": str(args.model), "text": args.text or args.dataset, **res}
-    if args.json != "-":
-        print(
+    return emit(
+        args,
+        res,
+        lambda: (
             f"perplexity {res['perplexity']:.4f} on {res['text']} "
             f"({res['windows']} windows x {res['seqlen']} tokens = {res['tokens']} tokens)"
-        )
-    emit_json(args.json, res)
-    return 0
+        ),
+    )
 
 
 def run_tasks(args: argparse.Namespace) -> int:
@@ -126,7 +127,4 @@ def run_tasks(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
     )
-    if args.json != "-":
-        print(format_results(res))
-    emit_json(args.json, res)
-    return 0
+    return emit(args, res, lambda: format_results(res))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_common, emit_json
+from . import add_common, emit
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +34,4 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_file(args.json, "--json")
     report = inspect(args.path, verify=not args.no_verify)
-    if args.json != "-":
-        print(format_report(report, per_tensor=not args.summary))
-    emit_json(args.json, report)
-    return 0
+    return emit(args, report, lambda: format_report(report, per_tensor=not args.summary))

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..packing import FORMATS
-from . import add_common, emit_json
+from . import add_common, emit
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -58,9 +57,6 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         force_24=args.force_24,
     )
-    for w in report["warnings"]:
-        print(f"besa-rs pack: WARNING: {w}", file=sys.stderr)
-    if args.json != "-" and not args.quiet:
-        print(format_report(report, per_tensor=not args.summary))
-    emit_json(args.json, report)
-    return 0
+    return emit(
+        args, report, lambda: format_report(report, per_tensor=not args.summary), quiet=args.quiet
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..packing import FORMATS
+from .. import _native
 from . import add_common, emit_json
 
 
@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--index-bits", type=int, help="bits per CSR column index (default 32)")
     f.add_argument(
         "--format",
-        choices=FORMATS,
+        choices=_native.SIM_FORMATS,
         help="weight storage format (default bitmask)",
     )
     f.add_argument(

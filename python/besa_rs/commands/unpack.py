@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_common, emit_json
+from . import add_common, emit
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,17 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
     from .._io import check_output_dir, check_output_file
     from ..packing import format_report, unpack
 
     check_output_file(args.json, "--json")
     check_output_dir(args.out, "--out", src=args.path)
     report = unpack(args.path, args.out, shard_size=args.shard_size, overwrite=args.overwrite)
-    for w in report["warnings"]:
-        print(f"besa-rs unpack: WARNING: {w}", file=sys.stderr)
-    if args.json != "-" and not args.quiet:
-        print(format_report(report, per_tensor=not args.summary))
-    emit_json(args.json, report)
-    return 0
+    return emit(
+        args, report, lambda: format_report(report, per_tensor=not args.summary), quiet=args.quiet
+    )

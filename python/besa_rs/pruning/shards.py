@@ -25,23 +25,15 @@ from pathlib import Path
 
 import torch
 
+from .. import dtypes
 from ..errors import BesaIOError, FormatError, ShapeError
 
-#: torch dtype -> safetensors dtype name
+#: torch dtype -> safetensors dtype name (the dtypes this torch has)
 DTYPE_NAMES: dict[torch.dtype, str] = {
-    torch.bool: "BOOL",
-    torch.uint8: "U8",
-    torch.int8: "I8",
-    torch.int16: "I16",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int32: "I32",
-    torch.float32: "F32",
-    torch.float64: "F64",
-    torch.int64: "I64",
+    getattr(torch, attr): name for name, attr in dtypes.TORCH.items() if hasattr(torch, attr)
 }
 #: safetensors' own dtype order (its ``Dtype`` enum); tensors are stored highest first
-_ORDER = ["BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64"]
+_ORDER = list(dtypes.TORCH)
 
 
 @dataclass(frozen=True)

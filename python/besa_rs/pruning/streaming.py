@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import dtypes
 from ..errors import ConfigError, FormatError, ModelError, ShapeError, first_line
 from . import quant
 from .adapters import ModelAdapter, get_adapter
@@ -245,7 +246,7 @@ class StreamedModel:
                     f"{self.path / src.file_of[name]}: tensor {name!r} has shape {list(shape)}, "
                     f"the model's config expects {list(t.shape)}"
                 )
-            if (sdt in ("F16", "BF16", "F32", "F64")) != t.is_floating_point():
+            if (sdt in dtypes.FLOATS) != t.is_floating_point():
                 raise FormatError(
                     f"{self.path / src.file_of[name]}: tensor {name!r} is {sdt}, expected "
                     f"{DTYPE_NAMES.get(t.dtype, t.dtype)}"

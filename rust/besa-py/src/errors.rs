@@ -64,3 +64,22 @@ where
         Err(panic) => Err(panic_to_py(panic)),
     }
 }
+
+/// Returns early with the `besa_rs.errors` exception of an error kind (`format`, `shape`,
+/// `dtype`, `config`, `integrity`) and a `format!` message: `bail!(dtype, "{name}: ...")`.
+macro_rules! bail {
+    ($kind:ident, $($arg:tt)+) => {
+        return Err($crate::errors::to_py(besa_sparse::Error::$kind(format!($($arg)+))))
+    };
+}
+
+/// [`bail!`] unless the condition holds.
+macro_rules! ensure {
+    ($cond:expr, $kind:ident, $($arg:tt)+) => {
+        if !$cond {
+            $crate::errors::bail!($kind, $($arg)+);
+        }
+    };
+}
+
+pub(crate) use {bail, ensure};

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
+use besa_sim::full;
 use besa_sim::model::{
     nothing_selected, open_source, plan, projection_type, simulate_in_memory, simulate_names_with,
     simulate_view, InMemory, MatrixReport, OnMatrix, Planned, Report, TensorMeta,
@@ -14,7 +15,7 @@ use besa_sim::model::{
 use besa_sim::options::{self, FULL_OPTIONS};
 use besa_sim::reference::{chunks, dense_baseline, RefParams};
 use besa_sim::MaskView;
-use besa_sparse::Error;
+use besa_sparse::dtype;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 use pythonize::pythonize;
@@ -43,9 +44,11 @@ where
         std::thread::scope(|s| {
             let worker = s.spawn(|| {
                 let send = move |m: &MatrixReport| {
-                    if stop.load(Ordering::Relaxed) {
-                        return Err(Error::config("stopped: an exception was raised"));
-                    }
+                    besa_sparse::ensure!(
+                        !stop.load(Ordering::Relaxed),
+                        config,
+                        "stopped: an exception was raised"
+                    );
                     // The receiver only goes away after the worker ends.
                     let _ = tx.send(m.clone());
                     Ok(())
@@ -167,17 +170,16 @@ fn simulate_arrays<'py>(
         let mut held = Vec::with_capacity(group.len());
         for name in group {
             let (arr, dtype): (Bound<'py, PyAny>, String) = fetch.call1((name,))?.extract()?;
-            let data = array_data(&arr, &dtype, name)?;
-            held.push((name.as_str(), dtype, data));
+            held.push((name.as_str(), array_data(&arr, &dtype, name)?));
         }
         let items = held
             .iter()
-            .map(|(name, dtype, a)| {
+            .map(|(name, a)| {
                 let [rows, cols] = a.shape;
                 Ok(InMemory {
                     name: name.to_string(),
-                    dtype: dtype.clone(),
-                    view: MaskView::new(a.data.bytes(), a.elem, rows, cols)
+                    dtype: dtype::name(a.dtype),
+                    view: MaskView::new(a.data.bytes(), a.dtype, rows, cols)
                         .map_err(|e| to_py(e.context(name)))?,
                 })
             })
@@ -191,8 +193,8 @@ fn simulate_arrays<'py>(
     Ok(pythonize(py, &report)?)
 }
 
-/// Simulates one 2-D weight or mask (a numpy array of dtype `dtype`, read in place); `kind`
-/// defaults to the projection type of `name`.
+/// Simulates one 2-D weight or mask (a numpy array of the safetensors dtype `dtype`, read in
+/// place); `kind` defaults to the projection type of `name`.
 #[pyfunction]
 #[pyo3(signature = (array, dtype, params, name="matrix", kind=None))]
 fn simulate_matrix<'py>(
@@ -206,11 +208,11 @@ fn simulate_matrix<'py>(
     let data = array_data(array, dtype, name)?;
     let kind = kind.map_or_else(|| projection_type(name), str::to_string);
     let p = &params.inner;
-    let (bytes, [rows, cols], elem) = (data.data.bytes(), data.shape, data.elem);
+    let (bytes, [rows, cols], dt) = (data.data.bytes(), data.shape, data.dtype);
     let report = run(py, || {
         p.validate()?;
-        let view = MaskView::new(bytes, elem, rows, cols).map_err(|e| e.context(name))?;
-        Ok(simulate_view(&view, name, &kind, dtype, p))
+        let view = MaskView::new(bytes, dt, rows, cols).map_err(|e| e.context(name))?;
+        Ok(simulate_view(&view, name, &kind, &dtype::name(dt), p))
     })?;
     Ok(pythonize(py, &report)?)
 }
@@ -241,6 +243,9 @@ fn dense_baseline_cycles(
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Params>()?;
     m.add("SIM_FULL_OPTIONS", PyTuple::new(m.py(), FULL_OPTIONS)?)?;
+    let formats = full::formats();
+    let names = formats.iter().map(|f| f.name());
+    m.add("SIM_FORMATS", PyTuple::new(m.py(), names)?)?;
     m.add_function(wrap_pyfunction!(simulate_path, m)?)?;
     m.add_function(wrap_pyfunction!(simulate_arrays, m)?)?;
     m.add_function(wrap_pyfunction!(simulate_matrix, m)?)?;

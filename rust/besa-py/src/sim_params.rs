@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use pythonize::pythonize;
 
-use crate::errors::{to_py, ConfigError};
+use crate::errors::{ensure, to_py, ConfigError};
 
 /// Simulator parameters, checked once (by `besa_sim::options`) when constructed.
 #[pyclass(frozen, name = "SimParams", module = "besa_rs._native")]
@@ -47,8 +47,8 @@ fn text(key: &str, v: &Bound<'_, PyAny>) -> PyResult<String> {
 impl Params {
     /// `mode`: "reference" or "full"; keywords: `pe_width`, `pe_height`, `start_ratio`,
     /// `float_mode` ("f32" | "f64"), `chunk_kinds`, and in full mode `clock_mhz`,
-    /// `bandwidth_gbs`, `value_bits`, `act_bits`, `index_bits`, `format` ("bitmask" | "csr" |
-    /// "2:4"), `prefill_tokens`, `weight_buffer_kb`, `index_buffer_kb`, `input_buffer_kb`,
+    /// `bandwidth_gbs`, `value_bits`, `act_bits`, `index_bits`, `format` (one of
+    /// `SIM_FORMATS`), `prefill_tokens`, `weight_buffer_kb`, `index_buffer_kb`, `input_buffer_kb`,
     /// `output_buffer_kb` (`None` = default).
     #[new]
     #[pyo3(signature = (mode = None, **options))]
@@ -86,13 +86,13 @@ impl Params {
                 _ => unknown.push(key),
             }
         }
-        if !unknown.is_empty() {
-            unknown.sort();
-            return Err(ConfigError::new_err(format!(
-                "unknown simulator option(s): {}",
-                unknown.join(", ")
-            )));
-        }
+        unknown.sort();
+        ensure!(
+            unknown.is_empty(),
+            config,
+            "unknown simulator option(s): {}",
+            unknown.join(", ")
+        );
         Ok(Self {
             inner: o.params().map_err(to_py)?,
         })

@@ -3,15 +3,16 @@
 
 use std::path::PathBuf;
 
-use besa_sparse::dtype::name as dtype_name;
+use besa_sparse::dtype::{self, name as dtype_name};
 use besa_sparse::pack::{PackOptions, UnpackOptions};
 use besa_sparse::packed::PackedModel;
-use besa_sparse::{codec, Error, PackFormat};
+use besa_sparse::{codec, PackFormat};
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
 use pythonize::pythonize;
 
-use crate::errors::{run, to_py};
+use crate::errors::{bail, run, to_py};
 
 /// Packs a checkpoint; returns the report (a dict built from the Rust report struct).
 #[pyfunction]
@@ -112,11 +113,10 @@ impl PackedReader {
     fn read_into(&self, py: Python<'_>, name: &str, out: &Bound<'_, PyArray1<u8>>) -> PyResult<()> {
         let t = self.inner.require(name).map_err(to_py)?;
         let mut rw = out.readwrite();
-        let slice = rw.as_slice_mut().map_err(|e| {
-            to_py(Error::shape(format!(
-                "output buffer for {name:?} is not contiguous: {e}"
-            )))
-        })?;
+        let slice = match rw.as_slice_mut() {
+            Ok(slice) => slice,
+            Err(e) => bail!(shape, "output buffer for {name:?} is not contiguous: {e}"),
+        };
         let inner = &self.inner;
         run(py, move || inner.read_into(t, slice))
     }
@@ -127,6 +127,11 @@ impl PackedReader {
         let info = run(py, move || inner.packed_info())?;
         Ok(pythonize(py, &info)?)
     }
+}
+
+/// The safetensors names of the float dtypes (weights that are packed and simulated).
+fn float_dtypes() -> Vec<String> {
+    dtype::FLOATS.iter().map(|&d| dtype::name(d)).collect()
 }
 
 /// The packed formats: (name, config.json name, other accepted names), in listing order.
@@ -181,6 +186,7 @@ fn check_out(py: Python<'_>, src: PathBuf, out: PathBuf) -> PyResult<()> {
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(formats, m)?)?;
+    m.add("FLOAT_DTYPES", PyTuple::new(m.py(), float_dtypes())?)?;
     m.add_function(wrap_pyfunction!(recover_leftovers, m)?)?;
     m.add_function(wrap_pyfunction!(make_partial_dir, m)?)?;
     m.add_function(wrap_pyfunction!(commit_dir, m)?)?;

@@ -15,8 +15,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use besa_sparse::codec::{BITMASK, CSR, TWO_FOUR};
-use besa_sparse::{Error, Result};
+use besa_sparse::codec::{self, BITMASK, CSR, TWO_FOUR};
+use besa_sparse::{ensure, Result};
 
 use crate::mask::MaskView;
 
@@ -24,6 +24,61 @@ use crate::mask::MaskView;
 /// `besa_sparse::codec` (bitmask: one bit per position; CSR: a column index per kept value and
 /// `R + 1` row pointers; 2:4: `C/2` values per row and a 2-bit position per stored value).
 pub use besa_sparse::PackFormat as Format;
+
+/// How full mode charges a format's index (its metadata bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Index {
+    /// One bit per position.
+    Bitmask,
+    /// `index_bits` per kept value plus `R + 1` 32-bit row pointers.
+    Csr,
+    /// `C/2` values per row (padded) and a 2-bit position per stored value.
+    TwoFour,
+}
+
+/// The codecs whose storage full mode models. A sparse codec added to `besa_sparse::codec`
+/// becomes a choice of `--format` (and of the Python API) by a line here; codecs without a
+/// sparse index (pack-quantized) are refused.
+const MODELLED: [(Format, Index); 3] = [
+    (BITMASK, Index::Bitmask),
+    (TWO_FOUR, Index::TwoFour),
+    (CSR, Index::Csr),
+];
+
+fn index_of(format: Format) -> Option<Index> {
+    MODELLED
+        .iter()
+        .find(|(f, _)| *f == format)
+        .map(|&(_, index)| index)
+}
+
+/// The storage formats full mode models, in the codecs' listing order.
+pub fn formats() -> Vec<Format> {
+    codec::all()
+        .iter()
+        .copied()
+        .filter(|&f| index_of(f).is_some())
+        .collect()
+}
+
+/// The storage format named `name` (a codec name, config name or alias), when full mode
+/// models it.
+pub fn parse_format(name: &str) -> Result<Format> {
+    let format = Format::parse(name)?;
+    check_format(format)?;
+    Ok(format)
+}
+
+fn check_format(format: Format) -> Result<()> {
+    let names: Vec<&str> = formats().iter().map(|f| f.name()).collect();
+    ensure!(
+        index_of(format).is_some(),
+        config,
+        "{format} has no sparse index that full mode models (expected one of: {})",
+        names.join(", ")
+    );
+    Ok(())
+}
 
 /// Hardware and workload parameters of the full model.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,23 +129,33 @@ impl Default for FullParams {
 
 impl FullParams {
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str| Err(Error::config(format!("full mode: {what}")));
-        if self.pe_width == 0 || self.pe_height == 0 {
-            return bad("the PE array must be at least 1 x 1");
-        }
-        if !(self.clock_hz > 0.0 && self.clock_hz.is_finite()) {
-            return bad("clock must be a positive number of Hz");
-        }
-        if !(self.bandwidth > 0.0 && self.bandwidth.is_finite()) {
-            return bad("bandwidth must be a positive number of bytes/s");
-        }
-        if self.value_bits == 0 || self.act_bits == 0 || self.index_bits == 0 {
-            return bad("bits per value, activation and index must be positive");
-        }
-        if self.prefill_tokens == 0 {
-            return bad("prefill tokens must be at least 1");
-        }
-        Ok(())
+        let positive = |x: f64| x > 0.0 && x.is_finite();
+        ensure!(
+            self.pe_width > 0 && self.pe_height > 0,
+            config,
+            "full mode: the PE array must be at least 1 x 1"
+        );
+        ensure!(
+            positive(self.clock_hz),
+            config,
+            "full mode: clock must be a positive number of Hz"
+        );
+        ensure!(
+            positive(self.bandwidth),
+            config,
+            "full mode: bandwidth must be a positive number of bytes/s"
+        );
+        ensure!(
+            self.value_bits > 0 && self.act_bits > 0 && self.index_bits > 0,
+            config,
+            "full mode: bits per value, activation and index must be positive"
+        );
+        ensure!(
+            self.prefill_tokens > 0,
+            config,
+            "full mode: prefill tokens must be at least 1"
+        );
+        check_format(self.format).map_err(|e| e.context("full mode"))
     }
 }
 
@@ -133,17 +198,17 @@ fn bytes_of(bits: u64) -> u64 {
 }
 
 /// Weight bytes (values, metadata) of the mask in a format.
-fn storage(rows: u64, cols: u64, kept: u64, format: Format, p: &FullParams) -> (u64, u64) {
-    if format == CSR {
-        (
+fn storage(rows: u64, cols: u64, kept: u64, index: Index, p: &FullParams) -> (u64, u64) {
+    match index {
+        Index::Csr => (
             bytes_of(kept * p.value_bits),
             bytes_of(kept * p.index_bits) + (rows + 1) * 4,
-        )
-    } else if format == TWO_FOUR {
-        let stored = rows * cols.div_ceil(4) * 2;
-        (bytes_of(stored * p.value_bits), bytes_of(stored * 2))
-    } else {
-        (bytes_of(kept * p.value_bits), rows * cols.div_ceil(8))
+        ),
+        Index::TwoFour => {
+            let stored = rows * cols.div_ceil(4) * 2;
+            (bytes_of(stored * p.value_bits), bytes_of(stored * 2))
+        }
+        Index::Bitmask => (bytes_of(kept * p.value_bits), rows * cols.div_ceil(8)),
     }
 }
 
@@ -215,9 +280,11 @@ pub fn simulate_full(view: &MaskView<'_>, deg: &[u32], p: &FullParams) -> FullRe
     let rows = view.rows() as u64;
     let cols = view.cols() as u64;
     let kept: u64 = deg.iter().map(|&d| d as u64).sum();
-    let format_ok = p.format != TWO_FOUR || view.is_n_of_m(2, 4);
-    let format = if format_ok { p.format } else { BITMASK };
-    let (value_bytes, metadata_bytes) = storage(rows, cols, kept, format, p);
+    // Parameters are validated before any matrix is simulated.
+    let index = index_of(p.format).expect("a format full mode models");
+    let format_ok = index != Index::TwoFour || view.is_n_of_m(2, 4);
+    let index = if format_ok { index } else { Index::Bitmask };
+    let (value_bytes, metadata_bytes) = storage(rows, cols, kept, index, p);
     let sparse_bytes = value_bytes + metadata_bytes;
     let dense_bytes = bytes_of(rows * cols * p.value_bits);
     let mut sorted: Vec<u32> = deg.to_vec();
@@ -271,20 +338,20 @@ pub fn ratio(a: u64, b: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mask::Elem;
+    use safetensors::tensor::Dtype;
 
     #[test]
     fn bandwidth_bounds_of_the_spec() {
         // 50% in fp16: bitmask 1.78x, CSR with 32-bit indices 0.67x (row pointers aside).
         let (r, c) = (4096u64, 4096u64);
         let p = FullParams::default();
-        let (v, m) = storage(r, c, r * c / 2, BITMASK, &p);
+        let (v, m) = storage(r, c, r * c / 2, Index::Bitmask, &p);
         let b = (r * c * 2) as f64 / (v + m) as f64;
         assert!((b - 1.7778).abs() < 1e-3, "{b}");
-        let (v, m) = storage(r, c, r * c / 2, CSR, &p);
+        let (v, m) = storage(r, c, r * c / 2, Index::Csr, &p);
         let b = (r * c * 2) as f64 / (v + m) as f64;
         assert!((b - 0.6667).abs() < 1e-3, "{b}");
-        let (v, m) = storage(r, c, r * c / 2, TWO_FOUR, &p);
+        let (v, m) = storage(r, c, r * c / 2, Index::TwoFour, &p);
         let b = (r * c * 2) as f64 / (v + m) as f64;
         assert!((b - 1.7778).abs() < 1e-3, "{b}");
     }
@@ -293,15 +360,39 @@ mod tests {
     fn dense_matrix_is_no_faster_and_empty_matrix_costs_only_activations() {
         let (r, c) = (64usize, 128usize);
         let ones = vec![1u8; r * c];
-        let v = MaskView::new(&ones[..], Elem::Byte, r, c).unwrap();
+        let v = MaskView::new(&ones[..], Dtype::BOOL, r, c).unwrap();
         let res = simulate_full(&v, &v.column_degrees(), &FullParams::default());
         assert!(res.decode.speedup <= 1.0);
         assert!(res.prefill.speedup <= 1.0 + 1e-12);
         let zeros = vec![0u8; r * c];
-        let v = MaskView::new(&zeros[..], Elem::Byte, r, c).unwrap();
+        let v = MaskView::new(&zeros[..], Dtype::BOOL, r, c).unwrap();
         let res = simulate_full(&v, &v.column_degrees(), &FullParams::default());
         assert_eq!(res.decode.compute_cycles, 0);
         assert!(res.decode.speedup > 1.0);
+    }
+
+    #[test]
+    fn formats_are_the_modelled_codecs() {
+        let names: Vec<&str> = formats().iter().map(|f| f.name()).collect();
+        assert_eq!(names, ["bitmask", "2:4", "csr"]);
+        for f in codec::all() {
+            let modelled = formats().contains(f);
+            assert_eq!(parse_format(f.name()).is_ok(), modelled, "{f}");
+            for alias in f.aliases() {
+                assert_eq!(parse_format(alias).ok(), modelled.then_some(*f), "{alias}");
+            }
+            let p = FullParams {
+                format: *f,
+                ..FullParams::default()
+            };
+            assert_eq!(p.validate().is_ok(), modelled, "{f}");
+        }
+        let e = parse_format("pack-quantized").unwrap_err();
+        assert!(
+            e.message.contains("expected one of: bitmask, 2:4, csr"),
+            "{e}"
+        );
+        assert!(parse_format("coo").is_err());
     }
 
     #[test]

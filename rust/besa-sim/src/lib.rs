@@ -16,7 +16,7 @@ pub mod options;
 pub mod packed_source;
 pub mod reference;
 
-pub use mask::{Elem, MaskView};
+pub use mask::MaskView;
 pub use model::{open_source, simulate_path, MatrixSource, Report, SimParams};
 pub use options::{Mode, SimOptions};
 pub use reference::{RefFloat, RefParams};

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use besa_sparse::{Error, PackedModel, Result};
+use besa_sparse::{ensure, Error, PackedModel, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -82,11 +82,7 @@ pub fn projection_type(name: &str) -> String {
 }
 
 /// The block (layer) index of a name: its first all-digit component.
-pub fn layer_index(name: &str) -> Option<usize> {
-    name.split('.')
-        .find(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|p| p.parse().ok())
-}
+pub use besa_sparse::inspect::block_index as layer_index;
 
 /// A matrix selected for simulation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -158,9 +154,12 @@ impl SimParams {
         if let Some(f) = &self.full {
             f.validate()?;
         }
-        if self.reference.pe_width == 0 || self.reference.pe_height == 0 {
-            return Err(Error::config("the PE array must be at least 1 x 1"));
-        }
+        let r = &self.reference;
+        ensure!(
+            r.pe_width > 0 && r.pe_height > 0,
+            config,
+            "the PE array must be at least 1 x 1"
+        );
         Ok(())
     }
 
@@ -544,9 +543,10 @@ pub fn nothing_selected(path: &str, pattern: Option<&str>) -> Error {
 pub fn simulate_path(path: &Path, p: &SimParams) -> Result<Report> {
     let source = open_source(path)?;
     let (planned, skipped) = plan(&source.tensors());
-    if planned.is_empty() {
-        return Err(nothing_selected(&source.describe(), None));
-    }
+    ensure!(
+        !planned.is_empty(),
+        nothing_selected(&source.describe(), None)
+    );
     let names: Vec<String> = planned.into_iter().map(|p| p.name).collect();
     let matrices = simulate_names(source.as_ref(), &names, p)?;
     Ok(Report::new(source.describe(), p, matrices, skipped))
@@ -604,7 +604,7 @@ mod tests {
     #[test]
     fn reports_are_sorted_by_layer_then_type() {
         let keep = [1u8, 0, 1, 1];
-        let view = MaskView::new(&keep[..], crate::mask::Elem::Byte, 2, 2).unwrap();
+        let view = MaskView::new(&keep[..], safetensors::tensor::Dtype::BOOL, 2, 2).unwrap();
         let p = SimParams::default();
         let items: Vec<InMemory<'_>> = [
             "lm.extra",

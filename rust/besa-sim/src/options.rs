@@ -4,7 +4,7 @@
 //! Every binding (Python keywords, CLI flags) fills [`SimOptions`] and calls
 //! [`SimOptions::params`]; no binding repeats the layout or the units of [`SimParams`].
 
-use besa_sparse::{Error, Result};
+use besa_sparse::{bail, ensure, Result};
 
 use crate::full::{Format, FullParams};
 use crate::model::SimParams;
@@ -25,9 +25,7 @@ impl Mode {
         match name {
             "reference" => Ok(Mode::Reference),
             "full" => Ok(Mode::Full),
-            other => Err(Error::config(format!(
-                "mode must be 'reference' or 'full', not {other:?}"
-            ))),
+            other => bail!(config, "mode must be 'reference' or 'full', not {other:?}"),
         }
     }
 
@@ -44,15 +42,16 @@ pub fn parse_float(name: &str) -> Result<RefFloat> {
     match name {
         "f32" => Ok(RefFloat::F32),
         "f64" => Ok(RefFloat::F64),
-        other => Err(Error::config(format!(
+        other => bail!(
+            config,
             "float_mode must be 'f32' (the authors' torch code) or 'f64', not {other:?}"
-        ))),
+        ),
     }
 }
 
-/// Parses the storage format of the full model (`format`).
+/// Parses the storage format of the full model (`format`): one of [`crate::full::formats`].
 pub fn parse_format(name: &str) -> Result<Format> {
-    Format::parse(name).map_err(|e| e.context("format"))
+    crate::full::parse_format(name).map_err(|e| e.context("format"))
 }
 
 /// Options of the full model, in user units; `None` keeps the default (see [`FullParams`]).
@@ -141,29 +140,27 @@ impl Default for SimOptions {
 
 /// A count that must be at least 1.
 fn positive(name: &str, v: i64) -> Result<u64> {
-    if v < 1 {
-        return Err(Error::config(format!("{name} must be >= 1, got {v}")));
-    }
+    ensure!(v >= 1, config, "{name} must be >= 1, got {v}");
     Ok(v as u64)
 }
 
 /// A rate that must be a positive finite number.
 fn positive_rate(name: &str, v: f64) -> Result<f64> {
-    if !(v > 0.0 && v.is_finite()) {
-        return Err(Error::config(format!(
-            "{name} must be a positive number, got {v}"
-        )));
-    }
+    ensure!(
+        v > 0.0 && v.is_finite(),
+        config,
+        "{name} must be a positive number, got {v}"
+    );
     Ok(v)
 }
 
 /// A buffer size in KB (KiB), as bytes.
 fn buffer_bytes(name: &str, kb: f64) -> Result<u64> {
-    if !(kb >= 0.0 && kb.is_finite()) || kb * 1024.0 > u64::MAX as f64 {
-        return Err(Error::config(format!(
-            "{name} must be a non-negative number of KB, got {kb}"
-        )));
-    }
+    ensure!(
+        kb >= 0.0 && kb.is_finite() && kb * 1024.0 <= u64::MAX as f64,
+        config,
+        "{name} must be a non-negative number of KB, got {kb}"
+    );
     Ok((kb * 1024.0) as u64)
 }
 
@@ -176,19 +173,19 @@ impl SimOptions {
     /// Checks every option (naming the first bad one) and returns the engine's parameters.
     pub fn params(&self) -> Result<SimParams> {
         let (pe_width, pe_height) = pe_array(self.pe_width, self.pe_height)?;
-        if !(self.start_ratio >= 0.0 && self.start_ratio.is_finite()) {
-            return Err(Error::config(format!(
-                "start_ratio must be a non-negative number, got {}",
-                self.start_ratio
-            )));
-        }
+        let start = self.start_ratio;
+        ensure!(
+            start >= 0.0 && start.is_finite(),
+            config,
+            "start_ratio must be a non-negative number, got {start}"
+        );
         let set = self.full.set_names();
-        if self.mode == Mode::Reference && !set.is_empty() {
-            return Err(Error::config(format!(
-                "option(s) {} only apply to mode='full'",
-                set.join(", ")
-            )));
-        }
+        ensure!(
+            self.mode == Mode::Full || set.is_empty(),
+            config,
+            "option(s) {} only apply to mode='full'",
+            set.join(", ")
+        );
         let reference = RefParams {
             pe_width,
             pe_height,

@@ -12,7 +12,9 @@ use besa_sparse::dtype::name as dtype_name;
 use besa_sparse::packed::Storage;
 use besa_sparse::{PackedModel, Result};
 
-use crate::mask::{Elem, MaskView};
+use safetensors::tensor::Dtype;
+
+use crate::mask::MaskView;
 use crate::model::{MatrixSource, TensorMeta};
 
 /// A checkpoint (plain or packed) read through besa-sparse's packed reader; tensors have their
@@ -48,15 +50,12 @@ impl MatrixSource for PackedSource {
         }
         let (rows, cols) = (t.shape[0], t.shape[1]);
         match &t.storage {
-            Storage::Dense(l) => {
-                let elem = Elem::from_dtype(t.dtype, &what)?;
-                MaskView::new(self.model.part_data(*l), elem, rows, cols)
-                    .map_err(|e| e.context(&what))
-            }
+            Storage::Dense(l) => MaskView::new(self.model.part_data(*l), t.dtype, rows, cols)
+                .map_err(|e| e.context(&what)),
             Storage::Packed(p) => {
                 // Errors of keep_mask already name the file and tensor.
                 let mask = self.model.keep_mask(t, p)?;
-                MaskView::new(mask, Elem::Byte, rows, cols).map_err(|e| e.context(&what))
+                MaskView::new(mask, Dtype::BOOL, rows, cols).map_err(|e| e.context(&what))
             }
         }
     }

@@ -383,7 +383,7 @@ pub fn count_ns(view: &MaskView<'_>, deg: &[u32], h: &[u32]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mask::Elem;
+    use safetensors::tensor::Dtype;
 
     /// Literal: substitute on an explicit edge list, build Mp, count.
     fn literal_ns(keep: &[Vec<bool>], h: &[u32]) -> u64 {
@@ -440,7 +440,7 @@ mod tests {
                 .map(|_| (0..c).map(|_| lcg(&mut seed) % 100 < density).collect())
                 .collect();
             let bytes: Vec<u8> = keep.iter().flatten().map(|&k| k as u8).collect();
-            let view = MaskView::new(&bytes[..], Elem::Byte, r, c).unwrap();
+            let view = MaskView::new(&bytes[..], Dtype::BOOL, r, c).unwrap();
             let deg = view.column_degrees();
             for ratio in [0.1, 0.3, 0.5, 0.7] {
                 let h = dense_columns(&deg, r, ratio, RefFloat::F64);

@@ -3,9 +3,12 @@
 //! comes back as `+0.0` from a pack/unpack round trip); NaN and every other value are kept bit
 //! for bit.
 
-use safetensors::tensor::Dtype;
+pub use safetensors::tensor::Dtype;
 
 use crate::error::Result;
+
+/// The float dtypes that weights are stored in and that the codecs pack.
+pub const FLOATS: [Dtype; 4] = [Dtype::F16, Dtype::BF16, Dtype::F32, Dtype::F64];
 
 /// Bytes per element of a dtype (sub-byte dtypes are refused by the callers that need this).
 pub fn itemsize(dtype: Dtype) -> usize {
@@ -25,7 +28,7 @@ pub fn parse(name: &str) -> Result<Dtype> {
 
 /// True for the float dtypes that weights are stored in and that the codecs pack.
 pub fn is_float(dtype: Dtype) -> bool {
-    matches!(dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
+    FLOATS.contains(&dtype)
 }
 
 /// Item size of a float dtype the codecs accept; any other dtype is a `Dtype` error.
@@ -50,6 +53,28 @@ pub fn magnitude<const N: usize>(b: &[u8]) -> u64 {
         _ => unreachable!("unsupported item size"),
     }
 }
+
+/// The zero rule on an element loaded as the unsigned word of its size (`u8`, `u16`, `u32`,
+/// `u64`): for kernels that read whole aligned rows as words, which the compiler vectorises.
+pub trait FloatBits: Copy + Send + Sync + 'static {
+    /// Every bit but the sign bit.
+    const MAGNITUDE: Self;
+    /// True for a zero under the zero rule.
+    fn is_zero(self) -> bool;
+}
+
+macro_rules! float_bits {
+    ($($t:ty),*) => {
+        $(impl FloatBits for $t {
+            const MAGNITUDE: Self = <$t>::MAX >> 1;
+            #[inline(always)]
+            fn is_zero(self) -> bool {
+                self & Self::MAGNITUDE == 0
+            }
+        })*
+    };
+}
+float_bits!(u8, u16, u32, u64);
 
 /// The zero rule for one little-endian element of any size.
 #[inline]
@@ -99,6 +124,14 @@ mod tests {
                 magnitude::<4>(b)
             };
             assert_eq!(m == 0, zero);
+            let word = if b.len() == 2 {
+                u16::from_le_bytes([b[0], b[1]]).is_zero()
+            } else {
+                u32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_zero()
+            };
+            assert_eq!(word, zero);
         }
+        assert!(0x80u8.is_zero() && !0x01u8.is_zero());
+        assert!((1u64 << 63).is_zero() && !(1u64 << 62).is_zero());
     }
 }

@@ -87,12 +87,18 @@ macro_rules! bail {
     };
 }
 
-/// [`bail!`] unless the condition holds: `ensure!(cols % 4 == 0, shape, "{cols} columns")`.
+/// [`bail!`] unless the condition holds: `ensure!(cols % 4 == 0, shape, "{cols} columns")`;
+/// or returns a ready-made [`Error`]: `ensure!(found, not_found_error(name))`.
 #[macro_export]
 macro_rules! ensure {
     ($cond:expr, $kind:ident, $($arg:tt)+) => {
         if !$cond {
             $crate::bail!($kind, $($arg)+);
+        }
+    };
+    ($cond:expr, $err:expr $(,)?) => {
+        if !$cond {
+            return Err($err);
         }
     };
 }

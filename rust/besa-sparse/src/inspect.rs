@@ -78,13 +78,22 @@ pub struct Verified {
     pub checksums: usize,
 }
 
+/// Whether a component of a dotted tensor name is a block index (all digits).
+fn is_index(part: &str) -> bool {
+    !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The block index of a tensor name: its first all-digit component.
+pub fn block_index(name: &str) -> Option<usize> {
+    name.split('.')
+        .find(|p| is_index(p))
+        .and_then(|p| p.parse().ok())
+}
+
 /// The layer type of a tensor name: the components after the last all-digit component.
 pub fn layer_kind(name: &str) -> String {
     let parts: Vec<&str> = name.split('.').collect();
-    match parts
-        .iter()
-        .rposition(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-    {
+    match parts.iter().rposition(|p| is_index(p)) {
         Some(i) if i + 1 < parts.len() => parts[i + 1..].join("."),
         _ => name.to_string(),
     }
@@ -98,8 +107,7 @@ pub fn is_block_linear(name: &str, shape: &[usize]) -> bool {
 
 /// True for names inside a numbered block (`...layers.<i>....`).
 pub fn in_numbered_block(name: &str) -> bool {
-    name.split('.')
-        .any(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    name.split('.').any(is_index)
 }
 
 /// Inspects a model path (file or directory), plain or packed. For a packed checkpoint the
