@@ -122,6 +122,14 @@ def test_two_ranks_give_the_single_process_result(case, dist_runs, tiny_dir):
                 assert abs(li["learned_sparsity"] - dli["learned_sparsity"]) < RATE_TOL
                 assert li["realised_sparsity"] == dli["realised_sparsity"]
             torch.testing.assert_close(db["loss"], b["loss"], rtol=1e-5, atol=0)
+            # the first batch before and after: the same samples as the single process (each
+            # rank runs its part of the first global batch through the finished block)
+            torch.testing.assert_close(
+                db["first_sample_reconstruction"],
+                b["first_sample_reconstruction"],
+                rtol=1e-5,
+                atol=0,
+            )
             if "wbits" in kw:
                 continue
             comm = db["communication"]["bytes"]

@@ -457,6 +457,14 @@ class LoopSync:
         return float(flat[off])
 
 
+def all_sum(t: torch.Tensor, kind: str, what: str) -> torch.Tensor:
+    """``t`` summed over the ranks (a new tensor on ``t``'s device; ``t`` itself outside a
+    process group). ``kind``: its traffic category."""
+    if not active():
+        return t
+    return _all_reduce(kind, _on_comm(t), what).to(t.device)
+
+
 def sync_block(linears: dict[str, nn.Linear], index: int) -> None:
     """Rank 0's pruned weights for every rank, so the pruned chain is the same everywhere."""
     if not active():
