@@ -441,7 +441,7 @@ class LoopSync:
             for p in params
         ]
         parts.append(rec.detach().reshape(1).float().to(parts[0].device if parts else "cpu"))
-        flat = _on_comm(torch.cat(parts))
+        flat = torch.cat(parts).to(_comm_device())  # a fresh tensor: no copy when on the CPU
         # tests: BESA_RS_TEST_CRASH_AT=distributed-blockI-rankR kills rank R here (SIGKILL)
         _native.crash_point(f"distributed-block{self.index}-rank{rank()}")
         _all_reduce("gradients", flat, f"block {self.index}'s optimisation step")
