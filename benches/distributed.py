@@ -23,7 +23,10 @@ rank: ``OMP_NUM_THREADS=1``). Printed:
 
 instead measures host memory: peak RSS of every rank (its own ``VmHWM``) of a short run
 (``--method``, default Wanda, first ``--blocks`` blocks, default 2) with ``--load in-memory``
-and ``--load streamed``, one process and ``--ranks`` ranks under torchrun.
+and ``--load streamed``, one process and ``--ranks`` ranks under torchrun
+(``--memory-ranks 2``: the multi-rank arms only). With ``--synthetic-7b`` the model is the
+LLaMA-7B-shaped checkpoint of benches/memory.py (4 blocks, bfloat16, random weights, written to
+a temporary directory) pruned in bfloat16 on a calibration file of random words.
 """
 
 from __future__ import annotations
@@ -96,13 +99,15 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def memory_arm(ranks: int, load: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def memory_arm(
+    ranks: int, load: str, args: argparse.Namespace, work: Path, model: str, extra: list[str]
+) -> dict[str, Any]:
     """Peak RSS per rank of a short ``--load load`` run on ``ranks`` ranks."""
     tag = f"{load}-{ranks}"
     wrapper = work / "rss_wrapper.py"
     wrapper.write_text(_RSS_WRAPPER)
     cmd = [
-        str(wrapper), "prune", args.model, "--out", str(work / tag), "--quiet",
+        str(wrapper), "prune", model, "--out", str(work / tag), "--quiet", *extra,
         "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
         "--batch-size", str(args.batch_size), "--method", args.method,
         "--blocks", str(args.blocks or 2), "--load", load,
@@ -137,16 +142,26 @@ def memory_arm(ranks: int, load: str, args: argparse.Namespace, work: Path) -> d
 def memory_main(args: argparse.Namespace) -> int:
     from besa_rs.models import resolve_model
 
-    model_dir = resolve_model(args.model)
-    weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     rows = []
     with tempfile.TemporaryDirectory(prefix="besa-dist-mem-") as tmp:
-        for ranks in (1, args.ranks):
+        model, extra = args.model, []
+        if args.synthetic_7b:
+            sys.path.insert(0, str(Path(__file__).parent))
+            from memory import calib_text, write_7b_shaped
+
+            model = str(Path(tmp) / "llama-7b-shaped")
+            write_7b_shaped(Path(model))
+            calib = calib_text(Path(tmp) / "calib.txt")
+            extra = ["--dtype", "bfloat16", "--calib", str(calib)]
+        model_dir = resolve_model(model)
+        weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+        for ranks in sorted({int(r) for r in args.memory_ranks.split(",")}):
             for load in ("in-memory", "streamed"):
-                rows.append(memory_arm(ranks, load, args, Path(tmp)))
+                rows.append(memory_arm(ranks, load, args, Path(tmp), model, extra))
+    name = "LLaMA-7B-shaped x 4 blocks, bf16" if args.synthetic_7b else args.model
     print()
     print(
-        f"{args.model} ({weights / 1e9:.2f} GB of safetensors), {args.method}, first "
+        f"{name} ({weights / 1e9:.2f} GB of safetensors), {args.method}, first "
         f"{args.blocks or 2} blocks, {args.nsamples} x {args.seqlen} tokens, 1 thread per rank"
     )
     print(f"{'ranks':>5} {'load':<10} {'wall s':>7}  peak RSS per rank")
@@ -188,8 +203,11 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--memory", action="store_true", help="peak RSS per rank instead (above)")
     ap.add_argument("--method", default="wanda", help="with --memory (default wanda)")
+    ap.add_argument("--memory-ranks", default=None, help="with --memory: e.g. 2 (default 1,RANKS)")
+    ap.add_argument("--synthetic-7b", action="store_true", help="with --memory (above)")
     args = ap.parse_args()
     if args.memory:
+        args.memory_ranks = args.memory_ranks or f"1,{args.ranks}"
         return memory_main(args)
 
     with tempfile.TemporaryDirectory(prefix="besa-dist-bench-") as tmp:
