@@ -18,6 +18,15 @@ rank: ``OMP_NUM_THREADS=1``). Printed:
   as benches/quality.py computes it, and their relative difference;
 * communication per block and per step as the report counts it (bytes handed to collectives
   by each rank, by kind: loss norms, gradients, statistics, weight broadcast).
+
+    .venv/bin/python benches/distributed.py --memory [--method wanda] [--blocks 2]
+
+instead measures host memory: peak RSS of every rank (its own ``VmHWM``) of a short run
+(``--method``, default Wanda, first ``--blocks`` blocks, default 2) with ``--load in-memory``
+and ``--load streamed``, one process and ``--ranks`` ranks under torchrun
+(``--memory-ranks 2``: the multi-rank arms only). With ``--synthetic-7b`` the model is the
+LLaMA-7B-shaped checkpoint of benches/memory.py (4 blocks, bfloat16, random weights, written to
+a temporary directory) pruned in bfloat16 on a calibration file of random words.
 """
 
 from __future__ import annotations
@@ -75,6 +84,95 @@ def run_arm(ranks: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {"ranks": ranks, "wall_s": wall, "cpu_s": cpu, "load": load, "out": out, "report": rep}
 
 
+#: runs ``besa_rs.cli.main`` and writes this process's peak RSS (VmHWM) to
+#: $BESA_MEM_OUT.rank<RANK> at exit (under torchrun: one file per rank)
+_RSS_WRAPPER = """
+import atexit, os, sys
+def _hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            r = os.environ.get("RANK", "0")
+            open(os.environ["BESA_MEM_OUT"] + ".rank" + r, "w").write(line.split()[1])
+atexit.register(_hwm)
+from besa_rs.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def memory_arm(
+    ranks: int, load: str, args: argparse.Namespace, work: Path, model: str, extra: list[str]
+) -> dict[str, Any]:
+    """Peak RSS per rank of a short ``--load load`` run on ``ranks`` ranks."""
+    tag = f"{load}-{ranks}"
+    wrapper = work / "rss_wrapper.py"
+    wrapper.write_text(_RSS_WRAPPER)
+    cmd = [
+        str(wrapper), "prune", model, "--out", str(work / tag), "--quiet", *extra,
+        "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+        "--batch-size", str(args.batch_size), "--method", args.method,
+        "--blocks", str(args.blocks or 2), "--load", load,
+        "--json", str(work / f"{tag}.json"),
+    ]  # fmt: skip
+    if ranks > 1:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", str(ranks), *cmd,
+        ]  # fmt: skip
+    else:
+        cmd = [sys.executable, *cmd]
+    hwm = work / f"{tag}.hwm"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "BESA_MEM_OUT": str(hwm),
+    }
+    print(f"# {ranks} rank(s), --load {load}", flush=True)
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"{tag} failed ({p.returncode}):\n{p.stderr[-4000:]}")
+    rep = json.loads((work / f"{tag}.json").read_text())
+    peaks = [int((work / f"{tag}.hwm.rank{r}").read_text()) * 1024 for r in range(ranks)]
+    shutil.rmtree(work / tag, ignore_errors=True)
+    return {"ranks": ranks, "load": rep["load"]["mode"], "peak_rss": peaks, "wall_s": wall}
+
+
+def memory_main(args: argparse.Namespace) -> int:
+    from besa_rs.models import resolve_model
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="besa-dist-mem-") as tmp:
+        model, extra = args.model, []
+        if args.synthetic_7b:
+            sys.path.insert(0, str(Path(__file__).parent))
+            from memory import calib_text, write_7b_shaped
+
+            model = str(Path(tmp) / "llama-7b-shaped")
+            write_7b_shaped(Path(model))
+            calib = calib_text(Path(tmp) / "calib.txt")
+            extra = ["--dtype", "bfloat16", "--calib", str(calib)]
+        model_dir = resolve_model(model)
+        weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+        for ranks in sorted({int(r) for r in args.memory_ranks.split(",")}):
+            for load in ("in-memory", "streamed"):
+                rows.append(memory_arm(ranks, load, args, Path(tmp), model, extra))
+    name = "LLaMA-7B-shaped x 4 blocks, bf16" if args.synthetic_7b else args.model
+    print()
+    print(
+        f"{name} ({weights / 1e9:.2f} GB of safetensors), {args.method}, first "
+        f"{args.blocks or 2} blocks, {args.nsamples} x {args.seqlen} tokens, 1 thread per rank"
+    )
+    print(f"{'ranks':>5} {'load':<10} {'wall s':>7}  peak RSS per rank")
+    for r in rows:
+        per = ", ".join(f"rank {i}: {b / 1e9:.2f} GB" for i, b in enumerate(r["peak_rss"]))
+        print(f"{r['ranks']:>5} {r['load']:<10} {r['wall_s']:7.1f}  {per}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
 def perplexity(model_dir: Path) -> float:
     import torch
 
@@ -103,7 +201,14 @@ def main() -> int:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--blocks", type=int, default=None, help="prune only the first N blocks")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--memory", action="store_true", help="peak RSS per rank instead (above)")
+    ap.add_argument("--method", default="wanda", help="with --memory (default wanda)")
+    ap.add_argument("--memory-ranks", default=None, help="with --memory: e.g. 2 (default 1,RANKS)")
+    ap.add_argument("--synthetic-7b", action="store_true", help="with --memory (above)")
     args = ap.parse_args()
+    if args.memory:
+        args.memory_ranks = args.memory_ranks or f"1,{args.ranks}"
+        return memory_main(args)
 
     with tempfile.TemporaryDirectory(prefix="besa-dist-bench-") as tmp:
         work = Path(tmp)

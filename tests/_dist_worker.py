@@ -8,6 +8,13 @@ gloo process group and runs ``besa_rs.prune`` (the Python API inside an initiali
     python tests/_dist_worker.py bad MODEL_DIR OUT_DIR
         runs the bad-input cases of BAD; every rank writes the one-line error of each to
         OUT_DIR/bad.rank<R>.json
+    python tests/_dist_worker.py streamed MODEL_DIR OUT_DIR
+        prunes MODEL_DIR with ``besa_rs.prune_streamed`` (streamed loading inside the group) for
+        every case of STREAMED into OUT_DIR/<case>; every rank writes what it saw (blocks in
+        memory at each load, whether it wrote, its report's load mode) to
+        OUT_DIR/<case>.rank<R>.json. Then the ranks stream different checkpoints (rank 1 a copy
+        of MODEL_DIR with one tensor changed): each writes its error to
+        OUT_DIR/mismatch.rank<R>.json
 """
 
 from __future__ import annotations
@@ -46,6 +53,18 @@ BAD: dict[str, tuple[list[dict], int]] = {
 }
 
 
+#: name -> (prune_streamed() keyword arguments, number of calibration samples)
+STREAMED: dict[str, tuple[dict, int]] = {
+    "wanda": ({"method": "wanda"}, 5),
+    "besa": ({"method": "besa", "batch_size": 2, "candidate_step": 0.05}, 4),
+    "sparsegpt": ({"method": "sparsegpt"}, 4),
+    "besa-wbits4": (
+        {"method": "besa", "batch_size": 2, "candidate_step": 0.05, "wbits": 4, "group_size": 32},
+        4,
+    ),
+}
+
+
 def tokens(n: int) -> torch.Tensor:
     from _tiny import tiny_tokens
 
@@ -65,6 +84,62 @@ def run_case(model_dir: str, kw: dict, n: int) -> tuple[dict, dict]:
     report = besa_rs.prune(model, tokens(n), progress=False, **kw)
     weights = {k: v.detach().clone() for k, v in model.state_dict().items() if "proj" in k}
     return weights, report
+
+
+def reference_dir(model_dir: str, kw: dict, n: int, dest: Path) -> dict:
+    """The single-process in-memory run of a case, saved as ``besa-rs prune`` saves it
+    (``save_pretrained`` and the quantization file); returns its report."""
+    from besa_rs.pruning import quant
+
+    model = load(model_dir)
+    import besa_rs
+
+    report = besa_rs.prune(model, tokens(n), progress=False, **kw)
+    model.save_pretrained(dest, safe_serialization=True)
+    quant.write_quant_file(model, dest)
+    return report
+
+
+def run_streamed(model_dir: str, out: Path, kw: dict, n: int) -> dict:
+    """``besa_rs.prune_streamed`` on this rank, watching its StreamedModel."""
+    import besa_rs
+    from besa_rs.pruning import streaming
+
+    seen: dict = {"live": []}
+    base = streaming.StreamedModel
+
+    class Watched(base):  # type: ignore[misc, valid-type]
+        def load_block(self, i: int) -> None:
+            super().load_block(i)
+            blocks = self.adapter.blocks
+            seen["live"].append(
+                sum(any(p.device.type != "meta" for p in b.parameters()) for b in blocks)
+            )
+            seen["writes"] = self.writes
+            seen["outer_on_meta"] = self.model.get_input_embeddings().weight.device.type == "meta"
+
+    streaming.StreamedModel = Watched  # type: ignore[misc]
+    try:
+        report = besa_rs.prune_streamed(model_dir, out, tokens(n), progress=False, **kw)
+    finally:
+        streaming.StreamedModel = base  # type: ignore[misc]
+    seen["load"] = report["load"]["mode"]
+    seen["world_size"] = report["distributed"]["world_size"]
+    return seen
+
+
+def changed_copy(model_dir: str, dest: Path) -> str:
+    """A copy of ``model_dir`` with one block tensor changed (the same config and shapes)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, dest)
+    f = dest / "model.safetensors"
+    sd = load_file(str(f))
+    sd["model.layers.1.mlp.down_proj.weight"] = sd["model.layers.1.mlp.down_proj.weight"] * 2
+    save_file(sd, str(f), metadata={"format": "pt"})
+    return str(dest)
 
 
 def main() -> None:
@@ -89,6 +164,19 @@ def main() -> None:
                 except BesaError as e:
                     errors[name] = f"{type(e).__name__}: {e}"
             (Path(out) / f"bad.rank{r}.json").write_text(json.dumps(errors))
+        elif scenario == "streamed":
+            from besa_rs.errors import BesaError
+
+            for name, (kw, n) in STREAMED.items():
+                seen = run_streamed(model_dir, Path(out) / name, kw, n)
+                (Path(out) / f"{name}.rank{r}.json").write_text(json.dumps(seen))
+            src = model_dir if r == 0 else changed_copy(model_dir, Path(out) / "changed-copy")
+            try:
+                run_streamed(src, Path(out) / "mismatch", {"method": "wanda"}, 4)
+                error = None
+            except BesaError as e:
+                error = f"{type(e).__name__}: {e}"
+            (Path(out) / f"mismatch.rank{r}.json").write_text(json.dumps(error))
         else:
             raise SystemExit(f"unknown scenario {scenario!r}")
     finally:

@@ -1,6 +1,8 @@
 """Data-parallel pruning on torch.distributed (gloo, 2 processes of 1 thread each) against the
 single-process run with the same global batch: masks, learned rates, bad input, a dying rank,
-checkpoints and ``--resume`` (python/besa_rs/pruning/distributed.py)."""
+checkpoints and ``--resume`` (python/besa_rs/pruning/distributed.py); streamed block loading
+inside the process group (python/besa_rs/pruning/streaming.py) against the single-process
+in-memory run."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _dist_worker import BAD, CASES, run_case
+from _dist_worker import BAD, CASES, STREAMED, reference_dir, run_case
 from _tiny import prune_args, save_tiny
 from safetensors.torch import load_file
 
@@ -120,6 +122,14 @@ def test_two_ranks_give_the_single_process_result(case, dist_runs, tiny_dir):
                 assert abs(li["learned_sparsity"] - dli["learned_sparsity"]) < RATE_TOL
                 assert li["realised_sparsity"] == dli["realised_sparsity"]
             torch.testing.assert_close(db["loss"], b["loss"], rtol=1e-5, atol=0)
+            # the first batch before and after: the same samples as the single process (each
+            # rank runs its part of the first global batch through the finished block)
+            torch.testing.assert_close(
+                db["first_sample_reconstruction"],
+                b["first_sample_reconstruction"],
+                rtol=1e-5,
+                atol=0,
+            )
             if "wbits" in kw:
                 continue
             comm = db["communication"]["bytes"]
@@ -150,15 +160,83 @@ def test_bad_input_is_refused_on_every_rank(tiny_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# streamed loading inside the process group (besa_rs.prune_streamed; one torchrun launch)
+
+
+def _safetensors(d: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def streamed_runs(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dstream")
+    _torchrun([str(HERE / "_dist_worker.py"), "streamed", str(tiny_dir), str(out)])
+    return out
+
+
+@pytest.mark.parametrize("case", list(STREAMED))
+def test_streamed_two_ranks_give_the_single_process_in_memory_result(
+    case, streamed_runs, tiny_dir, tmp_path
+):
+    kw, n = STREAMED[case]
+    ref = tmp_path / "ref"
+    reference_dir(str(tiny_dir), kw, n, ref)  # one process, the whole model in memory
+    got_dir = streamed_runs / case
+    rep = json.loads((got_dir / "besa_report.json").read_text())
+    assert rep["load"]["mode"] == "streamed" and rep["distributed"]["world_size"] == 2
+    assert sum(rep["distributed"]["samples_per_rank"]) == n
+    want, got = _safetensors(ref), _safetensors(got_dir)
+    assert want.keys() == got.keys()  # every tensor, embeddings and norms included
+    exact = kw["method"] != "sparsegpt" and "wbits" not in kw
+    for k, w in want.items():
+        g = got[k]
+        assert g.dtype == w.dtype and g.shape == w.shape, k
+        if exact or not g.is_floating_point():
+            assert torch.equal(g, w), f"{case} {k}"
+        else:  # the summed Hessian / clipping gradients: float32 rounding (WEIGHT_TOL)
+            assert torch.equal(g == 0, w == 0), f"{case} {k}: masks differ"
+            torch.testing.assert_close(g, w, rtol=0, atol=WEIGHT_TOL)
+    for r in range(2):
+        seen = json.loads((streamed_runs / f"{case}.rank{r}.json").read_text())
+        assert seen["load"] == "streamed" and seen["world_size"] == 2
+        assert seen["live"] == [1, 1]  # every rank: one block in memory at a time
+        assert seen["outer_on_meta"]  # the embeddings freed after the capture
+        assert seen["writes"] == (r == 0)  # rank 0 alone fills the output files
+    assert not Path(str(got_dir) + ".checkpoint").exists()
+
+
+def test_streamed_ranks_must_read_the_same_checkpoint(streamed_runs):
+    """Rank 1 streams a copy of the model with one block tensor changed: refused on both ranks
+    before any block, nothing written."""
+    for r in range(2):
+        err = json.loads((streamed_runs / f"mismatch.rank{r}.json").read_text())
+        assert err is not None and err.startswith("ConfigError: rank(s) 1 run with settings")
+        assert "\n" not in err
+    assert not (streamed_runs / "mismatch").exists()
+    assert not (streamed_runs / "mismatch.checkpoint").exists()
+
+
+# ---------------------------------------------------------------------------------------------
 # the CLI under torchrun: a dying rank, the checkpoint, --resume
 
 
-def test_dying_rank_stops_the_others_and_resume_needs_the_same_world(tmp_path, calib_file, capsys):
+@pytest.mark.parametrize("load", ["auto", "in-memory"])
+def test_dying_rank_stops_the_others_and_resume_needs_the_same_world(
+    load, tmp_path, calib_file, capsys
+):
+    """``auto`` streams under torchrun (rank 0 fills the output files in the checkpoint
+    directory); ``in-memory`` keeps block files. Either way the resumed two-rank run equals the
+    uninterrupted single-process in-memory run bit for bit."""
     model = save_tiny(tmp_path / "m", "llama", layers=3)
-    args = prune_args(model, tmp_path / "out", calib_file, "--batch-size", "2", "--step", "0.05")
+    extra = ["--batch-size", "2", "--step", "0.05"]
+    args = prune_args(model, tmp_path / "out", calib_file, *extra)
+    if load != "auto":
+        args += ["--load", load]
     ref = tmp_path / "ref"
-    ref_args = prune_args(model, ref, calib_file, "--batch-size", "2", "--step", "0.05")
-    assert main(ref_args) == 0  # one process, the same global batch
+    assert main(prune_args(model, ref, calib_file, *extra, "--load", "in-memory")) == 0
     capsys.readouterr()
 
     out = tmp_path / "out"
@@ -181,6 +259,10 @@ def test_dying_rank_stops_the_others_and_resume_needs_the_same_world(tmp_path, c
         "inputs_001.rank000.pt",
         "inputs_001.rank001.pt",
     ]
+    if load == "auto":  # streamed: block 0 is in the output file being filled, no block files
+        assert (ck / "model.safetensors").is_file() and not list(ck.glob("block_*"))
+    else:
+        assert (ck / "block_000.safetensors").is_file()
 
     # one process cannot continue a two-rank checkpoint
     assert main([*args, "--resume"]) == 2
@@ -194,8 +276,10 @@ def test_dying_rank_stops_the_others_and_resume_needs_the_same_world(tmp_path, c
     rep = json.loads((out / "besa_report.json").read_text())
     assert rep["resumed_from_block"] == 1
     assert rep["distributed"]["world_size"] == 2
+    assert rep["load"]["mode"] == ("streamed" if load == "auto" else "in-memory")
     assert not ck.exists()
     a = load_file(str(ref / "model.safetensors"))
     b = load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k

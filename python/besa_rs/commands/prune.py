@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
 from . import add_common, emit_json
 
 
@@ -247,18 +246,9 @@ def _run(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(args.model)
-    if distributed.world_size() > 1:
-        # every rank would fill the same output files: a distributed run loads in memory
-        if args.load == "streamed":
-            raise ConfigError(
-                "--load streamed: not available in a torch.distributed run (each rank would "
-                "write the output shards); use --load auto or in-memory"
-            )
-        stream, why = None, "a torch.distributed run (streamed loading is single-process)"
-    else:
-        stream, why = open_stream(
-            args.model, dtype, args.load, resume_from=ckdir if resume else None
-        )
+    # under torchrun every rank streams (reading the same shards) and rank 0 writes the output
+    # files; every rank takes the same decision from the same files
+    stream, why = open_stream(args.model, dtype, args.load, resume_from=ckdir if resume else None)
     if stream is None and args.load == "auto" and not args.quiet and main:
         print(f"besa-rs prune: loading the whole model in memory: {why}", file=sys.stderr)
     model = stream.model if stream is not None else load_model(args.model, dtype=dtype)

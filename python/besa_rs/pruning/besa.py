@@ -164,6 +164,35 @@ def relative_reconstruction(
     return ((d * d).sum(0) / n2).mean()
 
 
+def first_batch_reconstruction(ctx: BlockContext, first_target: torch.Tensor) -> float:
+    """:func:`relative_reconstruction` of the loop's first batch through the finished block
+    (with the first step's value it shows whether the optimisation improved the block).
+    ``first_target``: the targets of the first ``batch_size`` samples in ``ctx.xs``.
+
+    Inside a process group each rank runs only its part of the first *global* batch (the
+    samples of the loop's first step) and the parts, each normalised by the global batch's
+    per-channel norms, are summed over the ranks: the single-process value on the same samples
+    (to float rounding), for a rank's share of the work."""
+    shard = ctx.shard
+    sl = slice(0, first_target.shape[0]) if shard is None else shard.steps[0]
+    y = first_target[: sl.stop - sl.start].to(ctx.device)
+    what = f"block {ctx.index}'s final reconstruction"
+    n2 = None
+    if shard is not None:
+        yf = y.float().reshape(-1, y.shape[-1])
+        n2 = distributed.all_sum((yf * yf).sum(0), "loss norms", what).clamp_min(1e-12)
+    if sl.stop > sl.start:
+        y_hat = ctx.forward(ctx.batch(ctx.xs, sl))
+        part = (
+            relative_reconstruction(y, y_hat)
+            if n2 is None
+            else relative_reconstruction(y, y_hat, n2)  # the global batch's norms
+        )
+    else:  # no part of the first batch on this rank (not with check_world's settings)
+        part = torch.zeros((), device=ctx.device)
+    return float(distributed.all_sum(part.reshape(1), "reconstruction", what))
+
+
 def corrected_prune_counts(
     rates: list[torch.Tensor], cols: list[int], target_zeros: int
 ) -> tuple[list[torch.Tensor], float]:
@@ -474,9 +503,7 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
         )
         # the first calibration sample once more, through the finished block: with the first
         # step's reconstruction error it shows whether the optimisation improved the block
-        rec_after = float(
-            relative_reconstruction(first_target.to(dev), ctx.forward(ctx.batch(ctx.xs, first)))
-        )
+        rec_after = first_batch_reconstruction(ctx, first_target)
     del stats
     return {
         "layers": layers,

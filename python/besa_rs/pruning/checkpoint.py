@@ -13,11 +13,14 @@ file, fsync, rename), in this order:
 (``kill -9``) resumes from the last block whose three files are complete; older ``inputs``
 files are deleted only after the new state is in place.
 
+A streamed run (:mod:`besa_rs.pruning.streaming`) writes no block files: its finished blocks
+are in the output files being filled in this directory, written and fsynced before step 2.
+
 Inside a torch.distributed process group (:mod:`besa_rs.pruning.distributed`) rank 0 writes
-the block files and ``state.json`` (which records the world size); each rank writes its own
-activation shard ``inputs_NNN.rankRRR.pt`` (the directory must be shared by all nodes), and
-``state.json`` is written only after every shard is in place. A checkpoint resumes with the same
-number of ranks only: the shards hold each rank's samples.
+the block files (streamed: fills the output files) and ``state.json`` (which records the world
+size); each rank writes its own activation shard ``inputs_NNN.rankRRR.pt`` (the directory must
+be shared by all nodes), and ``state.json`` is written only after every shard is in place. A
+checkpoint resumes with the same number of ranks only: the shards hold each rank's samples.
 """
 
 from __future__ import annotations

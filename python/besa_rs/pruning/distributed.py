@@ -23,6 +23,11 @@ calibration samples; nothing else about the run changes:
   tokens and model (rank 0's is the reference); after each block rank 0's pruned weights are
   broadcast, so the chain cannot drift. Rank 0 writes the outputs and the checkpoint's
   block files and ``state.json``; each rank writes its own activation shard next to them.
+- **Streamed loading** (:mod:`besa_rs.pruning.streaming`, the default where it is safe, as in
+  one process): every rank builds the meta skeleton and reads each block from the
+  memory-mapped safetensors shards when its turn comes; rank 0 alone lays out and fills the
+  output files, the other ranks free each block once it is pruned. Host memory per rank is then
+  one block plus the embeddings plus that rank's share of the activation caches.
 
 Backends: gloo on CPU, nccl with one GPU per local rank (``LOCAL_RANK``). Every collective has
 the process group's timeout (``BESA_RS_DIST_TIMEOUT`` seconds, default 1800): a rank that dies
@@ -305,13 +310,17 @@ def _digest(obj: Any) -> str:
 
 def model_identity(model: nn.Module) -> dict[str, Any]:
     """A cheap identity of the model: its config, its parameters' names, shapes and dtypes, and
-    a strided sample of every parameter's values."""
+    a strided sample of the values of every parameter in memory (a streamed skeleton's blocks
+    are on ``meta``: their values are identified by :meth:`SourceFiles.identity
+    <besa_rs.pruning.streaming.SourceFiles.identity>`)."""
     cfg = getattr(model, "config", None)
     ident: dict[str, Any] = {"config": cfg.to_dict() if cfg is not None else None, "params": []}
     h = hashlib.sha256()
     with torch.no_grad():
         for name, p in model.named_parameters():
             ident["params"].append([name, list(p.shape), str(p.dtype)])
+            if p.device.type == "meta":
+                continue
             flat = p.detach().reshape(-1)
             step = max(1, flat.numel() // 4096)
             h.update(flat[::step].to("cpu", torch.float64).numpy().tobytes())
@@ -332,15 +341,20 @@ def check_same_everywhere(identity: dict[str, Any]) -> None:
     bad = [r for r, h in enumerate(allh) if not torch.equal(h, ref)]
     if bad:
         raise ConfigError(
-            f"rank(s) {', '.join(map(str, bad))} run with settings, calibration tokens or a model "
-            "different from rank 0's: every rank must run the same command on the same files"
+            f"rank(s) {', '.join(map(str, bad))} run with settings, calibration tokens, a model "
+            "or a --load mode different from rank 0's: every rank must run the same command on "
+            "the same files"
         )
 
 
-def setup(cfg: PruneConfig, tokens: torch.Tensor, model: nn.Module) -> Shard | None:
+def setup(
+    cfg: PruneConfig, tokens: torch.Tensor, model: nn.Module, stream: Any = None
+) -> Shard | None:
     """Called once by the sequential driver: ``None`` outside a process group (or with one
     rank); else this rank's :class:`Shard` after the checks of :func:`check_world` and
-    :func:`check_same_everywhere`."""
+    :func:`check_same_everywhere`. ``stream``: the run's
+    :class:`~besa_rs.pruning.streaming.StreamedModel`, when it streams (every rank must: the
+    load mode and the checkpoint files' contents are part of the check)."""
     if not active():
         return None
     n = int(tokens.shape[0])
@@ -354,6 +368,8 @@ def setup(cfg: PruneConfig, tokens: torch.Tensor, model: nn.Module) -> Shard | N
             "settings": settings,
             "tokens": tokens_digest(tokens),
             "model": model_identity(model),
+            "load": "in-memory" if stream is None else "streamed",
+            "source": None if stream is None else stream.source.identity(),
             "world": world,
         }
     )
@@ -425,7 +441,7 @@ class LoopSync:
             for p in params
         ]
         parts.append(rec.detach().reshape(1).float().to(parts[0].device if parts else "cpu"))
-        flat = _on_comm(torch.cat(parts))
+        flat = torch.cat(parts).to(_comm_device())  # a fresh tensor: no copy when on the CPU
         # tests: BESA_RS_TEST_CRASH_AT=distributed-blockI-rankR kills rank R here (SIGKILL)
         _native.crash_point(f"distributed-block{self.index}-rank{rank()}")
         _all_reduce("gradients", flat, f"block {self.index}'s optimisation step")
@@ -439,6 +455,14 @@ class LoopSync:
                 p.grad.copy_(g)
             off += k
         return float(flat[off])
+
+
+def all_sum(t: torch.Tensor, kind: str, what: str) -> torch.Tensor:
+    """``t`` summed over the ranks (a new tensor on ``t``'s device; ``t`` itself outside a
+    process group). ``kind``: its traffic category."""
+    if not active():
+        return t
+    return _all_reduce(kind, _on_comm(t), what).to(t.device)
 
 
 def sync_block(linears: dict[str, nn.Linear], index: int) -> None:

@@ -491,7 +491,7 @@ def prune_block_clip_only(ctx: BlockContext) -> dict[str, Any]:
     refit every method gets, which with nothing pruned only zeroes dead input columns, then the
     GPTQ pass with the learned clipping)."""
     from .baselines import refit_layer
-    from .besa import optimise_block, relative_reconstruction
+    from .besa import first_batch_reconstruction, optimise_block
 
     cfg = ctx.cfg
     names = list(ctx.linears)
@@ -529,11 +529,7 @@ def prune_block_clip_only(ctx: BlockContext) -> dict[str, Any]:
                     **q,
                 }
             )
-        rec_after = float(
-            relative_reconstruction(
-                first_target.to(ctx.device), ctx.forward(ctx.batch(ctx.xs, first))
-            )
-        )
+        rec_after = first_batch_reconstruction(ctx, first_target)
     del stats
     return {
         "layers": layers,

@@ -102,7 +102,7 @@ def run_pruning(
     cache_dtype = cfg.torch_cache_dtype(model_dtype)
     was_training = model.training
     model.eval()
-    shard = distributed.setup(cfg, tokens, model)  # None outside a process group
+    shard = distributed.setup(cfg, tokens, model, stream)  # None outside a process group
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
 
@@ -116,6 +116,8 @@ def run_pruning(
         cache_device=cache_device,
         cache_dtype=cache_dtype,
     )
+    if stream is not None:
+        stream.release_outer()  # the embeddings have done their part
     # a method that reads only the weights (magnitude) needs no block run on calibration data
     needs_inputs = method.reads_inputs(cfg)
     if state is None:

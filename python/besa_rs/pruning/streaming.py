@@ -13,6 +13,11 @@ shard plan, tensor names, dtypes and bytes as ``save_pretrained`` of the in-memo
 are filled in the run's checkpoint directory, so a killed run resumes with its finished blocks
 already on disk, and are hard-linked into the output directory at the end.
 
+Inside a torch.distributed process group (:mod:`besa_rs.pruning.distributed`) every rank builds
+the skeleton and reads each block from the shards (which every rank must be able to read); only
+rank 0 lays out and fills the output files, the other ranks free each block once it is pruned
+(their copy is rank 0's: the pruned weights are broadcast after every block).
+
 The in-memory path is used instead (with the reason) when streaming cannot give the same
 result: weights that are not plain safetensors (``.bin``, besa-rs packed checkpoints), models
 whose checkpoint names are converted at load time, models that keep some modules in float32,
@@ -21,6 +26,7 @@ or checkpoints whose tensor names do not match the model's at all.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -95,6 +101,40 @@ class SourceFiles:
                     raise FormatError(
                         f"{directory / f}: tensor {name!r} listed in {INDEX} is missing"
                     )
+
+    def identity(self, windows: int = 16, width: int = 64) -> str:
+        """A cheap fingerprint of the checkpoint's contents: every file's name, size and
+        header, and ``windows`` evenly spaced ``width``-byte samples of every tensor's bytes
+        (read with ``pread``: nothing is mapped or kept). Ranks of a distributed run compare it
+        instead of hashing weights they never hold all at once."""
+        import struct
+
+        h = hashlib.sha256()
+        for f in sorted(set(self.file_of.values())):
+            path = self.dir / f
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise FormatError(f"{path}: cannot read ({e.strerror})") from None
+            try:
+                size = os.fstat(fd).st_size
+                n = struct.unpack("<Q", os.pread(fd, 8, 0))[0]
+                raw = os.pread(fd, n, 8)
+                h.update(f"{f}\0{size}\0".encode() + raw)
+                header = json.loads(raw)
+                for name in sorted(k for k in header if k != "__metadata__"):
+                    start, end = header[name]["data_offsets"]
+                    span = max(end - start - width, 0)
+                    for k in range(windows if end > start else 0):
+                        off = 8 + n + start + span * k // max(windows - 1, 1)
+                        h.update(os.pread(fd, min(width, end - start), off))
+            except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+                raise FormatError(
+                    f"{path}: unreadable safetensors file ({first_line(e)})"
+                ) from None
+            finally:
+                os.close(fd)
+        return h.hexdigest()
 
     def read(self, names: Iterable[str]) -> Iterable[tuple[str, torch.Tensor]]:
         """Yields the tensors ``names`` (all present), opening each file once and closing it
@@ -194,6 +234,7 @@ class StreamedModel:
         self._check_source()
         self._materialise_outer()
         self.workdir: Path | None = None
+        self.writes = True  # False on the ranks of a distributed run other than rank 0
         self._writers: dict[str, ShardWriter] = {}
         self._plan: _Plan | None = None
 
@@ -267,6 +308,20 @@ class StreamedModel:
             _set_tensor(self.model, n, self._cast(n, t))
         self.model.tie_weights()
 
+    def release_outer(self) -> None:
+        """Frees the tensors outside the blocks read for the calibration capture (embeddings,
+        final norm) once it is done: nothing after it runs them, and the output files get them
+        from the checkpoint (:meth:`begin`)."""
+        blocks = set(map(id, self.adapter.blocks))
+        todo = [self.model]
+        while todo:
+            m = todo.pop()
+            for n, p in m._parameters.items():
+                if p is not None and p.device.type != "meta":
+                    m._parameters[n] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+            todo.extend(c for c in m.children() if id(c) not in blocks)
+        self.model.tie_weights()  # a tied head follows the embedding to meta
+
     def _cast(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """The checkpoint's tensor as the in-memory path loads it: floating tensors in the
         model's dtype for that tensor, others as stored."""
@@ -292,6 +347,9 @@ class StreamedModel:
     def finish_block(self, i: int) -> None:
         """Writes block ``i`` (pruned; quantization parameters too) into the output files,
         makes them durable and frees the block."""
+        if not self.writes:  # another rank of a distributed run: rank 0 writes
+            self.release_block(i)
+            return
         block = self.adapter.blocks[i]
         prefix = self.block_prefix[i]
         for n, t in block.state_dict().items():
@@ -315,11 +373,23 @@ class StreamedModel:
         """Lays out the output files in ``workdir`` (the checkpoint directory) and, for a fresh
         run, writes every tensor pruning does not change (outside the blocks and blocks outside
         ``first .. last - 1``) from the checkpoint. A resumed run reopens the files, which must
-        have exactly this layout."""
+        have exactly this layout.
+
+        In a distributed run only rank 0 does this (and :meth:`finish_block` writes only there);
+        its error, if any, is raised on every rank."""
+        from . import distributed
+
         self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
         self._quant = quant.spec_of(cfg)
         self._range = (first, last)
+        self.writes = distributed.is_main()
+        distributed.on_main(
+            "the layout of the output files", lambda: self._lay_out(first, last, resumed)
+        )
+
+    def _lay_out(self, first: int, last: int, resumed: bool) -> None:
+        assert self.workdir is not None
+        self.workdir.mkdir(parents=True, exist_ok=True)
         plan = self._plan_files(first, last)
         self._plan = plan
         for fname, layout in plan.layouts.items():
@@ -487,11 +557,18 @@ def prune_streamed(
     ``overrides`` as in :func:`besa_rs.prune`. Progress is checkpointed in ``OUT.checkpoint``
     after every block; ``resume=True`` continues a killed run. Returns the report.
 
+    Inside an initialised torch.distributed process group call it on every rank with the same
+    arguments (the whole calibration set on each): the samples are split over the ranks, every
+    rank streams the blocks from ``model`` (readable by all ranks), and rank 0 checks the paths
+    and writes ``out`` and the checkpoint (``out`` must be on a file system every rank shares).
+    Every rank returns the report once ``out`` is complete.
+
     A model object already in memory is pruned in place with :func:`besa_rs.prune` instead."""
     import dataclasses
     import sys
 
     from ..models import load_tokenizer, parse_dtype, resolve_model
+    from . import distributed
     from .checkpoint import STATE, Checkpointer
     from .config import PruneConfig
     from .output import check_prune_paths, write_outputs
@@ -500,29 +577,38 @@ def prune_streamed(
     cfg = dataclasses.replace(config or PruneConfig(), **overrides).validate()
     out = Path(out)
     ckdir = out.with_name(out.name + ".checkpoint")
-    for note in check_prune_paths(
-        model, out, ckdir, overwrite=overwrite, resume=resume, json_path=None
-    ):
-        print(f"besa-rs: {note}", file=sys.stderr)
+
+    def check_paths() -> bool:  # rank 0 only: it may remove a killed run's debris
+        for note in check_prune_paths(
+            model, out, ckdir, overwrite=overwrite, resume=resume, json_path=None
+        ):
+            print(f"besa-rs: {note}", file=sys.stderr)
+        return resume and (ckdir / STATE).is_file()
+
+    resuming = distributed.on_main("the checks of the paths", check_paths)
+    main = distributed.is_main()
     try:
         stream = StreamedModel(resolve_model(model), parse_dtype(dtype))
     except StreamUnavailable as e:
         raise ConfigError(f"{model}: cannot be streamed: {e}; use besa_rs.prune") from None
-    if tokenizer is None:
+    if tokenizer is None and main:
         tokenizer = load_tokenizer(model)
-    ck = Checkpointer(
-        ckdir, cfg, calib_tokens, resume=resume and (ckdir / STATE).is_file(), streamed=True
-    )
+    ck = Checkpointer(ckdir, cfg, calib_tokens, resume=resuming, streamed=True)
     try:
         report = run_pruning(stream.model, calib_tokens, cfg, checkpoint=ck, stream=stream)
     except Exception:
         stream.close()
-        if not (ckdir / STATE).is_file():
+        if main and not (ckdir / STATE).is_file():
             shutil.rmtree(ckdir, ignore_errors=True)
         raise
     report["model"] = str(model)
     report["resumed_from_block"] = ck.resumed_from
     report["load"] = {"mode": "streamed", "reason": "streamed"}
-    write_outputs(stream.model, tokenizer, report, out, overwrite=overwrite, stream=stream)
-    shutil.rmtree(ckdir, ignore_errors=True)
+    if main:
+        write_outputs(stream.model, tokenizer, report, out, overwrite=overwrite, stream=stream)
+        shutil.rmtree(ckdir, ignore_errors=True)
+    else:
+        stream.close()
+    # the other ranks return when rank 0 has written the outputs (or fail if it fails)
+    distributed.barrier("the writing of the outputs")
     return report
