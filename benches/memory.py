@@ -13,7 +13,13 @@ activation caches + 1 GB of runtime (Python, torch, transformers), with the numb
    ``--blocks 1``; steps = nsamples x epochs / batch size). Its in-memory run is printed for
    comparison unless ``--skip-7b-in-memory``.
 
+Every row says whether the peak met the formula ("met" / "not met", with the excess).
+``--stages`` also prints, for the synthetic runs, the peak RSS of each stage of the run (load and
+capture, statistics, ranks, optimisation, hard masks, write), each measured from the RSS at the
+stage's start (``/proc/self/clear_refs`` resets the high-water mark at every stage boundary).
+
 Usage: python benches/memory.py [--nsamples 4] [--seqlen 128] [--skip-default] [--skip-7b]
+       [--stages]
 """
 
 from __future__ import annotations
@@ -44,25 +50,69 @@ SHAPES_7B = dict(
 
 #: runs ``besa_rs.cli.main`` and writes the process's own peak RSS (VmHWM of its address space)
 #: to $BESA_MEM_OUT at exit. ``ru_maxrss`` of a child cannot be used: Linux carries the
-#: parent's resident size at fork (up to the exec) into the child's maximum.
+#: parent's resident size at fork (up to the exec) into the child's maximum. With
+#: $BESA_MEM_STAGES it also writes there one line per stage: label, peak RSS during the stage,
+#: RSS at its start (stage boundaries: wrappers around the pruning functions named below).
 _WRAPPER = """
 import atexit, os, sys
-def _hwm():
+PEAK = 0
+def _status():
+    d = {}
     for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            open(os.environ["BESA_MEM_OUT"], "w").write(line.split()[1])
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM"):
+            d[k] = int(v.split()[0]) * 1024
+    return d
+def _hwm():
+    st = _status()
+    if os.environ.get("BESA_MEM_STAGES"):
+        _mark("write output, exit")
+    open(os.environ["BESA_MEM_OUT"], "w").write(str(max(PEAK, st["VmHWM"]) // 1024))
 atexit.register(_hwm)
 if sys.argv[1:] == ["--imports-only"]:
     import torch, transformers, besa_rs.pruning.streaming, besa_rs.pruning.sequential
     sys.exit(0)
+if os.environ.get("BESA_MEM_STAGES"):
+    STAGES, START = [], [_status()["VmRSS"]]
+    def _mark(label):
+        global PEAK
+        st = _status()
+        PEAK = max(PEAK, st["VmHWM"])
+        STAGES.append((label, st["VmHWM"], START[0]))
+        open(os.environ["BESA_MEM_STAGES"], "w").write(
+            "".join(f"{a}\\t{b}\\t{c}\\n" for a, b, c in STAGES))
+        try:  # the high-water mark restarts from the current RSS
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+        except OSError:
+            pass
+        START[0] = _status()["VmRSS"]
+    def _wrap(obj, name, before, after):
+        f = getattr(obj, name, None)
+        if f is None:  # an older besa_rs (the bench measures before and after a change)
+            return
+        def g(*a, **k):
+            if before:
+                _mark(before)
+            out = f(*a, **k)
+            _mark(after)
+            return out
+        setattr(obj, name, g)
+    from besa_rs import ste
+    from besa_rs.pruning import besa, context, distributed
+    _wrap(context.BlockContext, "run_with_stats", "load block, capture, dense chain", "statistics, targets")
+    _wrap(ste, "row_ranks_by_chunks", None, "ranks of one layer")
+    _wrap(ste, "row_ranks", None, "ranks of one layer")
+    _wrap(besa, "optimise_block", "logits, clipping", "optimisation")
+    _wrap(distributed, "sync_block", "masks, weights updated", "(sync)")
 from besa_rs.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def run_child(cmd: list[str], log: Path) -> tuple[int, int, float]:
+def run_child(cmd: list[str], log: Path, stages: bool = False) -> tuple[int, int, float]:
     """Runs ``besa-rs`` arguments ``cmd`` in a child on one thread; returns (exit status, the
-    child's peak RSS in bytes, seconds)."""
+    child's peak RSS in bytes, seconds). With ``stages`` the per-stage peaks are printed."""
     hwm = log.with_suffix(".hwm")
     env = {
         **os.environ,
@@ -71,6 +121,8 @@ def run_child(cmd: list[str], log: Path) -> tuple[int, int, float]:
         "TOKENIZERS_PARALLELISM": "false",
         "BESA_MEM_OUT": str(hwm),
     }
+    if stages:
+        env["BESA_MEM_STAGES"] = str(log.with_suffix(".stages"))
     t0 = time.perf_counter()
     with open(log, "wb") as fh:
         rc = subprocess.run(
@@ -78,7 +130,36 @@ def run_child(cmd: list[str], log: Path) -> tuple[int, int, float]:
         ).returncode
     secs = time.perf_counter() - t0
     peak = int(hwm.read_text()) * 1024 if hwm.is_file() else 0
+    if stages and log.with_suffix(".stages").is_file():
+        print_stages(log.with_suffix(".stages").read_text())
     return rc, peak, secs
+
+
+def print_stages(text: str) -> None:
+    """One line per stage: its highest peak RSS and its largest growth over the RSS at its
+    start, over all its occurrences (e.g. the ranks of each layer, the masks of each block)."""
+    merged: dict[str, list[int]] = {}
+    for line in text.splitlines():
+        label, peak, start = line.split("\t")
+        m = merged.setdefault(label, [0, 0, 0])
+        m[0] = max(m[0], int(peak))
+        m[1] = max(m[1], int(peak) - int(start))
+        m[2] += 1
+    for label, (peak, growth, n) in merged.items():
+        times = f" (x{n})" if n > 1 else ""
+        print(
+            f"    {label + times:<42} peak {gb(peak)}  (+{gb(growth)} over its start)", flush=True
+        )
+
+
+def formula(terms: list[tuple[str, float]]) -> tuple[float, str]:
+    """The bound and its terms written out: ``block 0.40 + embeddings 0.26 + ... = 1.68 GB``."""
+    bound = sum(v for _, v in terms)
+    return bound, " + ".join(f"{k} {v / GB:.2f}" for k, v in terms) + f" = {gb(bound)}"
+
+
+def verdict(peak: float, bound: float) -> str:
+    return "met" if peak <= bound else f"not met (+{gb(peak - bound)})"
 
 
 def gb(x: float) -> str:
@@ -199,6 +280,7 @@ def main() -> None:
     ap.add_argument("--skip-7b", action="store_true")
     ap.add_argument("--skip-7b-in-memory", action="store_true")
     ap.add_argument("--tmp", default=None, help="work directory (default: a temporary one)")
+    ap.add_argument("--stages", action="store_true", help="per-stage peaks of the synthetic runs")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="besa-mem-", dir=args.tmp))
@@ -216,6 +298,8 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     from besa_rs._table import format_table
 
+    print(f"runtime alone: {gb(base)} of the formula's 1 GB")
+
     print()
     print(
         format_table(
@@ -224,8 +308,8 @@ def main() -> None:
                 "method",
                 "load",
                 "peak RSS",
-                "formula: block + embed + caches + 1 GB",
-                "within",
+                "formula (GB): one block + embeddings + caches + 1 GB runtime",
+                "formula",
                 "s",
             ],
             rows,
@@ -271,23 +355,22 @@ def default_model_rows(tmp: Path, args: argparse.Namespace) -> list[list[str]]:
         )
         _check(rc, tmp / f"smol-{load}.log")
         if load == "streamed":
-            bound = block + embed + caches + RUNTIME
-            formula = f"{gb(block)} + {gb(embed)} + {gb(caches)} + 1 GB = {gb(bound)}"
+            terms = [("block", block), ("embeddings", embed), ("caches", caches)]
         else:
-            bound = whole + caches + RUNTIME
-            formula = f"(whole model {gb(whole)} + {gb(caches)} + 1 GB = {gb(bound)})"
+            terms = [("whole model", whole), ("caches", caches)]
+        bound, text = formula([*terms, ("runtime", RUNTIME)])
         rows.append(
             [
                 "smollm2-135m fp32",
                 "wanda",
                 load,
                 gb(peak),
-                formula,
-                "yes" if peak <= bound else "NO",
+                text,
+                verdict(peak, bound),
                 f"{secs:.0f}",
             ]
         )
-        print(rows[-1], flush=True)
+        print(" | ".join(rows[-1]), flush=True)
     return rows
 
 
@@ -313,17 +396,24 @@ def synthetic_rows(tmp: Path, args: argparse.Namespace) -> list[list[str]]:
     for method, load, extra, copies in runs:
         out = tmp / f"out-{load}"
         log = tmp / f"{method[:5]}-{load}.log"
+        if args.stages:
+            print(f"  stages of {method}, {load}:", flush=True)
         rc, peak, secs = run_child(
-            prune_cmd(model, out, calib, args, *extra, "--load", load, "--dtype", "bfloat16"), log
+            prune_cmd(model, out, calib, args, *extra, "--load", load, "--dtype", "bfloat16"),
+            log,
+            stages=args.stages,
         )
         _check(rc, log)
         caches = _caches(args.nsamples, args.seqlen, h, 2, copies)
         if load == "streamed":
-            bound = info["block_bytes"] + info["embed_bytes"] + caches + RUNTIME
-            formula = f"{gb(info['block_bytes'])} + {gb(info['embed_bytes'])} + {gb(caches)} + 1 GB = {gb(bound)}"
+            terms = [
+                ("block", info["block_bytes"]),
+                ("embeddings", info["embed_bytes"]),
+                ("caches", caches),
+            ]
         else:
-            bound = size + caches + RUNTIME
-            formula = f"(whole model {gb(size)} + {gb(caches)} + 1 GB = {gb(bound)})"
+            terms = [("whole model", size), ("caches", caches)]
+        bound, text = formula([*terms, ("runtime", RUNTIME)])
         label = f"{method} ({steps} steps)" if method.startswith("besa") else method
         rows.append(
             [
@@ -331,12 +421,12 @@ def synthetic_rows(tmp: Path, args: argparse.Namespace) -> list[list[str]]:
                 label,
                 load,
                 gb(peak),
-                formula,
-                "yes" if peak <= bound else "NO",
+                text,
+                verdict(peak, bound),
                 f"{secs:.0f}",
             ]
         )
-        print(rows[-1], flush=True)
+        print(" | ".join(rows[-1]), flush=True)
         shutil.rmtree(out, ignore_errors=True)
     return rows
 

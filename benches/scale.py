@@ -53,16 +53,20 @@ def memory_formula(
     """docs/pruning.md, "Memory" (BESA row-wise, caches on the compute device), in bytes: the
     optimisation's peak, or the ranking's (before it, not at the same time) if larger."""
     parts = {
-        "weights, ranks, masked weights + grads": params * (bytes_w + 4 + 2 * bytes_w),
+        # int16 ranks (LLaMA widths: < 32768 input features); the masked weight and its
+        # gradient of one layer at a time (made in the layer's forward, again in its backward)
+        "weights, int16 ranks": params * (bytes_w + 2),
+        "one layer's masked weight + grad": largest_layer * 2 * bytes_w,
         "caches (inputs, targets, next inputs)": 3 * nsamples * seqlen * hidden * bytes_a,
         "autograd activations (one sequence)": seqlen * (10 * hidden + 4 * ffn) * 4,
         "logits + AdamW moments": rows * CANDIDATES * 4 * 3,
     }
     optimisation = sum(parts.values())
+    # one chunk of 2^22 importance values sorted at a time: fp32 values twice + int64 indices
     ranking = (
-        params * (bytes_w + 4) + largest_layer * 16 + parts["caches (inputs, targets, next inputs)"]
+        params * (bytes_w + 2) + (1 << 22) * 16 + parts["caches (inputs, targets, next inputs)"]
     )
-    parts["ranking phase (weights, ranks, largest layer's sort)"] = ranking
+    parts["ranking phase (weights, ranks, one chunk's sort)"] = ranking
     parts["total"] = max(optimisation, ranking)
     return parts
 

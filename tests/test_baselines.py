@@ -237,3 +237,86 @@ def test_driver_dispatches_through_the_registry():
     finally:
         registry._METHODS.pop("spy-magnitude")
     assert seen == list(range(rep["num_blocks"])) and rep["settings"]["method"] == "spy-magnitude"
+
+
+# --- chunked mask selection: bit-identical to the whole-matrix int64 argsort it replaced --------
+def _whole_sort_per_row(score, sparsity):
+    """The former selection: one stable argsort of the whole score matrix."""
+    k = int(sparsity * score.shape[1])
+    mask = torch.ones_like(score, dtype=torch.bool)
+    if k > 0:
+        mask.scatter_(1, torch.argsort(score, dim=1, stable=True)[:, :k], False)
+    return mask
+
+
+def _whole_sort_nm(score, n, m):
+    rows, cols = score.shape
+    g = score.reshape(rows, cols // m, m)
+    mask = torch.ones_like(g, dtype=torch.bool)
+    mask.scatter_(2, torch.argsort(g, dim=2, stable=True)[:, :, :n], False)
+    return mask.reshape(rows, cols)
+
+
+def _whole_sort_global(score, sparsity):
+    k = int(sparsity * score.numel())
+    mask = torch.ones(score.numel(), dtype=torch.bool)
+    if k > 0:
+        mask[torch.argsort(score.flatten(), stable=True)[:k]] = False
+    return mask.view_as(score)
+
+
+def _tied_problem(dtype):
+    g = torch.Generator().manual_seed(3)
+    # few distinct values: most scores tie with others of their row; signed zeros included
+    W = (torch.randint(-3, 4, (53, 40), generator=g).float() * 0.25).to(dtype)
+    W[0, :7] = -0.0
+    W[5] = 0.0
+    norms = torch.randint(0, 3, (40,), generator=g).float()  # zero norms: more ties at 0
+    return W, norms
+
+
+@pytest.mark.parametrize("chunk", [1, 7 * 40 + 13, 1 << 22])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_selection_is_the_whole_matrix_sort(monkeypatch, chunk, dtype):
+    """Wanda and magnitude select per row a chunk of rows at a time (one row, an unaligned
+    chunk, the whole matrix): the masks equal the whole-matrix stable argsort's bit for bit,
+    ties included."""
+    from besa_rs.pruning import baselines
+    from besa_rs.pruning.baselines import wanda_score
+
+    monkeypatch.setattr(baselines, "SELECT_CHUNK_ELEMS", chunk)
+    W, norms = _tied_problem(dtype)
+    score_w, score_m = wanda_score(W, norms), W.float().abs()
+    assert (score_w[:, None, :] == score_w[:, :, None]).sum() > 3 * score_w.numel()  # ties
+    for s in (0.0, 0.01, 0.3, 0.5, 0.99):
+        assert torch.equal(wanda_mask(W, norms, s), _whole_sort_per_row(score_w, s)), s
+        assert torch.equal(magnitude_mask(W, s), _whole_sort_per_row(score_m, s)), s
+    for s in (0.0, 0.01, 0.3, 0.5, 0.99, 1.0):
+        assert torch.equal(
+            wanda_mask(W, norms, s, group="layer"), _whole_sort_global(score_w, s)
+        ), s
+        assert torch.equal(magnitude_mask(W, s, group="layer"), _whole_sort_global(score_m, s)), s
+    for n, m in ((2, 4), (1, 4), (3, 8)):
+        assert torch.equal(wanda_mask(W, norms, 0.5, n, m), _whole_sort_nm(score_w, n, m))
+        assert torch.equal(magnitude_mask(W, 0.5, n, m), _whole_sort_nm(score_m, n, m))
+        assert torch.equal(nm_mask(score_w, n, m), _whole_sort_nm(score_w, n, m))
+
+
+@pytest.mark.parametrize("chunk", [1, 100, 1 << 22])
+def test_layer_wide_selection_orders_like_a_stable_sort(monkeypatch, chunk):
+    """The radix select of ``group="layer"`` against a stable argsort of the flattened matrix:
+    signed zeros tie, NaN sorts last, infinities, subnormals, negative scores, many ties."""
+    from besa_rs.pruning import baselines
+
+    monkeypatch.setattr(baselines, "SELECT_CHUNK_ELEMS", chunk)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(-4, 5, (31, 17), generator=g).float()
+    specials = [0.0, -0.0, float("nan"), -float("nan"), float("inf"), -float("inf"), 1e-45, -1e-45]
+    flat = x.view(-1)
+    pos = torch.randperm(flat.numel(), generator=g)[: 4 * len(specials)]
+    flat[pos] = torch.tensor(specials * 4)
+    x = torch.cat([x, torch.randn(9, 17, generator=g) * 1e30])  # spread over the exponents
+    for s in (0.0, 1 / x.numel(), 0.1, 0.37, 0.5, 0.93, 1.0):
+        got = baselines.prune_lowest_global(lambda a, b: x[a:b], x.shape, x.device, s)
+        assert torch.equal(got, _whole_sort_global(x, s)), s
+        assert torch.equal(baselines.keep_lowest_pruned_global(x, s), _whole_sort_global(x, s))

@@ -255,3 +255,41 @@ def test_backend_and_lazy_export():
     assert ste.backend("cpu") == "torch"
     assert besa_rs.ste_mask is ste.ste_mask
     assert besa_rs.row_ranks is ste.row_ranks
+
+
+@pytest.mark.parametrize("chunk", [1, 3 * 29 + 5, 1 << 22])
+def test_row_ranks_by_chunks_are_the_whole_sort(monkeypatch, chunk):
+    """Ranks are sorted a chunk of rows at a time, in int16 or int32: the same ranks as one
+    stable sort of the whole matrix, ties in column order."""
+    monkeypatch.setattr(ste, "_RANK_CHUNK_ELEMS", chunk)
+    imp = torch.randint(0, 4, (37, 29), generator=torch.Generator().manual_seed(0)).float()
+    order = torch.sort(imp, dim=1, stable=True).indices
+    expect = torch.empty_like(order).scatter_(1, order, torch.arange(29).expand(37, 29))
+    for dt in (torch.int16, torch.int32):
+        r = ste.row_ranks(imp, dt)
+        assert r.dtype == dt and torch.equal(r.long(), expect)
+        r = ste.row_ranks_by_chunks(lambda a, b: imp[a:b] * 1.0, imp.shape, "cpu", dt)
+        assert r.dtype == dt and torch.equal(r.long(), expect)
+    assert ste.rank_dtype(11008) == torch.int16 and ste.rank_dtype(32767) == torch.int16
+    assert ste.rank_dtype(32768) == torch.int32
+    with pytest.raises(DtypeError, match="int16 or int32"):
+        ste.row_ranks(imp, torch.int64)
+    with pytest.raises(ShapeError, match="columns"):
+        ste.row_ranks_by_chunks(lambda a, b: imp[a:b], (2, 40000), "cpu", torch.int16)
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_int16_ranks_give_the_same_mask_and_gradients(wdtype):
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(12, 300, generator=g).to(wdtype)
+    imp = torch.randint(0, 5, (12, 300), generator=g).float()
+    cands = ste.candidate_sparsities()
+    out = {}
+    for dt in (torch.int16, torch.int32):
+        logits = torch.randn(4, 101, generator=torch.Generator().manual_seed(2))
+        logits.requires_grad_(True)
+        y = ste.ste_mask(W, ste.row_ranks(imp, dt), logits, cands)
+        (y.float() * torch.linspace(-1, 1, 300)).sum().backward()
+        out[dt] = (y, logits.grad)
+    assert torch.equal(out[torch.int16][0], out[torch.int32][0])
+    assert torch.equal(out[torch.int16][1], out[torch.int32][1])

@@ -9,6 +9,7 @@ Masks are boolean with ``True`` = keep. Every function works on one weight matri
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,19 +30,52 @@ def check_nm(name: str, cols: int, m: int) -> None:
         )
 
 
-def keep_lowest_pruned_per_row(score: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Per row, prune exactly ``floor(sparsity * cols)`` lowest-score weights."""
-    rows, cols = score.shape
+#: elements per row chunk of a per-row mask selection: the chunk's score, sort values and int64
+#: sort indices take 16 + 16 + 32 MiB whatever the size of the matrix (a whole-matrix argsort of
+#: an 11008 x 4096 layer would take 0.72 GB)
+SELECT_CHUNK_ELEMS = 1 << 22
+
+#: rows ``a:b`` of a score matrix, computed on demand (float32 ``[b - a, cols]``)
+RowScores = Callable[[int, int], torch.Tensor]
+
+
+def row_chunks(rows: int, cols: int) -> Iterator[tuple[int, int]]:
+    """``(a, b)`` row ranges of about :data:`SELECT_CHUNK_ELEMS` elements covering ``rows``."""
+    step = max(1, SELECT_CHUNK_ELEMS // max(cols, 1))
+    for a in range(0, rows, step):
+        yield a, min(rows, a + step)
+
+
+def _rows_of(score: torch.Tensor) -> RowScores:
+    return lambda a, b: score[a:b]
+
+
+def prune_lowest_per_row(
+    score_rows: RowScores, shape: tuple[int, ...], device: torch.device, sparsity: float
+) -> torch.Tensor:
+    """Keep mask pruning the ``floor(sparsity * cols)`` lowest scores of every row, ties in
+    column order (stable sort). The score is asked for and sorted a row chunk at a time: rows
+    are independent, so the mask is the whole-matrix sort's, bit for bit."""
+    rows, cols = shape
     k = int(sparsity * cols)
-    mask = torch.ones_like(score, dtype=torch.bool)
+    mask = torch.ones(rows, cols, dtype=torch.bool, device=device)
     if k > 0:
-        idx = torch.argsort(score, dim=1, stable=True)[:, :k]
-        mask.scatter_(1, idx, False)
+        for a, b in row_chunks(rows, cols):
+            idx = torch.argsort(score_rows(a, b), dim=1, stable=True)[:, :k]
+            mask[a:b].scatter_(1, idx, False)
     return mask
 
 
+def keep_lowest_pruned_per_row(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Per row, prune exactly ``floor(sparsity * cols)`` lowest-score weights."""
+    return prune_lowest_per_row(_rows_of(score), score.shape, score.device, sparsity)
+
+
 def keep_lowest_pruned_global(score: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Over the whole matrix, prune exactly ``floor(sparsity * numel)`` lowest-score weights."""
+    """Over the whole matrix, prune exactly ``floor(sparsity * numel)`` lowest-score weights
+    (ties: the first in row-major order, as a stable sort of the flattened matrix)."""
+    if score.dtype == torch.float32 and score.numel() > SELECT_CHUNK_ELEMS:
+        return prune_lowest_global(_rows_of(score), score.shape, score.device, sparsity)
     k = int(sparsity * score.numel())
     mask = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
     if k > 0:
@@ -50,14 +84,75 @@ def keep_lowest_pruned_global(score: torch.Tensor, sparsity: float) -> torch.Ten
     return mask.view_as(score)
 
 
+def sort_keys(x: torch.Tensor) -> torch.Tensor:
+    """int64 keys in ``[0, 2^32)`` ordered as ``torch.sort`` orders the float32 values ``x``:
+    by value, ``-0.0`` equal to ``+0.0``, every NaN after ``+inf`` and equal to the others."""
+    x = x + 0.0  # -0.0 + 0.0 = +0.0; every other value unchanged
+    bits = x.view(torch.int32)
+    keys = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in the value
+    keys.masked_fill_(torch.isnan(x), 0x7FFFFFFF)
+    return keys.long() + 2**31
+
+
+def prune_lowest_global(
+    score_rows: RowScores, shape: tuple[int, ...], device: torch.device, sparsity: float
+) -> torch.Tensor:
+    """Keep mask pruning the ``floor(sparsity * numel)`` lowest scores of the whole float32
+    matrix, ties in row-major order: the mask of a stable argsort of the flattened matrix, found
+    without it. A radix select over the scores' order keys (:func:`sort_keys`), 16 bits at a
+    time, finds the key ``t`` of the k-th lowest score; every score below ``t`` is pruned, and
+    of those equal to ``t`` the first ones in row-major order. Three passes over row chunks:
+    memory is the mask plus one chunk's keys, whatever the size of the matrix."""
+    rows, cols = shape
+    k = int(sparsity * rows * cols)
+    mask = torch.ones(rows, cols, dtype=torch.bool, device=device)
+    if k == 0:
+        return mask
+    chunks = list(row_chunks(rows, cols))
+    high = torch.zeros(1 << 16, dtype=torch.int64, device=device)
+    for a, b in chunks:
+        high += torch.bincount((sort_keys(score_rows(a, b)) >> 16).flatten(), minlength=1 << 16)
+    cum = high.cumsum(0)
+    h = int((cum < k).sum())  # the bin of the k-th lowest key
+    below = int(cum[h - 1]) if h else 0
+    low = torch.zeros(1 << 16, dtype=torch.int64, device=device)
+    for a, b in chunks:
+        keys = sort_keys(score_rows(a, b))
+        low += torch.bincount(keys[(keys >> 16) == h] & 0xFFFF, minlength=1 << 16)
+    cum = low.cumsum(0)
+    lo = int((cum < k - below).sum())
+    t = (h << 16) | lo
+    need = k - below - (int(cum[lo - 1]) if lo else 0)  # keys equal to t that are pruned
+    seen = 0
+    for a, b in chunks:
+        keys = sort_keys(score_rows(a, b))
+        prune = keys < t
+        eq = keys == t
+        if seen < need:
+            first = eq.flatten().cumsum(0).view_as(eq) <= need - seen
+            prune |= eq & first
+        seen += int(eq.sum())
+        mask[a:b] = ~prune
+    return mask
+
+
+def prune_nm(
+    score_rows: RowScores, shape: tuple[int, ...], device: torch.device, n: int, m: int
+) -> torch.Tensor:
+    """In every group of ``m`` consecutive input columns of a row, prune the ``n`` lowest
+    (stable: ties in column order), a row chunk at a time."""
+    rows, cols = shape
+    mask = torch.ones(rows, cols, dtype=torch.bool, device=device)
+    for a, b in row_chunks(rows, cols):
+        g = score_rows(a, b).reshape(b - a, cols // m, m)
+        idx = torch.argsort(g, dim=2, stable=True)[:, :, :n]
+        mask[a:b].view(b - a, cols // m, m).scatter_(2, idx, False)
+    return mask
+
+
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """In every group of ``m`` consecutive input columns of a row, prune the ``n`` lowest."""
-    rows, cols = score.shape
-    g = score.reshape(rows, cols // m, m)
-    idx = torch.argsort(g, dim=2, stable=True)[:, :, :n]
-    mask = torch.ones_like(g, dtype=torch.bool)
-    mask.scatter_(2, idx, False)
-    return mask.reshape(rows, cols)
+    return prune_nm(_rows_of(score), score.shape, score.device, n, m)
 
 
 def keep_lowest_pruned(score: torch.Tensor, sparsity: float, group: str) -> torch.Tensor:
@@ -68,15 +163,31 @@ def keep_lowest_pruned(score: torch.Tensor, sparsity: float, group: str) -> torc
     return keep_lowest_pruned_global(score, sparsity)
 
 
+def _select(
+    score_rows: RowScores,
+    shape: tuple[int, ...],
+    device: torch.device,
+    sparsity: float,
+    n: int,
+    m: int,
+    group: str,
+) -> torch.Tensor:
+    """The mask of the uniform baselines from a float32 score given by row chunks (N:M,
+    per row, or over the whole layer), never holding more than a chunk of the score."""
+    if m:
+        return prune_nm(score_rows, shape, device, n, m)
+    if check_group(group) == "row":
+        return prune_lowest_per_row(score_rows, shape, device, sparsity)
+    return prune_lowest_global(score_rows, shape, device, sparsity)
+
+
 def magnitude_mask(
     weight: torch.Tensor, sparsity: float, n: int = 0, m: int = 0, group: str = "row"
 ) -> torch.Tensor:
     """Magnitude pruning: the smallest ``|W|`` of every row (default), of the whole matrix
     (``group="layer"``), or of every ``m`` consecutive inputs (N:M)."""
-    score = weight.detach().float().abs()
-    if m:
-        return nm_mask(score, n, m)
-    return keep_lowest_pruned(score, sparsity, group)
+    w = weight.detach()
+    return _select(lambda a, b: w[a:b].float().abs(), w.shape, w.device, sparsity, n, m, group)
 
 
 def wanda_score(weight: torch.Tensor, col_sq_norm: torch.Tensor) -> torch.Tensor:
@@ -93,10 +204,12 @@ def wanda_mask(
     m: int = 0,
     group: str = "row",
 ) -> torch.Tensor:
-    score = wanda_score(weight, col_sq_norm)
-    if m:
-        return nm_mask(score, n, m)
-    return keep_lowest_pruned(score, sparsity, group)
+    """Wanda's keep mask; the score ``|W| * ||X||`` is computed a row chunk at a time (it is
+    elementwise: the same values as the whole matrix's)."""
+    w = weight.detach()
+    return _select(
+        lambda a, b: wanda_score(w[a:b], col_sq_norm), w.shape, w.device, sparsity, n, m, group
+    )
 
 
 def _damped_hinv_chol(
@@ -125,9 +238,21 @@ def sparsegpt_diag_score(
 ) -> torch.Tensor:
     """SparseGPT saliency ``W^2 / diag(chol(H^-1))^2`` (upper Cholesky factor of the inverse of
     the dampened Hessian), used as a BESA importance metric."""
+    return sparsegpt_saliency(weight, sparsegpt_diag_sq(hessian, percdamp, name))
+
+
+def sparsegpt_diag_sq(
+    hessian: torch.Tensor, percdamp: float = 0.01, name: str = ""
+) -> torch.Tensor:
+    """``diag(chol(H^-1))^2`` per input feature, the denominator of :func:`sparsegpt_diag_score`."""
     U, _ = _damped_hinv_chol(hessian, percdamp, name)
     d = torch.diag(U)
-    return weight.detach().float() ** 2 / (d * d).unsqueeze(0)
+    return d * d
+
+
+def sparsegpt_saliency(weight: torch.Tensor, diag_sq: torch.Tensor) -> torch.Tensor:
+    """``W^2 / diag_sq`` (elementwise: any row range of ``weight`` gives those rows' scores)."""
+    return weight.detach().float() ** 2 / diag_sq.unsqueeze(0)
 
 
 @torch.no_grad()

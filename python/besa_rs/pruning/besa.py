@@ -30,32 +30,93 @@ for all of them.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from .. import ste
 from ..errors import NumericalError, ShapeError
 from . import distributed, quant
-from .baselines import refit_layer, sparsegpt_diag_score, wanda_score
+from .baselines import refit_layer, sparsegpt_diag_sq, sparsegpt_saliency, wanda_score
 from .context import BlockContext
 from .registry import Method, register
 
 
-def importance(
-    metric: str, weight: torch.Tensor, stats: Any, percdamp: float, name: str
-) -> torch.Tensor:
+def importance_rows(
+    metric: str, weight: torch.Tensor, stats: Any, percdamp: float, name: str, device: torch.device
+) -> Callable[[int, int], torch.Tensor]:
+    """The importance metric of ``weight`` as a function of a row range ``(a, b)``: every
+    metric is elementwise given the layer's statistics, so rows ``a:b`` are computed alone and
+    the ranks are sorted a chunk at a time (:func:`besa_rs.ste.row_ranks_by_chunks`) without
+    the whole layer's float32 score. Rows come on ``device``."""
+    w = weight.detach()
     if metric == "wanda":
-        return wanda_score(weight, stats.sq_norm)
+        norms = stats.sq_norm
+        return lambda a, b: wanda_score(w[a:b], norms).to(device)
     if metric == "magnitude":
-        return weight.detach().float().abs()
-    return sparsegpt_diag_score(weight, stats.hessian, percdamp, name)
+        return lambda a, b: w[a:b].float().abs().to(device)
+    diag_sq = sparsegpt_diag_sq(stats.hessian, percdamp, name)
+    return lambda a, b: sparsegpt_saliency(w[a:b], diag_sq).to(device)
+
+
+#: each linear layer makes its masked (and fake-quantized) weight inside its own forward and
+#: again, by activation checkpointing, in the backward pass: one layer's masked weight is held
+#: at a time instead of the whole block's from the forward to the backward. The values and
+#: the autograd graph are those of the masked weights made up front, so every gradient, logit
+#: and mask is bit-identical either way (tests/test_besa.py); it costs one more mask forward
+#: per layer and step.
+RECOMPUTE_MASKED_WEIGHTS = True
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """The masked weights are made outside autocast, as when they are made before the block
+    runs."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", enabled=False)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def recomputed_linears(
+    linears: dict[str, nn.Linear],
+    makers: dict[str, Callable[[], torch.Tensor]] | None,
+    device: torch.device,
+) -> Iterator[None]:
+    """While the ``with`` body runs, the linear layer ``n`` of ``makers`` computes
+    ``F.linear(x, makers[n](), bias)`` under :func:`torch.utils.checkpoint.checkpoint`: its
+    weight is made when the layer runs and dropped after it; the backward pass makes it again
+    from the same (not yet updated) parameters."""
+    patched = []
+    try:
+        for n, make in (makers or {}).items():
+            lin = linears[n]
+
+            def forward(
+                x: torch.Tensor, lin: nn.Linear = lin, make: Callable[[], torch.Tensor] = make
+            ) -> torch.Tensor:
+                def run(x: torch.Tensor) -> torch.Tensor:
+                    with _no_autocast(device):
+                        w = make()
+                    return F.linear(x, w, lin.bias)
+
+                return checkpoint(run, x, use_reentrant=False)  # type: ignore[no-any-return]
+
+            object.__setattr__(lin, "forward", forward)  # an instance attribute: Linear.forward
+            patched.append(lin)
+        yield
+    finally:
+        for lin in patched:
+            lin.__dict__.pop("forward", None)
 
 
 def groups_for(kind: str, k: int, rows: int, name: str) -> int:
@@ -268,6 +329,7 @@ def optimise_block(
     weights_for_step: Callable[[], dict[str, torch.Tensor]],
     penalty: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
     what: str = "BESA",
+    linear_weights: dict[str, Callable[[], torch.Tensor]] | None = None,
 ) -> LoopResult:
     """The block-wise optimisation loop shared by every learned method (BESA, BESA joint with
     quantization, learned clipping alone): ``cfg.epochs`` passes over the calibration samples in
@@ -282,6 +344,9 @@ def optimise_block(
     backward pass, all groups' gradients are unscaled and checked together, and a step with a
     non-finite gradient is skipped; the scale starts from the previous block's. The block's own
     parameters are frozen while the loop runs.
+
+    ``linear_weights``: weights made inside the linear layers' own forward instead (``{layer
+    name: maker}``, :func:`recomputed_linears`), so that they are not all held at once.
 
     Inside a process group each rank runs its part of every global batch and the gradients are
     summed over the ranks before the step (:class:`besa_rs.pruning.distributed.LoopSync`)."""
@@ -311,7 +376,9 @@ def optimise_block(
     for p in ctx.block.parameters():
         p.requires_grad_(False)
     t_opt = time.perf_counter()
+    patched = contextlib.ExitStack()
     try:
+        patched.enter_context(recomputed_linears(ctx.linears, linear_weights, dev))
         step = 0
         for _epoch in range(cfg.epochs):
             for k, sl in enumerate(slices):
@@ -378,6 +445,7 @@ def optimise_block(
                     ctx.progress.set_postfix(post, refresh=False)
                 del weights, out, y_hat, loss, rec, x, y
     finally:
+        patched.close()
         for p, r in requires.items():
             p.requires_grad_(r)
     res.seconds = time.perf_counter() - t_opt
@@ -411,9 +479,9 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
     for name in names:
         W = ctx.linears[name].weight.detach()
         full = f"block {ctx.index} {name}"
-        imp = importance(cfg.metric, W, stats.get(name), cfg.percdamp, full)
-        ranks[name] = ste.row_ranks(imp.to(dev))
-        del imp
+        rows_of = importance_rows(cfg.metric, W, stats.get(name), cfg.percdamp, full, dev)
+        # int16 ranks below 32768 columns, sorted a row chunk at a time (the same ranks)
+        ranks[name] = ste.row_ranks_by_chunks(rows_of, W.shape, dev, ste.rank_dtype(W.shape[1]))
         G = groups_for(kind, k, W.shape[0], full)
         rows_per_group[name] = W.shape[0] // G
         weights[name] = W
@@ -431,14 +499,20 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
 
     clip = quant.BlockClip.create(cfg, weights, dev, ctx.index)  # None without wbits
 
-    def masked_weights() -> dict[str, torch.Tensor]:
-        masked = {
-            f"{n}.weight": ste.ste_mask(weights[n], ranks[n], logits[n], cand, cfg.smoothing)
-            for n in names
-        }
+    def masked_weight(n: str) -> torch.Tensor:
+        m = ste.ste_mask(weights[n], ranks[n], logits[n], cand, cfg.smoothing)
         if clip is not None:  # joint: the forward uses quantize(W * M), STE rounding
-            masked = clip.fake_quant(masked)
-        return masked
+            m = clip.fake_quant({f"{n}.weight": m})[f"{n}.weight"]
+        return m
+
+    def masked_weights() -> dict[str, torch.Tensor]:
+        if RECOMPUTE_MASKED_WEIGHTS:
+            return {}  # made inside each layer's forward (linear_weights below)
+        return {f"{n}.weight": masked_weight(n) for n in names}
+
+    lazy: dict[str, Callable[[], torch.Tensor]] | None = None
+    if RECOMPUTE_MASKED_WEIGHTS:
+        lazy = {n: functools.partial(masked_weight, n) for n in names}
 
     def sparsity_penalty() -> tuple[torch.Tensor, torch.Tensor]:
         s = block_sparsity()
@@ -448,7 +522,9 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
     groups = [ParamGroup("lr", [logits[n] for n in names], cfg.learning_rate)]
     if clip is not None:
         groups.append(clip.param_group(cfg))
-    loop = optimise_block(ctx, targets, groups, masked_weights, sparsity_penalty)
+    loop = optimise_block(
+        ctx, targets, groups, masked_weights, sparsity_penalty, linear_weights=lazy
+    )
     first = slice(0, cfg.batch_size)
     first_target = torch.cat(targets[first], dim=0)
     del targets
@@ -456,8 +532,12 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
     # --- 11: hard masks with exact block sparsity, weights updated in place
     with torch.no_grad():
         alphas = {n: ste.expected_sparsity(logits[n].detach(), cand, cfg.smoothing) for n in names}
-        hard_before = {
-            n: ste.hard_mask(ranks[n], logits[n].detach(), cand, cfg.smoothing) for n in names
+        # kept fraction of the learned hard masks (one layer's mask at a time)
+        hard_kept = {
+            n: float(
+                ste.hard_mask(ranks[n], logits[n].detach(), cand, cfg.smoothing).float().mean()
+            )
+            for n in names
         }
         rates = [alphas[n].repeat_interleave(rows_per_group[n]) for n in names]
         cols = [weights[n].shape[1] for n in names]
@@ -466,7 +546,11 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
         layers = []
         for n, cnt in zip(names, counts, strict=True):
             lin: nn.Linear = ctx.linears[n]
-            keep = ranks[n] >= cnt.to(dev).unsqueeze(1)
+            # counts in the ranks' dtype (they are <= cols): no int64 copy of the ranks; the
+            # ranks are not needed after this
+            r = ranks.pop(n)
+            keep = r >= cnt.to(dev, r.dtype).unsqueeze(1)
+            del r
             W = lin.weight
             dead: dict[str, Any] = {}
             if cfg.reconstruct:
@@ -487,7 +571,7 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
                     "groups": int(a.shape[0]),
                     "target_sparsity": target,
                     "learned_sparsity": float(a.mean()),  # expected alpha (equal-size groups)
-                    "hard_sparsity_learned": 1.0 - float(hard_before[n].float().mean()),
+                    "hard_sparsity_learned": 1.0 - hard_kept[n],
                     "realised_sparsity": 1.0 - float(keep.float().mean()),
                     "row_sparsity_min": float(row_rates.min()),
                     "row_sparsity_max": float(row_rates.max()),
@@ -497,10 +581,7 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
                 }
             )
         expected = sum(float(alphas[n].sum()) * params_per_group[n] for n in names) / total_params
-        hard = (
-            sum((1.0 - float(hard_before[n].float().mean())) * weights[n].numel() for n in names)
-            / total_params
-        )
+        hard = sum((1.0 - hard_kept[n]) * weights[n].numel() for n in names) / total_params
         # the first calibration sample once more, through the finished block: with the first
         # step's reconstruction error it shows whether the optimisation improved the block
         rec_after = first_batch_reconstruction(ctx, first_target)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,7 +48,9 @@ __all__ = [
     "expected_sparsity",
     "hard_mask",
     "prune_counts",
+    "rank_dtype",
     "row_ranks",
+    "row_ranks_by_chunks",
     "soft_mask",
     "ste_mask",
 ]
@@ -56,6 +59,9 @@ _RANK_DTYPES = (torch.int16, torch.int32, torch.int64)
 _WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: candidate sparsities are snapped to this grid before computing floor(p * C) exactly
 _GRID = 1_000_000
+#: elements per row chunk when ranking: one chunk's importance, sort values and int64 sort
+#: indices take 16 + 16 + 32 MiB (the whole 11008 x 4096 layer's would take 0.54 GB)
+_RANK_CHUNK_ELEMS = 1 << 22
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,20 +120,52 @@ def candidate_prune_counts(candidates: torch.Tensor, cols: int) -> torch.Tensor:
     return torch.div(q * cols, _GRID, rounding_mode="floor").clamp_(0, cols)
 
 
-def row_ranks(importance: torch.Tensor) -> torch.Tensor:
-    """Rank of each entry within its row by ascending importance (stable sort), int32 ``[R, C]``.
+def rank_dtype(cols: int) -> torch.dtype:
+    """The narrowest rank dtype that holds ``0 .. cols`` (prune counts reach ``cols``): int16
+    below 32768 columns (every LLaMA-size layer), else int32. Ranks are integers: the mask and
+    its gradient are the same whatever their dtype, and int16 halves their memory."""
+    return torch.int16 if cols <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def row_ranks(importance: torch.Tensor, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Rank of each entry within its row by ascending importance (stable sort), ``[R, C]`` in
+    ``dtype`` (int16 or int32; see :func:`rank_dtype`).
 
     Rank 0 is the least important entry; ties keep column order.
     """
     if importance.dim() != 2:
         raise ShapeError(f"importance must be [R, C], got shape {tuple(importance.shape)}")
-    rows, cols = importance.shape
-    if cols >= 2**31:
-        raise ShapeError(f"importance has {cols} columns, more than int32 ranks can hold")
-    order = torch.sort(importance, dim=1, stable=True).indices
-    ranks = torch.empty((rows, cols), dtype=torch.int32, device=importance.device)
-    src = torch.arange(cols, dtype=torch.int32, device=importance.device).expand(rows, cols)
-    return ranks.scatter_(1, order, src)
+    return row_ranks_by_chunks(
+        lambda a, b: importance[a:b], importance.shape, importance.device, dtype
+    )
+
+
+def row_ranks_by_chunks(
+    importance_rows: Callable[[int, int], torch.Tensor],
+    shape: tuple[int, ...],
+    device: torch.device | str,
+    dtype: torch.dtype = torch.int32,
+) -> torch.Tensor:
+    """:func:`row_ranks` of an importance matrix of ``shape`` given by row ranges:
+    ``importance_rows(a, b)`` is its rows ``a:b``. Rows are sorted a chunk of about
+    ``_RANK_CHUNK_ELEMS`` elements at a time, so besides the ranks themselves only one
+    chunk's importance, sort values and int64 sort indices are held (not the whole layer's):
+    each row's ranks are those of the whole-matrix sort."""
+    if len(shape) != 2:
+        raise ShapeError(f"importance must be [R, C], got shape {tuple(shape)}")
+    if dtype not in (torch.int16, torch.int32):
+        raise DtypeError(f"ranks must be int16 or int32, got {dtype}")
+    rows, cols = shape
+    if cols > torch.iinfo(dtype).max:
+        raise ShapeError(f"importance has {cols} columns, more than {dtype} ranks can hold")
+    ranks = torch.empty((rows, cols), dtype=dtype, device=device)
+    step = max(1, _RANK_CHUNK_ELEMS // max(cols, 1))
+    src = torch.arange(cols, dtype=dtype, device=device).expand(min(step, rows), cols)
+    for a in range(0, rows, step):
+        b = min(rows, a + step)
+        order = torch.sort(importance_rows(a, b), dim=1, stable=True).indices
+        ranks[a:b].scatter_(1, order, src[: b - a])
+    return ranks
 
 
 # --------------------------------------------------------------------------------------------
