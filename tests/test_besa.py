@@ -299,6 +299,7 @@ def test_lean_memory_path_is_bit_identical(monkeypatch, toks, arch, dtype, extra
         return real(linears, makers, device)
 
     monkeypatch.setattr(besa, "recomputed_linears", spy)
+    monkeypatch.setattr(besa, "RECOMPUTE_MASKED_WEIGHTS", True)  # tiny blocks: auto is off
     sd_new, rep_new = run()
     n_linears = 6 if arch == "opt" else 7
     assert calls and all(len(c) == n_linears for c in calls)  # the lean path ran, every layer
@@ -313,3 +314,29 @@ def test_lean_memory_path_is_bit_identical(monkeypatch, toks, arch, dtype, extra
         return r
 
     assert strip(rep_old) == strip(rep_new)
+
+
+def test_masked_weights_are_recomputed_only_for_large_blocks(monkeypatch, toks):
+    """Auto: a block whose float32 masked weights stay under RECOMPUTE_ABOVE_BYTES keeps them
+    from the forward to the backward (faster); a larger one makes them in each layer's forward."""
+    from besa_rs.pruning import besa
+
+    seen = []
+    real = besa.recomputed_linears
+
+    def spy(linears, makers, device):
+        seen.append(len(makers or {}))
+        return real(linears, makers, device)
+
+    monkeypatch.setattr(besa, "recomputed_linears", spy)
+    besa_rs.prune(tiny_model("llama"), toks, PruneConfig(progress=False, num_blocks=1))
+    assert seen == [0]  # a tiny block: nothing recomputed
+    numel = sum(
+        m.weight.numel() for m in tiny_model("llama").model.layers[0].modules()
+        if isinstance(m, torch.nn.Linear)
+    )  # fmt: skip
+    assert besa.recompute_masked_weights(numel) is False
+    monkeypatch.setattr(besa, "RECOMPUTE_ABOVE_BYTES", 4 * numel - 1)
+    assert besa.recompute_masked_weights(numel) is True
+    besa_rs.prune(tiny_model("llama"), toks, PruneConfig(progress=False, num_blocks=1))
+    assert seen == [0, 7]  # every linear makes its own masked weight
