@@ -16,12 +16,14 @@ pruned model directory with ``quantization.safetensors``. Then:
 
 The numpy rows always run; the Rust rows say so when the Rust codecs are not there.
 Usage: python benches/quant_size.py [--bits 4] [--group-size 64] [--repeat 3] [--skip-rust]
+       [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import struct
 import sys
@@ -148,8 +150,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-rust", action="store_true", help="numpy rows only")
     ap.add_argument("--json", help="write the numbers as JSON here")
+    ap.add_argument("--threads", type=int, default=None, help="besa-rs (rayon) threads")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.threads:
+        # read by rayon when its pool starts (at the first pack)
+        os.environ["RAYON_NUM_THREADS"] = str(args.threads)
 
     from besa_rs import BesaError
     from besa_rs.models import resolve_model
@@ -197,7 +203,9 @@ def main() -> None:
 
         print(
             f"\n== throughput (MB/s of the {dense_w / 1e6:.1f} MB of dense bf16 quantized "
-            f"weights, best of {args.repeat})"
+            f"weights, best of {args.repeat}; {os.cpu_count()} CPUs, besa-rs threads "
+            f"{os.environ.get('RAYON_NUM_THREADS', 'all')}, numpy single-threaded; load average "
+            f"{' '.join(f'{x:.2f}' for x in os.getloadavg())})"
         )
         print(f"{'format':20} {'op':7} {'numpy ref':>10} {'besa-rs':>10} {'speed-up':>9}")
         for fmt in ("pack-quantized", "bitmask-quantized"):
