@@ -1,7 +1,8 @@
 //! `pack`: a dense checkpoint -> a packed one, in any format of [`crate::codec`]. Reads
-//! through memory maps, holds at most one tensor's per-row counts and encoded parts in memory,
-//! writes through the shard loop shared with unpack ([`crate::output::write_shards`]) into a
-//! directory renamed into place only when complete.
+//! through memory maps, holds the candidates' per-row counts and at most two tensors' encoded
+//! parts in memory (one being written in the background), writes through the shard loop
+//! shared with unpack ([`crate::output::write_shards`]) into a directory renamed into place
+//! only when complete.
 
 use std::collections::HashSet;
 use std::path::Path;
