@@ -249,17 +249,21 @@ impl ShardWriter {
         Ok(self.offsets[i])
     }
 
+    /// The slot of tensor `name`, which `len` bytes must fill exactly.
+    fn slot_of_len(&self, name: &str, len: usize) -> Result<(usize, usize)> {
+        let (a, b) = self.slot(name)?;
+        crate::ensure!(
+            len == b - a,
+            shape,
+            "tensor {name:?}: {len} bytes given, {} planned",
+            b - a
+        );
+        Ok((a, b))
+    }
+
     /// Writes the bytes of tensor `name` (exactly its planned length).
     pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<()> {
-        let (a, b) = self.slot(name)?;
-        if data.len() != b - a {
-            crate::bail!(
-                shape,
-                "tensor {name:?}: {} bytes given, {} planned",
-                data.len(),
-                b - a
-            );
-        }
+        let (a, _) = self.slot_of_len(name, data.len())?;
         self.file
             .write_all_at(data, (self.data_start + a) as u64)
             .map_err(|e| Error::io(&self.path, e))
@@ -311,15 +315,7 @@ impl ShardWriter {
     /// Writes tensor `name` from an owned buffer of exactly its planned length, in the
     /// background.
     pub fn write_owned(&mut self, name: &str, data: Vec<u8>) -> Result<()> {
-        let (a, b) = self.slot(name)?;
-        if data.len() != b - a {
-            crate::bail!(
-                shape,
-                "tensor {name:?}: {} bytes given, {} planned",
-                data.len(),
-                b - a
-            );
-        }
+        let (a, _) = self.slot_of_len(name, data.len())?;
         self.wait_for_room()?;
         let len = data.len();
         self.send(data, vec![(0, len, (self.data_start + a) as u64)])

@@ -236,13 +236,13 @@ fn value16(dtype: Dtype, z: u8, sb: &[u8]) -> impl Fn(u8) -> u16 {
     }
 }
 #[inline]
-fn value32(z: u8, sb: &[u8]) -> impl Fn(u8) -> u32 {
+fn value32(_dtype: Dtype, z: u8, sb: &[u8]) -> impl Fn(u8) -> u32 {
     let s = f32::from_le_bytes(sb.try_into().expect("4 bytes"));
     let z = i32::from(z);
     move |q| ((i32::from(q) - z) as f32 * s).to_bits()
 }
 #[inline]
-fn value64(z: u8, sb: &[u8]) -> impl Fn(u8) -> u64 {
+fn value64(_dtype: Dtype, z: u8, sb: &[u8]) -> impl Fn(u8) -> u64 {
     let s = f64::from_le_bytes(sb.try_into().expect("8 bytes"));
     let z = i32::from(z);
     move |q| (f64::from(i32::from(q) - z) * s).to_bits()
@@ -284,45 +284,26 @@ le_word!(u64, 8);
 /// 256-word scratch table, for the row's dtype (`W`: u16, u32 or u64).
 macro_rules! per_group {
     ($dtype:expr, $codes:expr, $zero:expr, $scale:expr, $width:expr, $words:expr, $chunks:ident,
-     |$g:ident, $cs:ident, $ws:ident, $value:ident, $table:ident : $w:ident| $body:block) => {{
-        let width = $width.max(1);
+     |$g:ident, $cs:ident, $ws:ident, $value:ident, $table:ident : $w:ident| $body:block) => {
         match $dtype {
-            Dtype::F16 | Dtype::BF16 => {
-                type $w = u16;
-                let mut $table = [0 as $w; 256];
-                for ($g, ($cs, $ws)) in $codes
-                    .chunks(width)
-                    .zip($words.$chunks(width * 2))
-                    .enumerate()
-                {
-                    let $value = value16($dtype, $zero[$g], &$scale[$g * 2..$g * 2 + 2]);
-                    $body
-                }
-            }
-            Dtype::F32 => {
-                type $w = u32;
-                let mut $table = [0 as $w; 256];
-                for ($g, ($cs, $ws)) in $codes
-                    .chunks(width)
-                    .zip($words.$chunks(width * 4))
-                    .enumerate()
-                {
-                    let $value = value32($zero[$g], &$scale[$g * 4..$g * 4 + 4]);
-                    $body
-                }
-            }
-            _ => {
-                type $w = u64;
-                let mut $table = [0 as $w; 256];
-                for ($g, ($cs, $ws)) in $codes
-                    .chunks(width)
-                    .zip($words.$chunks(width * 8))
-                    .enumerate()
-                {
-                    let $value = value64($zero[$g], &$scale[$g * 8..$g * 8 + 8]);
-                    $body
-                }
-            }
+            Dtype::F16 | Dtype::BF16 => per_group!(@word u16, value16, $dtype, $codes, $zero,
+                $scale, $width, $words, $chunks, |$g, $cs, $ws, $value, $table: $w| $body),
+            Dtype::F32 => per_group!(@word u32, value32, $dtype, $codes, $zero,
+                $scale, $width, $words, $chunks, |$g, $cs, $ws, $value, $table: $w| $body),
+            _ => per_group!(@word u64, value64, $dtype, $codes, $zero,
+                $scale, $width, $words, $chunks, |$g, $cs, $ws, $value, $table: $w| $body),
+        }
+    };
+    (@word $t:ty, $make:ident, $dtype:expr, $codes:expr, $zero:expr, $scale:expr, $width:expr,
+     $words:expr, $chunks:ident,
+     |$g:ident, $cs:ident, $ws:ident, $value:ident, $table:ident : $w:ident| $body:block) => {{
+        type $w = $t;
+        let n = std::mem::size_of::<$w>();
+        let width = $width.max(1);
+        let mut $table = [0 as $w; 256];
+        for ($g, ($cs, $ws)) in $codes.chunks(width).zip($words.$chunks(width * n)).enumerate() {
+            let $value = $make($dtype, $zero[$g], &$scale[$g * n..$g * n + n]);
+            $body
         }
     }};
 }
