@@ -388,9 +388,17 @@ def test_unpack_and_load_give_the_saved_model_back(packed, pruned, tmp_path, fmt
         for k, t in w.items():
             assert got[k].dtype == t.dtype and torch.equal(got[k], t), (fmt, v, k)
         u = tmp_path / f"u-{vid(v)}"
-        unpack(p, u, sync=False)
+        report = unpack(p, u, sync=False)
         for k, t in _weights(u).items():
             assert torch.equal(t, w[k]), (fmt, v, k)
+        # the report's nnz is the count of kept (non-zero) weights, not the layout's bound
+        lines = {r["name"]: r for r in report["tensors"] if r["format"] == fmt}
+        assert lines.keys() == _quantized_names(d)
+        for k, r in lines.items():
+            nnz = int(torch.count_nonzero(w[k]))
+            assert nnz < w[k].numel(), k
+            assert r["nnz"] == nnz, (fmt, v, k)
+            assert r["sparsity"] == pytest.approx(1 - nnz / w[k].numel(), abs=1e-12), k
         assert "quantization_config" not in json.loads((u / "config.json").read_text())
         a, b = quant.read_quant_file(d), quant.read_quant_file(u)
         assert a.keys() == b.keys()

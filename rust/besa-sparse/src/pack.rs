@@ -1,7 +1,8 @@
 //! `pack`: a dense checkpoint -> a packed one, in any format of [`crate::codec`]. Reads
-//! through memory maps, holds at most one tensor's per-row counts and encoded parts in memory,
-//! writes through the shard loop shared with unpack ([`crate::output::write_shards`]) into a
-//! directory renamed into place only when complete.
+//! through memory maps, holds the candidates' per-row counts and at most two tensors' encoded
+//! parts in memory (one being written in the background), writes through the shard loop
+//! shared with unpack ([`crate::output::write_shards`]) into a directory renamed into place
+//! only when complete.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -446,8 +447,9 @@ fn out_group<'a>(
             (META_FORMAT.into(), fmt.name().into()),
         ],
         write: Box::new(move |w| {
+            // values checked when deciding (decide_quantized)
             let quant = side
-                .map(|s| s.input(module, t.dtype, rows, cols))
+                .map(|s| s.parts(module, t.dtype, rows, cols))
                 .transpose()?;
             let m = Matrix {
                 dtype: t.dtype,
@@ -533,43 +535,17 @@ fn decide_quantized(
     let (rows, cols) = (t.shape[0], t.shape[1]);
     let module = t.name.strip_suffix(".weight").expect("checked").to_string();
     let w = where_(pm, t);
-    let qi = side.input(&module, t.dtype, rows, cols)?;
-    let data = dense_data(pm, t);
-    let n = dtype::itemsize(t.dtype);
-    let width = cols / qi.groups.max(1);
-    let counts: Vec<u64> = {
-        use rayon::prelude::*;
-        let rb = cols * n;
-        let ok = (0..rows).into_par_iter().all(|r| {
-            let mut out = vec![0u8; rb];
-            let g = qi.groups;
-            nbit::dequantize_row(
-                t.dtype,
-                &qi.codes[r * cols..(r + 1) * cols],
-                &qi.zero[r * g..(r + 1) * g],
-                &qi.scale[r * g * n..(r + 1) * g * n],
-                width,
-                &mut out,
-            );
-            out == data[r * rb..(r + 1) * rb]
-        });
-        ensure!(
-            ok,
-            format,
-            "{w}: not the dequantized values of {} (weights edited after prune?)",
-            side.path().display()
-        );
-        (0..rows)
-            .map(|r| {
-                let z = &qi.zero[r * qi.groups..(r + 1) * qi.groups];
-                qi.codes[r * cols..(r + 1) * cols]
-                    .chunks(width.max(1))
-                    .zip(z)
-                    .map(|(cg, &zg)| cg.iter().filter(|&&q| q != zg).count() as u64)
-                    .sum::<u64>()
-            })
-            .collect()
-    };
+    let qi = side.parts(&module, t.dtype, rows, cols)?;
+    // one pass: codes in range, weights equal to their dequantized codes, kept counts
+    let check = nbit::check_matrix(t.dtype, &qi, rows, cols, dense_data(pm, t));
+    side.check_values(&module, t.dtype, &qi, !check.out_of_range)?;
+    ensure!(
+        !check.mismatch,
+        format,
+        "{w}: not the dequantized values of {} (weights edited after prune?)",
+        side.path().display()
+    );
+    let counts = check.counts;
     let nnz: u64 = counts.iter().sum();
     let numel = (rows * cols) as u64;
     report.nnz = Some(nnz);

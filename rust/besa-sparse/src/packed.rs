@@ -10,7 +10,7 @@ use std::path::Path;
 use safetensors::tensor::Dtype;
 use serde::Serialize;
 
-use crate::codec::{self, PackFormat, QuantParams, Stored};
+use crate::codec::{self, nbit, PackFormat, QuantParams, Stored};
 use crate::dtype::{itemsize, name as dtype_name};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::Model;
@@ -383,32 +383,6 @@ impl PackedModel {
     pub fn quant(&self) -> Option<QuantParams> {
         self.quant
     }
-    /// The codes, zero points and scales of a quantized packed tensor (validated first).
-    pub fn quant_data(
-        &self,
-        t: &LogicalTensor,
-        p: &PackedParts,
-    ) -> Result<(codec::QuantData, &[u8])> {
-        let counts = self.validate(t, p)?;
-        self.quant_data_of(t, p, &counts)
-    }
-
-    /// [`Self::quant_data`] of a tensor already validated (`counts` from [`Self::validate`], or
-    /// empty: the codec recomputes what it needs from the index).
-    pub fn quant_data_of(
-        &self,
-        t: &LogicalTensor,
-        p: &PackedParts,
-        counts: &[u64],
-    ) -> Result<(codec::QuantData, &[u8])> {
-        let data = self.stored_data(p);
-        let d = p
-            .format
-            .quant_data(&self.stored(t, p, &data), counts)
-            .map_err(|e| e.context(self.where_(t, p)))?;
-        let scale = self.part_data(p.parts[d.scale_part]);
-        Ok((d, scale))
-    }
     /// The pack format declared in config.json, if any.
     pub fn declared_format(&self) -> Option<PackFormat> {
         self.format
@@ -482,23 +456,55 @@ impl PackedModel {
     /// Verifies a packed tensor's checksum and bit-level structure; returns the values stored
     /// per row. Errors name the file and tensor.
     pub fn validate(&self, t: &LogicalTensor, p: &PackedParts) -> Result<Vec<u64>> {
-        let ctx = |e: Error| {
-            let kind = match e.kind {
-                ErrorKind::Integrity => ErrorKind::Integrity,
-                _ => ErrorKind::Format,
-            };
-            Error::new(kind, format!("{}: {}", self.where_(t, p), e.message))
-        };
+        let data = self.checked_data(t, p)?;
+        p.format
+            .validate(&self.stored(t, p, &data))
+            .map_err(|e| self.checked_error(t, p, e))
+    }
+
+    /// [`Self::validate`] of a quantized packed tensor, keeping what it decodes: the kept
+    /// weights per row (codes that differ from their zero point), the codes and zero points
+    /// ([`codec::Codec::validate_quant`], one pass over the codes), and the scales.
+    pub fn validate_quant(
+        &self,
+        t: &LogicalTensor,
+        p: &PackedParts,
+    ) -> Result<(Vec<u64>, codec::QuantData, &[u8])> {
+        let data = self.checked_data(t, p)?;
+        let (counts, d) = p
+            .format
+            .validate_quant(&self.stored(t, p, &data))
+            .map_err(|e| self.checked_error(t, p, e))?;
+        let scale = self.part_data(p.parts[d.scale_part]);
+        Ok((counts, d, scale))
+    }
+
+    /// The stored parts of a packed tensor after its checksum is verified.
+    fn checked_data(&self, t: &LogicalTensor, p: &PackedParts) -> Result<Vec<&[u8]>> {
         let data = self.stored_data(p);
         if let Some(want) = p.crc32 {
             let got = crc_of(&data);
             if got != want {
-                return Err(ctx(Error::integrity(format!(
-                    "checksum mismatch (stored {want:08x}, data {got:08x}): the file is corrupt"
-                ))));
+                return Err(self.checked_error(
+                    t,
+                    p,
+                    Error::integrity(format!(
+                        "checksum mismatch (stored {want:08x}, data {got:08x}): the file is corrupt"
+                    )),
+                ));
             }
         }
-        p.format.validate(&self.stored(t, p, &data)).map_err(ctx)
+        Ok(data)
+    }
+
+    /// An error of the checks of a packed tensor, naming the file and tensor (integrity errors
+    /// stay integrity errors, everything else is a format error).
+    fn checked_error(&self, t: &LogicalTensor, p: &PackedParts, e: Error) -> Error {
+        let kind = match e.kind {
+            ErrorKind::Integrity => ErrorKind::Integrity,
+            _ => ErrorKind::Format,
+        };
+        Error::new(kind, format!("{}: {}", self.where_(t, p), e.message))
     }
 
     fn stored<'a>(&self, t: &LogicalTensor, p: &PackedParts, data: &'a [&'a [u8]]) -> Stored<'a> {
@@ -540,6 +546,11 @@ impl PackedModel {
         match &t.storage {
             Storage::Dense(l) => {
                 parallel_copy(self.part_data(*l), out);
+                Ok(())
+            }
+            Storage::Packed(p) if p.format.is_quantized() => {
+                let (_, d, scale) = self.validate_quant(t, p)?;
+                nbit::dequantize_rows(t.dtype, &d, scale, p.cols, 0..p.rows, out);
                 Ok(())
             }
             Storage::Packed(p) => {
@@ -622,11 +633,30 @@ impl PackedModel {
     }
 }
 
-/// CRC-32 over the parts of a module, in order.
+/// CRC-32 over the parts of a module, in order; large parts in pieces hashed in parallel
+/// and combined in order.
 pub fn crc_of(parts: &[&[u8]]) -> u32 {
+    use rayon::prelude::*;
+    const PIECE: usize = 1 << 21;
+    let total: usize = parts.iter().map(|p| p.len()).sum();
     let mut h = crc32fast::Hasher::new();
-    for p in parts {
-        h.update(p);
+    if total <= 2 * PIECE || rayon::current_num_threads() == 1 {
+        for p in parts {
+            h.update(p);
+        }
+        return h.finalize();
+    }
+    let pieces: Vec<&[u8]> = parts.iter().flat_map(|p| p.chunks(PIECE)).collect();
+    let hashes: Vec<crc32fast::Hasher> = pieces
+        .par_iter()
+        .map(|c| {
+            let mut h = crc32fast::Hasher::new();
+            h.update(c);
+            h
+        })
+        .collect();
+    for x in &hashes {
+        h.combine(x);
     }
     h.finalize()
 }

@@ -13,7 +13,7 @@ use crate::codec::nbit::{self, QuantInput, QuantParams};
 use crate::dtype::name as dtype_name;
 use crate::error::{Error, Result};
 use crate::st::{StFile, TensorEntry};
-use crate::writer::PlannedTensor;
+use crate::writer::{PlannedTensor, ShardWriter};
 use crate::{bail, ensure};
 
 /// File name of the side file in a model directory.
@@ -135,8 +135,23 @@ impl SideFile {
     }
 
     /// The checked codes, scales and zero points of `<module>.weight` (`dtype`, `[rows,
-    /// cols]` in the model): shapes agree, codes and zero points are in range.
+    /// cols]` in the model): shapes agree, codes and zero points are in range, scales are
+    /// finite and positive.
     pub fn input(
+        &self,
+        module: &str,
+        dtype: Dtype,
+        rows: usize,
+        cols: usize,
+    ) -> Result<QuantInput<'_>> {
+        let qi = self.parts(module, dtype, rows, cols)?;
+        self.check_values(module, dtype, &qi, false)?;
+        Ok(qi)
+    }
+
+    /// The codes, scales and zero points of `<module>.weight` with their shapes checked, not
+    /// their values ([`Self::check_values`]).
+    pub fn parts(
         &self,
         module: &str,
         dtype: Dtype,
@@ -162,11 +177,6 @@ impl SideFile {
             Dtype::U8,
             &[rows, groups],
         )?;
-        let ctx = |part: &str| format!("{here}: tensor \"{module}.{part}\"");
-        nbit::check_range(codes, q.bits, "code").map_err(|e| e.context(ctx("weight_codes")))?;
-        nbit::check_range(zero, q.bits, "zero point")
-            .map_err(|e| e.context(ctx("weight_zero_point")))?;
-        nbit::check_scales(dtype, scale).map_err(|e| e.context(ctx("weight_scale")))?;
         Ok(QuantInput {
             params: q,
             groups,
@@ -174,6 +184,27 @@ impl SideFile {
             scale,
             zero,
         })
+    }
+
+    /// Checks the values of [`Self::parts`]: codes (unless `codes_in_range`, already known)
+    /// and zero points within the bit width, scales finite and positive.
+    pub fn check_values(
+        &self,
+        module: &str,
+        dtype: Dtype,
+        qi: &QuantInput<'_>,
+        codes_in_range: bool,
+    ) -> Result<()> {
+        let here = self.path().display();
+        let bits = qi.params.bits;
+        let ctx = |part: &str| format!("{here}: tensor \"{module}.{part}\"");
+        if !codes_in_range {
+            nbit::check_range(qi.codes, bits, "code")
+                .map_err(|e| e.context(ctx("weight_codes")))?;
+        }
+        nbit::check_range(qi.zero, bits, "zero point")
+            .map_err(|e| e.context(ctx("weight_zero_point")))?;
+        nbit::check_scales(dtype, qi.scale).map_err(|e| e.context(ctx("weight_scale")))
     }
 }
 
@@ -189,44 +220,106 @@ pub struct SideEntry<'a> {
     pub zero: Vec<u8>,
 }
 
-/// Writes a side file at `path` (tensors and metadata keys as besa-rs' prune writes them).
-pub fn write(path: &Path, params: QuantParams, entries: &[SideEntry<'_>]) -> Result<PathBuf> {
-    let mut tensors: Vec<(PlannedTensor, &[u8])> = Vec::new();
-    let mut layers = serde_json::Map::new();
-    for e in entries {
-        let m = &e.module;
-        tensors.push((
-            PlannedTensor::new(format!("{m}.weight_codes"), Dtype::U8, vec![e.rows, e.cols]),
-            &e.codes,
-        ));
-        tensors.push((
-            PlannedTensor::new(format!("{m}.weight_scale"), e.dtype, vec![e.rows, e.groups]),
-            e.scale,
-        ));
-        tensors.push((
-            PlannedTensor::new(
+/// The shape of one module of a side file being written.
+#[derive(Debug, Clone)]
+pub struct SideModule {
+    pub module: String,
+    pub rows: usize,
+    pub cols: usize,
+    pub dtype: Dtype,
+    pub groups: usize,
+}
+
+/// A side file written module by module (tensors and metadata keys as besa-rs' prune writes
+/// them): planned from the modules' shapes, each module's codes, scales and zero points
+/// written at their offsets when they are known.
+pub struct SideWriter {
+    w: ShardWriter,
+}
+
+impl SideWriter {
+    /// Creates the file at `path` (which must not exist) for `modules`, in this order.
+    pub fn create(path: &Path, params: QuantParams, modules: &[SideModule]) -> Result<Self> {
+        let mut plan = Vec::with_capacity(3 * modules.len());
+        let mut layers = serde_json::Map::new();
+        for e in modules {
+            let m = &e.module;
+            let (r, c, g) = (e.rows, e.cols, e.groups);
+            plan.push(PlannedTensor::new(
+                format!("{m}.weight_codes"),
+                Dtype::U8,
+                vec![r, c],
+            ));
+            plan.push(PlannedTensor::new(
+                format!("{m}.weight_scale"),
+                e.dtype,
+                vec![r, g],
+            ));
+            plan.push(PlannedTensor::new(
                 format!("{m}.weight_zero_point"),
                 Dtype::U8,
-                vec![e.rows, e.groups],
-            ),
-            &e.zero,
-        ));
-        layers.insert(
-            format!("{m}.weight"),
-            serde_json::json!({"bits": params.bits, "group_size": params.group_size, "shape": [e.rows, e.cols]}),
-        );
+                vec![r, g],
+            ));
+            layers.insert(
+                format!("{m}.weight"),
+                serde_json::json!({"bits": params.bits, "group_size": params.group_size, "shape": [r, c]}),
+            );
+        }
+        let meta: BTreeMap<String, String> = [
+            ("format", FORMAT_NAME.to_string()),
+            ("version", "1".into()),
+            ("bits", params.bits.to_string()),
+            ("group_size", params.group_size.to_string()),
+            ("symmetric", "false".into()),
+            ("layers", serde_json::Value::Object(layers).to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        Ok(Self {
+            w: ShardWriter::create(path, &plan, Some(&meta))?,
+        })
     }
-    let meta: BTreeMap<String, String> = [
-        ("format", FORMAT_NAME.to_string()),
-        ("version", "1".into()),
-        ("bits", params.bits.to_string()),
-        ("group_size", params.group_size.to_string()),
-        ("symmetric", "false".into()),
-        ("layers", serde_json::Value::Object(layers).to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    crate::writer::write_file(path, &tensors, Some(&meta))?;
+
+    /// Writes the codes, scales and zero points of `module` (planned lengths); the codes and
+    /// zero points are written in the background.
+    pub fn write_module(
+        &mut self,
+        module: &str,
+        codes: Vec<u8>,
+        scale: &[u8],
+        zero: Vec<u8>,
+    ) -> Result<()> {
+        self.w
+            .write_tensor(&format!("{module}.weight_scale"), scale)?;
+        self.w
+            .write_owned(&format!("{module}.weight_codes"), codes)?;
+        self.w
+            .write_owned(&format!("{module}.weight_zero_point"), zero)
+    }
+
+    /// Waits for the background writes, then closes the file, fsyncing it first when `sync`.
+    pub fn finish(self, sync: bool) -> Result<()> {
+        self.w.finish(sync)
+    }
+}
+
+/// Writes a side file at `path` (tensors and metadata keys as besa-rs' prune writes them).
+pub fn write(path: &Path, params: QuantParams, entries: &[SideEntry<'_>]) -> Result<PathBuf> {
+    let modules: Vec<SideModule> = entries
+        .iter()
+        .map(|e| SideModule {
+            module: e.module.clone(),
+            rows: e.rows,
+            cols: e.cols,
+            dtype: e.dtype,
+            groups: e.groups,
+        })
+        .collect();
+    let mut w = SideWriter::create(path, params, &modules)?;
+    for e in entries {
+        w.write_module(&e.module, e.codes.clone(), e.scale, e.zero.clone())?;
+    }
+    w.finish(false)?;
     Ok(path.to_path_buf())
 }

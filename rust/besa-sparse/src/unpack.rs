@@ -2,8 +2,10 @@
 //! checkpoint, through the shard loop shared with pack. Packed tensors are validated, then
 //! decoded a few MB of rows at a time straight into the output file's writes.
 
+use std::cell::{Cell, RefCell};
 use std::path::Path;
 
+use crate::codec::{nbit, QuantParams};
 use crate::dtype::{itemsize, name as dtype_name};
 use crate::error::Result;
 use crate::output::{
@@ -11,7 +13,7 @@ use crate::output::{
     Report, TensorReport, Totals, DEFAULT_SHARD_SIZE,
 };
 use crate::packed::{LogicalTensor, PackedModel, Storage};
-use crate::quant_file::{self, SideEntry, QUANT_FILE};
+use crate::quant_file::{SideModule, SideWriter, QUANT_FILE};
 use crate::writer::{AtomicDir, PlannedTensor};
 
 /// Options of [`unpack`].
@@ -41,17 +43,33 @@ pub fn unpack(src: &Path, out: &Path, opts: &UnpackOptions) -> Result<Report> {
     // Written in the order safetensors' `save_file` uses (decreasing item size, then name), so
     // that unpacking a pack of a saved model gives its file back and packing that again gives
     // the same packed file.
-    let mut order: Vec<&LogicalTensor> = pm.tensors().iter().collect();
-    order.sort_by(|a, b| {
+    let tensors = pm.tensors();
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (a, b) = (&tensors[a], &tensors[b]);
         (std::cmp::Reverse(itemsize(a.dtype)), &a.name)
             .cmp(&(std::cmp::Reverse(itemsize(b.dtype)), &b.name))
     });
-    let groups: Vec<OutGroup<'_>> = order.iter().map(|t| out_group(&pm, t)).collect();
+    let quantized = pm.format().is_some_and(|f| f.is_quantized());
+    // the regenerated side file is written module by module as they are decoded
+    let side = RefCell::new(match (quantized, pm.quant()) {
+        (true, Some(q)) => Some(SideWriter::create(
+            &dir.path().join(QUANT_FILE),
+            q,
+            &side_modules(&pm, q)?,
+        )?),
+        _ => None,
+    });
+    // kept weights of the quantized tensors, counted while decoding
+    let kept: Vec<Cell<Option<u64>>> = vec![Cell::new(None); tensors.len()];
+    let groups: Vec<OutGroup<'_>> = order
+        .iter()
+        .map(|&i| out_group(&pm, &tensors[i], &side, &kept[i]))
+        .collect();
     let files = write_shards(dir.path(), &groups, opts.shard_size, opts.sync)?;
     drop(groups);
-    let quantized = pm.format().is_some_and(|f| f.is_quantized());
-    if quantized {
-        write_side_file(&pm, &dir.path().join(QUANT_FILE))?;
+    if let Some(w) = side.into_inner() {
+        w.finish(opts.sync)?;
     }
     if let Some(mut cfg) = pm.model().config().cloned() {
         strip_sparsity_config(&mut cfg);
@@ -63,7 +81,11 @@ pub fn unpack(src: &Path, out: &Path, opts: &UnpackOptions) -> Result<Report> {
         write_json(&dir.path().join("config.json"), &cfg)?;
     }
     let out_files = finish_output(dir, src, &files, opts.sync)?;
-    let reports: Vec<TensorReport> = pm.tensors().iter().map(|t| report(&pm, t)).collect();
+    let reports: Vec<TensorReport> = tensors
+        .iter()
+        .zip(&kept)
+        .map(|(t, k)| report(&pm, t, k.get()))
+        .collect();
     let packed_n = reports.iter().filter(|r| r.format.is_some()).count();
     let dense: u64 = reports.iter().map(|r| r.dense_bytes).sum();
     let totals = Totals::of(&reports, packed_n, file_bytes(&pm, &out_files), dense, 0);
@@ -78,14 +100,33 @@ pub fn unpack(src: &Path, out: &Path, opts: &UnpackOptions) -> Result<Report> {
     })
 }
 
-/// One logical tensor written dense: copied, or validated and decoded chunk by chunk.
-fn out_group<'a>(pm: &'a PackedModel, t: &'a LogicalTensor) -> OutGroup<'a> {
+/// One logical tensor written dense: copied, or validated and decoded chunk by chunk. A
+/// quantized tensor's codes are decoded once (validated on the way), dequantized into the
+/// output and written to the side file, and its kept weights counted into `kept`.
+fn out_group<'a>(
+    pm: &'a PackedModel,
+    t: &'a LogicalTensor,
+    side: &'a RefCell<Option<SideWriter>>,
+    kept: &'a Cell<Option<u64>>,
+) -> OutGroup<'a> {
     OutGroup {
         tensors: vec![PlannedTensor::new(t.name.clone(), t.dtype, t.shape.clone())],
         meta: Vec::new(),
         write: Box::new(move |w| {
             match &t.storage {
                 Storage::Dense(l) => w.write_tensor(&t.name, pm.part_data(*l))?,
+                Storage::Packed(p) if p.format.is_quantized() => {
+                    let (counts, d, scale) = pm.validate_quant(t, p)?;
+                    kept.set(Some(counts.iter().sum()));
+                    let row_bytes = p.cols * itemsize(t.dtype);
+                    w.fill_rows(&t.name, row_bytes, |rows, buf| {
+                        nbit::dequantize_rows(t.dtype, &d, scale, p.cols, rows, buf);
+                        Ok(())
+                    })?;
+                    if let Some(sw) = side.borrow_mut().as_mut() {
+                        sw.write_module(p.module(), d.codes, scale, d.zero)?;
+                    }
+                }
                 Storage::Packed(p) => {
                     let counts = pm.validate(t, p)?;
                     let row_bytes = p.cols * itemsize(t.dtype);
@@ -99,12 +140,15 @@ fn out_group<'a>(pm: &'a PackedModel, t: &'a LogicalTensor) -> OutGroup<'a> {
     }
 }
 
-fn report(pm: &PackedModel, t: &LogicalTensor) -> TensorReport {
+/// A tensor's report line; `kept`: the kept weights counted while decoding a quantized tensor
+/// (its layout only bounds them), else the values the layout stores.
+fn report(pm: &PackedModel, t: &LogicalTensor, kept: Option<u64>) -> TensorReport {
     let stored = pm.stored_bytes(t) as u64;
     let (nnz, sparsity) = match &t.storage {
         Storage::Packed(p) => {
+            let nnz = kept.unwrap_or(p.nnz as u64);
             let numel = t.numel().max(1) as f64;
-            (Some(p.nnz as u64), Some(1.0 - p.nnz as f64 / numel))
+            (Some(nnz), Some(1.0 - nnz as f64 / numel))
         }
         Storage::Dense(_) => (None, None),
     };
@@ -151,13 +195,11 @@ pub fn strip_sparsity_config(cfg: &mut serde_json::Value) {
     }
 }
 
-/// Regenerates the side file `quantization.safetensors` of a quantized packed checkpoint
-/// (codes with the zero point at pruned positions, scales, zero points).
-fn write_side_file(pm: &PackedModel, path: &Path) -> Result<()> {
-    let Some(q) = pm.quant() else {
-        return Ok(());
-    };
-    let mut entries = Vec::new();
+/// The modules of the regenerated side file `quantization.safetensors` of a quantized packed
+/// checkpoint (codes with the zero point at pruned positions, scales, zero points), in stored
+/// order.
+fn side_modules(pm: &PackedModel, q: QuantParams) -> Result<Vec<SideModule>> {
+    let mut out = Vec::new();
     for t in pm.tensors() {
         let Storage::Packed(p) = &t.storage else {
             continue;
@@ -165,19 +207,14 @@ fn write_side_file(pm: &PackedModel, path: &Path) -> Result<()> {
         if !p.format.is_quantized() {
             continue;
         }
-        // validated when its dense weight was written above
-        let (d, scale) = pm.quant_data_of(t, p, &[])?;
-        entries.push(SideEntry {
+        out.push(SideModule {
             module: p.module().to_string(),
             rows: p.rows,
             cols: p.cols,
             dtype: t.dtype,
-            groups: d.groups,
-            codes: d.codes,
-            scale,
-            zero: d.zero,
+            // the layout check matched the scales to the scheme
+            groups: q.groups(p.cols)?,
         });
     }
-    quant_file::write(path, q, &entries)?;
-    Ok(())
+    Ok(out)
 }

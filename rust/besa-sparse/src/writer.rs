@@ -2,13 +2,17 @@
 //!
 //! A file is planned first (names, dtypes, shapes, byte lengths), its header is serialised and
 //! validated with the `safetensors` crate, the file is created at its full size, and each
-//! tensor is written at its offset (from the input's memory map for copies, from one reusable
-//! buffer for encoded tensors, so memory stays at about the largest tensor). Directories are built under a hidden temporary name next to
+//! tensor is written at its offset (from the input's memory map for copies, from two reusable
+//! buffers for encoded tensors, written by a background thread while the next is filled, so
+//! memory stays at about twice the largest packed tensor). Directories are built under a hidden temporary name next to
 //! the destination and renamed into place only when complete.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use std::os::unix::fs::FileExt;
@@ -121,15 +125,78 @@ pub fn header_bytes(
 
 /// A safetensors file being written: created at its final size with its header, then each
 /// tensor is written at its offset with positioned writes (`pwrite`), either straight from a
-/// caller's slice or from a reusable scratch buffer the caller fills (so memory stays at the
-/// largest packed tensor, and no page of the output is faulted through a memory map).
+/// caller's slice or from a scratch buffer the caller fills. Filled buffers are written by a
+/// background thread while the caller fills the next one (two buffers at most, so memory stays
+/// at about twice the largest packed tensor or a few MB of rows, and no page of the output is
+/// faulted through a memory map).
 pub struct ShardWriter {
     path: PathBuf,
-    file: File,
+    file: Arc<File>,
     data_start: usize,
     offsets: Vec<(usize, usize)>,
     index: BTreeMap<String, usize>,
-    scratch: Vec<u8>,
+    /// Buffers not in flight, for reuse.
+    spare: Vec<Vec<u8>>,
+    bg: Option<Background>,
+}
+
+/// Writes of a filled buffer: (start, end) in the buffer -> file offset.
+struct Job {
+    buf: Vec<u8>,
+    writes: Vec<(usize, usize, u64)>,
+}
+
+/// The thread writing filled buffers, and the buffers it hands back.
+struct Background {
+    tx: SyncSender<Job>,
+    done: Receiver<Vec<u8>>,
+    in_flight: usize,
+    handle: JoinHandle<std::io::Result<()>>,
+}
+
+/// Buffers being written at once by the background thread.
+const MAX_IN_FLIGHT: usize = 1;
+
+impl Background {
+    fn start(file: Arc<File>) -> Self {
+        let (tx, rx) = sync_channel::<Job>(MAX_IN_FLIGHT);
+        let (done_tx, done) = sync_channel::<Vec<u8>>(MAX_IN_FLIGHT + 1);
+        let handle = std::thread::Builder::new()
+            .name("besa-writer".into())
+            .spawn(move || -> std::io::Result<()> {
+                for job in rx {
+                    for &(a, b, off) in &job.writes {
+                        file.write_all_at(&job.buf[a..b], off)?;
+                    }
+                    let _ = done_tx.send(job.buf);
+                }
+                Ok(())
+            })
+            .expect("spawn the writer thread");
+        Self {
+            tx,
+            done,
+            in_flight: 0,
+            handle,
+        }
+    }
+
+    /// Waits for the thread to write everything sent; its first error.
+    fn join(self) -> std::io::Result<()> {
+        drop(self.tx);
+        self.handle
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the writer thread panicked")))
+    }
+}
+
+impl Drop for ShardWriter {
+    fn drop(&mut self) {
+        // an abandoned file (error path): let the pending writes end before it is removed
+        if let Some(bg) = self.bg.take() {
+            let _ = bg.join();
+        }
+    }
 }
 
 impl ShardWriter {
@@ -155,7 +222,7 @@ impl ShardWriter {
             .map_err(|e| Error::io(path, e))?;
         Ok(Self {
             path: path.to_path_buf(),
-            file,
+            file: Arc::new(file),
             data_start: 8 + header.len(),
             offsets,
             index: tensors
@@ -163,7 +230,8 @@ impl ShardWriter {
                 .enumerate()
                 .map(|(i, t)| (t.name.clone(), i))
                 .collect(),
-            scratch: Vec::new(),
+            spare: Vec::new(),
+            bg: None,
         })
     }
 
@@ -181,20 +249,99 @@ impl ShardWriter {
         Ok(self.offsets[i])
     }
 
+    /// The slot of tensor `name`, which `len` bytes must fill exactly.
+    fn slot_of_len(&self, name: &str, len: usize) -> Result<(usize, usize)> {
+        let (a, b) = self.slot(name)?;
+        crate::ensure!(
+            len == b - a,
+            shape,
+            "tensor {name:?}: {len} bytes given, {} planned",
+            b - a
+        );
+        Ok((a, b))
+    }
+
     /// Writes the bytes of tensor `name` (exactly its planned length).
     pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<()> {
-        let (a, b) = self.slot(name)?;
-        if data.len() != b - a {
-            crate::bail!(
-                shape,
-                "tensor {name:?}: {} bytes given, {} planned",
-                data.len(),
-                b - a
-            );
-        }
+        let (a, _) = self.slot_of_len(name, data.len())?;
         self.file
             .write_all_at(data, (self.data_start + a) as u64)
             .map_err(|e| Error::io(&self.path, e))
+    }
+
+    /// A buffer of at least `len` bytes (contents unspecified), waiting for one in flight
+    /// when the background thread holds as many as it may.
+    fn take_buffer(&mut self, len: usize) -> Result<Vec<u8>> {
+        self.wait_for_room()?;
+        let mut buf = self.spare.pop().unwrap_or_default();
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        Ok(buf)
+    }
+
+    /// Waits until the background thread may take one more buffer; keeps two of the buffers
+    /// it handed back for reuse.
+    fn wait_for_room(&mut self) -> Result<()> {
+        let Some(bg) = &mut self.bg else {
+            return Ok(());
+        };
+        let mut back = Vec::new();
+        while let Ok(b) = bg.done.try_recv() {
+            bg.in_flight -= 1;
+            back.push(b);
+        }
+        let mut stopped = false;
+        if bg.in_flight >= MAX_IN_FLIGHT {
+            match bg.done.recv() {
+                Ok(b) => {
+                    bg.in_flight -= 1;
+                    back.push(b);
+                }
+                Err(_) => stopped = true,
+            }
+        }
+        for b in back {
+            if self.spare.len() < 2 {
+                self.spare.push(b);
+            }
+        }
+        if stopped {
+            return Err(self.background_error());
+        }
+        Ok(())
+    }
+
+    /// Writes tensor `name` from an owned buffer of exactly its planned length, in the
+    /// background.
+    pub fn write_owned(&mut self, name: &str, data: Vec<u8>) -> Result<()> {
+        let (a, _) = self.slot_of_len(name, data.len())?;
+        self.wait_for_room()?;
+        let len = data.len();
+        self.send(data, vec![(0, len, (self.data_start + a) as u64)])
+    }
+
+    /// Hands a filled buffer to the background thread (started on first use).
+    fn send(&mut self, buf: Vec<u8>, writes: Vec<(usize, usize, u64)>) -> Result<()> {
+        let file = &self.file;
+        let bg = self
+            .bg
+            .get_or_insert_with(|| Background::start(file.clone()));
+        let sent = bg.tx.send(Job { buf, writes }).is_ok();
+        if !sent {
+            return Err(self.background_error());
+        }
+        bg.in_flight += 1;
+        Ok(())
+    }
+
+    /// The error that stopped the background thread.
+    fn background_error(&mut self) -> Error {
+        let e = match self.bg.take().map(Background::join) {
+            Some(Err(e)) => e,
+            _ => std::io::Error::other("the writer thread stopped"),
+        };
+        Error::io(&self.path, e)
     }
 
     /// Lends `f` one buffer per name (planned lengths, contents unspecified: `f` must write
@@ -209,28 +356,37 @@ impl ShardWriter {
             slots.push(self.slot(n)?);
         }
         let total: usize = slots.iter().map(|(a, b)| b - a).sum();
-        if self.scratch.len() < total {
-            self.scratch.resize(total, 0);
-        }
-        let mut rest: &mut [u8] = &mut self.scratch[..total];
+        let mut buf = self.take_buffer(total)?;
+        let mut rest: &mut [u8] = &mut buf[..total];
         let mut bufs: Vec<&mut [u8]> = Vec::with_capacity(names.len());
         for (a, b) in &slots {
             let (mine, tail) = std::mem::take(&mut rest).split_at_mut(b - a);
             bufs.push(mine);
             rest = tail;
         }
-        let r = f(&mut bufs)?;
-        for (buf, (a, _)) in bufs.iter().zip(&slots) {
-            self.file
-                .write_all_at(buf, (self.data_start + a) as u64)
-                .map_err(|e| Error::io(&self.path, e))?;
+        let r = f(&mut bufs);
+        drop(bufs);
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                self.spare.push(buf);
+                return Err(e);
+            }
+        };
+        let mut writes = Vec::with_capacity(slots.len());
+        let mut at = 0;
+        for (a, b) in &slots {
+            writes.push((at, at + b - a, (self.data_start + a) as u64));
+            at += b - a;
         }
+        self.send(buf, writes)?;
         Ok(r)
     }
 
     /// Writes tensor `name` (rows of `row_bytes` bytes) chunk by chunk: `f(rows, buf)` fills
-    /// the bytes of rows `rows` into `buf`, which is then written at its offset. Chunks are a
-    /// few MB, so the data goes from the cache to the file without a full-size buffer.
+    /// the bytes of rows `rows` into `buf`, which is then written at its offset while the next
+    /// chunk is filled. Chunks are a few MB, so the data goes from the cache to the file
+    /// without a full-size buffer.
     pub fn fill_rows(
         &mut self,
         name: &str,
@@ -251,17 +407,13 @@ impl ShardWriter {
         while r < rows {
             let end = (r + per).min(rows);
             let len = (end - r) * row_bytes;
-            if self.scratch.len() < len {
-                self.scratch.resize(len, 0);
+            let mut buf = self.take_buffer(len)?;
+            if let Err(e) = f(r..end, &mut buf[..len]) {
+                self.spare.push(buf);
+                return Err(e);
             }
-            let mut buf = std::mem::take(&mut self.scratch);
-            let res = f(r..end, &mut buf[..len]).and_then(|()| {
-                self.file
-                    .write_all_at(&buf[..len], (self.data_start + a + r * row_bytes) as u64)
-                    .map_err(|e| Error::io(&self.path, e))
-            });
-            self.scratch = buf;
-            res?;
+            let off = (self.data_start + a + r * row_bytes) as u64;
+            self.send(buf, vec![(0, len, off)])?;
             r = end;
         }
         Ok(())
@@ -288,8 +440,11 @@ impl ShardWriter {
             .map_err(|e| Error::io(&self.path, e))
     }
 
-    /// Closes the file, fsyncing it first when `sync`.
-    pub fn finish(self, sync: bool) -> Result<()> {
+    /// Waits for the background writes, then closes the file, fsyncing it first when `sync`.
+    pub fn finish(mut self, sync: bool) -> Result<()> {
+        if let Some(bg) = self.bg.take() {
+            bg.join().map_err(|e| Error::io(&self.path, e))?;
+        }
         if sync {
             self.file.sync_all().map_err(|e| Error::io(&self.path, e))?;
         }

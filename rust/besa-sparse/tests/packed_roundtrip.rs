@@ -377,7 +377,29 @@ fn quantized_pack_round_trip() {
             sync: false,
             ..UnpackOptions::default()
         };
-        unpack(&packed, &back, &uo).unwrap();
+        let ur = unpack(&packed, &back, &uo).unwrap();
+        // the report counts the kept weights (codes that differ from their zero point), not
+        // the layout's bound on them
+        for (m, _, rows, cols, codes, _, zero) in &mods {
+            let groups = cols / 8;
+            let kept = (0..rows * cols)
+                .filter(|&k| codes[k] != zero[(k / cols) * groups + (k % cols) / 8])
+                .count() as u64;
+            assert!(
+                kept < (rows * cols) as u64,
+                "{m}: the fixture has pruned weights"
+            );
+            let name = format!("{m}.weight");
+            let line = ur.tensors.iter().find(|r| r.name == name).unwrap();
+            assert_eq!(line.nnz, Some(kept), "{fmt} {name}");
+            let want = 1.0 - kept as f64 / (rows * cols) as f64;
+            assert!(
+                (line.sparsity.unwrap() - want).abs() < 1e-12,
+                "{fmt} {name}"
+            );
+            let packed_line = report.tensors.iter().find(|r| r.name == name).unwrap();
+            assert_eq!(packed_line.nnz, Some(kept), "{fmt} {name}: pack's count");
+        }
         let side = SideFile::open(&back).unwrap();
         for (m, dtype, rows, cols, codes, _, zero) in &mods {
             let qi = side.input(m, *dtype, *rows, *cols).unwrap();
@@ -411,4 +433,26 @@ fn quantized_pack_round_trip() {
     assert_eq!(e.kind, ErrorKind::Format);
     assert!(e.message.contains("not quantized"), "{}", e.message);
     assert!(!tmp.path().join("x").exists());
+}
+
+#[test]
+fn checksum_of_large_parts_hashed_in_pieces_is_the_plain_crc() {
+    // parts over the size hashed in parallel pieces, with lengths that are not multiples of
+    // the piece size
+    let a: Vec<u8> = (0..5_000_017u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let b: Vec<u8> = (0..3_100_003u32)
+        .map(|i| (i.wrapping_mul(40_503) >> 7) as u8)
+        .collect();
+    let mut h = crc32fast::Hasher::new();
+    h.update(&a);
+    h.update(&[]);
+    h.update(&b);
+    let want = h.finalize();
+    assert_eq!(besa_sparse::packed::crc_of(&[&a, &[], &b]), want);
+    assert_eq!(
+        besa_sparse::packed::crc_of(&[&b[..10]]),
+        crc32fast::hash(&b[..10])
+    );
 }

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use safetensors::tensor::Dtype;
 
 use super::bitmask::check_bitmask_part;
-use super::kernels::{bitmask_row_counts, prefix_offsets};
+use super::kernels::{bitmask_row_counts, prefix_offsets, rows_per_task, split_lengths};
 use super::nbit::{self, QuantParams};
 use super::{bitmask_row_bytes, write_shape, Codec, Layout, Matrix};
 use super::{PartInfo, PartSpec, QuantData, Stored};
@@ -51,9 +51,15 @@ fn row_codes(
     let wb = bitmask_row_bytes(s.cols);
     let mrow = &s.parts[1][r * wb..(r + 1) * wb];
     let n = mrow.iter().map(|b| b.count_ones() as usize).sum::<usize>();
-    // one spare field so that the branch-free loop below may read one past the last code
-    stored.resize(n + 1, 0);
+    // spare fields: the branch-free loop below may read one past the last code, the SIMD one
+    // loads 16 bytes from the next code
+    stored.resize(n + 16, 0);
     nbit::unpack_stream(s.parts[2], bits, first, &mut stored[..n]);
+    #[cfg(target_arch = "x86_64")]
+    if width % 8 == 0 && width > 0 && super::simd_quant::available() {
+        // SAFETY: the CPU has SSSE3 (checked just above); `stored` has 16 spare bytes.
+        return unsafe { super::simd_quant::expand_row(mrow, stored, zero, width, out) };
+    }
     let mut k = 0;
     let mut equal = false;
     for (g, og) in out.chunks_mut(width.max(1)).enumerate() {
@@ -68,6 +74,54 @@ fn row_codes(
         }
     }
     equal
+}
+
+/// Encodes one row: its bitmask bytes (`mrow`, bit set = code differs from its group's zero
+/// point) and its kept codes compacted into `tmp` (`cols + 16` bytes: the branch-free loops
+/// write past the last kept code); `keep` is `cols` bytes of scratch. Returns the number of
+/// kept codes.
+fn encode_row(
+    codes: &[u8],
+    zero: &[u8],
+    width: usize,
+    keep: &mut [u8],
+    tmp: &mut [u8],
+    mrow: &mut [u8],
+) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if width % 8 == 0 && width > 0 && super::simd_quant::available() {
+        // SAFETY: the CPU has SSSE3 and POPCNT (checked just above); `tmp` has `cols + 16`
+        // bytes.
+        return unsafe { super::simd_quant::compress_row(codes, zero, width, mrow, tmp) };
+    }
+    let mut k = 0usize;
+    for ((cg, kg), &zg) in codes
+        .chunks(width.max(1))
+        .zip(keep.chunks_mut(width.max(1)))
+        .zip(zero)
+    {
+        for (&v, kb) in cg.iter().zip(kg.iter_mut()) {
+            *kb = u8::from(v != zg);
+            tmp[k] = v;
+            k += usize::from(*kb);
+        }
+    }
+    // eight 0/1 bytes -> one mask byte, LSB first (each byte lands on its own bit of the top
+    // byte of the product, without carries)
+    let mut eights = keep.chunks_exact(8);
+    for (m, k8) in mrow.iter_mut().zip(&mut eights) {
+        let x = u64::from_le_bytes(k8.try_into().expect("8 bytes"));
+        *m = (x.wrapping_mul(0x0102_0408_1020_4080) >> 56) as u8;
+    }
+    let rest = eights.remainder();
+    if !rest.is_empty() {
+        let last = mrow.last_mut().expect("a byte for the last columns");
+        *last = rest
+            .iter()
+            .enumerate()
+            .fold(0u8, |acc, (j, &b)| acc | (b << j));
+    }
+    k
 }
 
 impl Codec for BitmaskQuantized {
@@ -188,7 +242,7 @@ impl Codec for BitmaskQuantized {
         ]
     }
 
-    fn encode(&self, m: Matrix<'_>, _counts: &[u64], out: &mut [&mut [u8]]) -> Result<()> {
+    fn encode(&self, m: Matrix<'_>, counts: &[u64], out: &mut [&mut [u8]]) -> Result<()> {
         let [shape, mask, codes, scale, zp] = out else {
             bail!(shape, "{NAME} encode needs 5 output parts");
         };
@@ -200,43 +254,73 @@ impl Codec for BitmaskQuantized {
         };
         let bits = qi.params.bits;
         write_shape(shape, m.rows, m.cols);
+        scale.copy_from_slice(qi.scale);
+        nbit::pack_stream(qi.zero, bits, zp);
+        let nnz: u64 = counts.iter().sum();
+        ensure!(
+            counts.len() == m.rows && codes.len() == nbit::stream_bytes(nnz as usize, bits, 8),
+            shape,
+            "{NAME} encode: the codes part does not match the counts"
+        );
+        if m.cols == 0 || m.rows == 0 {
+            mask.fill(0);
+            codes.fill(0);
+            return Ok(());
+        }
+        // rows in tasks: each writes its rows' bitmask bytes and compacts their kept codes into
+        // its own piece of `kept` (counts from the side file, checked by pack)
         let width = m.cols / qi.groups.max(1);
         let wb = bitmask_row_bytes(m.cols);
-        mask.fill(0);
-        if m.cols > 0 {
-            mask.par_chunks_mut(wb)
-                .zip(qi.codes.par_chunks(m.cols))
-                .zip(qi.zero.par_chunks(qi.groups))
-                .for_each(|((o, c), z)| {
-                    for (g, (cg, &zg)) in c.chunks(width.max(1)).zip(z).enumerate() {
-                        for (j, &v) in cg.iter().enumerate() {
-                            let c = g * width + j;
-                            o[c / 8] |= u8::from(v != zg) << (c % 8);
-                        }
+        let rpt = rows_per_task(m.cols, 1);
+        let mut kept = vec![0u8; nnz as usize];
+        let pieces = split_lengths(
+            &mut kept[..],
+            counts.chunks(rpt).map(|c| c.iter().sum::<u64>() as usize),
+        );
+        mask.par_chunks_mut(rpt * wb)
+            .zip(qi.codes.par_chunks(rpt * m.cols))
+            .zip(qi.zero.par_chunks(rpt * qi.groups))
+            .zip(pieces.into_par_iter())
+            .try_for_each_init(
+                || (vec![0u8; m.cols], vec![0u8; m.cols + 16]),
+                |(keep, tmp), (((mrows, crows), zrows), piece)| {
+                    let mut at = 0;
+                    for ((mrow, c), z) in mrows
+                        .chunks_mut(wb)
+                        .zip(crows.chunks(m.cols))
+                        .zip(zrows.chunks(qi.groups))
+                    {
+                        let k = encode_row(c, z, width, keep, tmp, mrow);
+                        ensure!(
+                            at + k <= piece.len(),
+                            shape,
+                            "{NAME} encode: a row keeps more codes than its count"
+                        );
+                        piece[at..at + k].copy_from_slice(&tmp[..k]);
+                        at += k;
                     }
-                });
-        }
-        // the kept codes, compacted without branches (one spare slot for the last write)
-        let mut kept = vec![0u8; qi.codes.len() + 1];
-        let mut k = 0usize;
-        if m.cols > 0 {
-            for (c, z) in qi.codes.chunks(m.cols).zip(qi.zero.chunks(qi.groups)) {
-                for (cg, &zg) in c.chunks(width.max(1)).zip(z) {
-                    for &v in cg {
-                        kept[k] = v;
-                        k += usize::from(v != zg);
-                    }
-                }
-            }
-        }
-        kept.truncate(k);
-        nbit::pack_stream(kept, bits, codes);
-        scale.copy_from_slice(qi.scale);
-        nbit::pack_stream(qi.zero.iter().copied(), bits, zp);
+                    ensure!(
+                        at == piece.len(),
+                        shape,
+                        "{NAME} encode: the rows keep fewer codes than their counts"
+                    );
+                    Ok(())
+                },
+            )?;
+        // eight fields are `bits` whole bytes: the stream is packed in parallel pieces
+        const FIELDS: usize = 1 << 16;
+        codes
+            .par_chunks_mut(FIELDS / 8 * bits as usize)
+            .zip(kept.par_chunks(FIELDS))
+            .for_each(|(o, v)| nbit::pack_stream(v, bits, o));
         Ok(())
     }
 
     fn validate(&self, s: &Stored<'_>) -> Result<Vec<u64>> {
+        self.validate_quant(s).map(|(counts, _)| counts)
+    }
+
+    fn validate_quant(&self, s: &Stored<'_>) -> Result<(Vec<u64>, QuantData)> {
         let (q, groups) = params(s)?;
         let counts = bitmask_row_counts(s.parts[1], s.rows, s.cols)?;
         let nnz: u64 = counts.iter().sum();
@@ -258,33 +342,43 @@ impl Codec for BitmaskQuantized {
         let (offs, _) = prefix_offsets(&counts);
         let width = s.cols / groups;
         let wb = bitmask_row_bytes(s.cols);
-        (0..s.rows).into_par_iter().try_for_each_init(
-            || (Vec::new(), vec![0u8; s.cols]),
-            |(stored, codes), r| {
-                let z = &zero[r * groups..(r + 1) * groups];
-                if !row_codes(s, q.bits, z, r, offs[r] as usize, stored, codes) {
-                    return Ok(());
-                }
-                let mrow = &s.parts[1][r * wb..(r + 1) * wb];
-                // a stored code equal to its zero point: bit set and code == zero
-                for (g, cg) in codes.chunks(width.max(1)).enumerate() {
-                    let bad = cg.iter().enumerate().position(|(j, &v)| {
-                        let c = g * width + j;
-                        (mrow[c / 8] >> (c % 8)) & 1 == 1 && v == z[g]
-                    });
-                    if let Some(j) = bad {
-                        bail!(
-                            format,
-                            "codes: the stored code of [{r}, {}] equals its zero point {} (its bitmask bit must be clear)",
-                            g * width + j,
-                            z[g]
-                        );
+        let mut codes = vec![0u8; s.rows * s.cols];
+        if s.cols > 0 {
+            codes
+                .par_chunks_mut(s.cols)
+                .enumerate()
+                .with_min_len(rows_per_task(s.cols, 1))
+                .try_for_each_init(Vec::new, |stored, (r, c)| {
+                    let z = &zero[r * groups..(r + 1) * groups];
+                    if !row_codes(s, q.bits, z, r, offs[r] as usize, stored, c) {
+                        return Ok(());
                     }
-                }
-                Ok(())
-            },
-        )?;
-        Ok(counts)
+                    let mrow = &s.parts[1][r * wb..(r + 1) * wb];
+                    // a stored code equal to its zero point: bit set and code == zero
+                    for (g, cg) in c.chunks(width.max(1)).enumerate() {
+                        let bad = cg.iter().enumerate().position(|(j, &v)| {
+                            let col = g * width + j;
+                            bit(mrow, col) && v == z[g]
+                        });
+                        if let Some(j) = bad {
+                            bail!(
+                                format,
+                                "codes: the stored code of [{r}, {}] equals its zero point {} (its bitmask bit must be clear)",
+                                g * width + j,
+                                z[g]
+                            );
+                        }
+                    }
+                    Ok(())
+                })?;
+        }
+        let d = QuantData {
+            codes,
+            zero,
+            scale_part: 3,
+            groups,
+        };
+        Ok((counts, d))
     }
 
     fn decode(

@@ -20,6 +20,8 @@ pub mod nbit;
 mod pack_quantized;
 #[cfg(target_arch = "x86_64")]
 mod simd16;
+#[cfg(target_arch = "x86_64")]
+mod simd_quant;
 mod two_four;
 
 pub use nbit::{QuantInput, QuantParams};
@@ -181,6 +183,14 @@ pub trait Codec: Send + Sync + 'static {
     /// Quantized formats: the codes and zero points of validated parts.
     fn quant_data(&self, _s: &Stored<'_>, _counts: &[u64]) -> Result<QuantData> {
         crate::bail!(format, "{} stores no quantization parameters", self.name())
+    }
+    /// Quantized formats: [`Codec::validate`] and [`Codec::quant_data`] in one pass over the
+    /// stored codes (the counts are the kept weights per row: codes that differ from their
+    /// zero point).
+    fn validate_quant(&self, s: &Stored<'_>) -> Result<(Vec<u64>, QuantData)> {
+        let counts = self.validate(s)?;
+        let d = self.quant_data(s, &counts)?;
+        Ok((counts, d))
     }
 }
 

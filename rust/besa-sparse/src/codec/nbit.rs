@@ -60,99 +60,94 @@ pub fn stream_bytes(n: usize, bits: u32, align: usize) -> usize {
 }
 
 /// Writes `values` as one LSB-first stream of `bits`-bit fields into `out`; the rest of `out`
-/// (padding) is zeroed. Values must be < 2^bits.
-pub fn pack_stream(values: impl IntoIterator<Item = u8>, bits: u32, out: &mut [u8]) {
-    if bits == 8 || bits == 4 {
-        let mut pos = 0usize;
-        let mut it = values.into_iter();
-        if bits == 8 {
-            for v in it {
-                out[pos] = v;
-                pos += 1;
-            }
-        } else {
-            while let Some(lo) = it.next() {
-                out[pos] = lo | it.next().map_or(0, |hi| hi << 4);
-                pos += 1;
+/// (padding) is zeroed. Values must be < 2^bits. Eight fields make `bits` whole bytes, so the
+/// body is written eight fields at a time.
+pub fn pack_stream(values: &[u8], bits: u32, out: &mut [u8]) {
+    let b = bits as usize;
+    let full = values.len() / 8;
+    let (body, rest) = out.split_at_mut(full * b);
+    let (vbody, vtail) = values.split_at(full * 8);
+    match bits {
+        8 => body.copy_from_slice(vbody),
+        4 => {
+            for (o, v) in body.iter_mut().zip(vbody.chunks_exact(2)) {
+                *o = v[0] | (v[1] << 4);
             }
         }
-        out[pos..].fill(0);
-        return;
-    }
-    let mut acc: u64 = 0;
-    let mut nacc = 0u32;
-    let mut pos = 0usize;
-    for v in values {
-        acc |= u64::from(v) << nacc;
-        nacc += bits;
-        while nacc >= 8 {
-            out[pos] = acc as u8;
-            pos += 1;
-            acc >>= 8;
-            nacc -= 8;
+        _ => {
+            for (o, v) in body.chunks_exact_mut(b).zip(vbody.chunks_exact(8)) {
+                let mut acc = 0u64;
+                for (j, &x) in v.iter().enumerate() {
+                    acc |= u64::from(x) << (j * b);
+                }
+                o.copy_from_slice(&acc.to_le_bytes()[..b]);
+            }
         }
     }
-    if nacc > 0 {
-        out[pos] = acc as u8;
-        pos += 1;
+    // the last (< 8) fields, then zero padding
+    let mut acc = 0u64;
+    for (j, &x) in vtail.iter().enumerate() {
+        acc |= u64::from(x) << (j * b);
     }
-    out[pos..].fill(0);
+    let nb = (vtail.len() * b).div_ceil(8);
+    rest[..nb].copy_from_slice(&acc.to_le_bytes()[..nb]);
+    rest[nb..].fill(0);
 }
 
-/// Field `i` of an LSB-first stream of `bits`-bit fields (the caller checked the length).
+/// Field `i` of an LSB-first stream of `bits`-bit fields (bytes past the end read as 0).
 #[inline]
 pub fn field(data: &[u8], bits: u32, i: usize) -> u8 {
     let off = i * bits as usize;
     let b = off / 8;
-    let lo = u16::from(data[b]);
+    let lo = u16::from(data.get(b).copied().unwrap_or(0));
     let hi = data.get(b + 1).map_or(0, |&x| u16::from(x));
     (((lo | (hi << 8)) >> (off % 8)) & ((1u16 << bits) - 1)) as u8
 }
 
-/// Fields `start .. start + out.len()` of a stream into `out`.
+/// Fields `start .. start + out.len()` of a stream into `out` (bytes past the end read as 0).
+/// Fields from a multiple of eight on are read eight at a time (`bits` whole bytes).
 pub fn unpack_stream(data: &[u8], bits: u32, start: usize, out: &mut [u8]) {
     if bits == 8 {
-        out.copy_from_slice(&data[start..start + out.len()]);
+        let have = data.len().saturating_sub(start).min(out.len());
+        if have > 0 {
+            out[..have].copy_from_slice(&data[start..start + have]);
+        }
+        out[have..].fill(0);
         return;
     }
-    if bits == 4 && start % 2 == 1 && !out.is_empty() {
-        out[0] = data[start / 2] >> 4;
-        unpack_stream(data, bits, start + 1, &mut out[1..]);
-        return;
+    let b = bits as usize;
+    let head = ((8 - start % 8) % 8).min(out.len());
+    let (oh, body) = out.split_at_mut(head);
+    for (k, o) in oh.iter_mut().enumerate() {
+        *o = field(data, bits, start + k);
     }
-    if bits == 4 {
-        let src = &data[start / 2..];
-        let half_len = out.len() / 2;
-        let mut pairs = out.chunks_exact_mut(2);
-        for (o, &b) in (&mut pairs).zip(src) {
-            o[0] = b & 15;
-            o[1] = b >> 4;
+    let first = start + head; // a multiple of 8 when body is not empty
+    let src = data.get(first / 8 * b..).unwrap_or(&[]);
+    let done = if bits == 4 {
+        let pairs = (body.len() / 2).min(src.len());
+        for (o, &x) in body[..2 * pairs].chunks_exact_mut(2).zip(src) {
+            o[0] = x & 15;
+            o[1] = x >> 4;
         }
-        let rest = pairs.into_remainder();
-        if let Some(o) = rest.first_mut() {
-            *o = src[half_len] & 15;
+        2 * pairs
+    } else {
+        let eights = (body.len() / 8).min(src.len() / b);
+        let mask = (1u64 << b) - 1;
+        for (o, w) in body[..8 * eights]
+            .chunks_exact_mut(8)
+            .zip(src.chunks_exact(b))
+        {
+            let mut buf = [0u8; 8];
+            buf[..b].copy_from_slice(w);
+            let acc = u64::from_le_bytes(buf);
+            for (j, x) in o.iter_mut().enumerate() {
+                *x = ((acc >> (j * b)) & mask) as u8;
+            }
         }
-        return;
-    }
-    let mask = (1u64 << bits) - 1;
-    let off = start * bits as usize;
-    let mut acc: u64 = 0;
-    let mut nacc = 0u32;
-    let mut pos = off / 8;
-    if off % 8 != 0 {
-        acc = u64::from(data[pos]) >> (off % 8);
-        nacc = 8 - (off % 8) as u32;
-        pos += 1;
-    }
-    for o in out.iter_mut() {
-        while nacc < bits {
-            acc |= u64::from(data.get(pos).copied().unwrap_or(0)) << nacc;
-            pos += 1;
-            nacc += 8;
-        }
-        *o = (acc & mask) as u8;
-        acc >>= bits;
-        nacc -= bits;
+        8 * eights
+    };
+    for (k, o) in body[done..].iter_mut().enumerate() {
+        *o = field(data, bits, first + done + k);
     }
 }
 
@@ -218,10 +213,119 @@ pub fn check_scales(dtype: Dtype, scale: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The dequantized value `(q - z) * s` of the codes of one group, as the bits of its
+/// little-endian word, in the scale dtype with one rounding (F16/BF16: the exact F32 product
+/// rounded to nearest-even).
+#[inline]
+fn value16(dtype: Dtype, z: u8, sb: &[u8]) -> impl Fn(u8) -> u16 {
+    let bits = u16::from_le_bytes([sb[0], sb[1]]);
+    let s = if dtype == Dtype::F16 {
+        f16::from_bits(bits).to_f32()
+    } else {
+        f32::from_bits(u32::from(bits) << 16)
+    };
+    let z = i32::from(z);
+    let is_f16 = dtype == Dtype::F16;
+    move |q| {
+        let p = (i32::from(q) - z) as f32 * s;
+        if is_f16 {
+            f16::from_f32(p).to_bits()
+        } else {
+            bf16::from_f32(p).to_bits()
+        }
+    }
+}
+#[inline]
+fn value32(_dtype: Dtype, z: u8, sb: &[u8]) -> impl Fn(u8) -> u32 {
+    let s = f32::from_le_bytes(sb.try_into().expect("4 bytes"));
+    let z = i32::from(z);
+    move |q| ((i32::from(q) - z) as f32 * s).to_bits()
+}
+#[inline]
+fn value64(_dtype: Dtype, z: u8, sb: &[u8]) -> impl Fn(u8) -> u64 {
+    let s = f64::from_le_bytes(sb.try_into().expect("8 bytes"));
+    let z = i32::from(z);
+    move |q| (f64::from(i32::from(q) - z) * s).to_bits()
+}
+
+/// Little-endian unsigned words of the float dtypes (u16, u32, u64).
+trait LeWord: Copy + Default + PartialEq {
+    const N: usize;
+    fn put(self, out: &mut [u8]);
+    fn get(b: &[u8]) -> Self;
+    /// The low 16 bits (the whole word for u16).
+    fn low16(self) -> u16;
+}
+macro_rules! le_word {
+    ($t:ty, $n:expr) => {
+        impl LeWord for $t {
+            const N: usize = $n;
+            #[inline(always)]
+            fn put(self, out: &mut [u8]) {
+                out[..$n].copy_from_slice(&self.to_le_bytes());
+            }
+            #[inline(always)]
+            fn get(b: &[u8]) -> Self {
+                <$t>::from_le_bytes(b[..$n].try_into().expect("word"))
+            }
+            #[inline(always)]
+            fn low16(self) -> u16 {
+                self as u16
+            }
+        }
+    };
+}
+le_word!(u16, 2);
+le_word!(u32, 4);
+le_word!(u64, 8);
+
+/// Runs `body` for every group `g` of a row (`cs`: its codes, `ws`: its bytes in the row of
+/// words, split with `chunks` or `chunks_mut`), with `value` giving the dequantized word of a code of that group and `table` a
+/// 256-word scratch table, for the row's dtype (`W`: u16, u32 or u64).
+macro_rules! per_group {
+    ($dtype:expr, $codes:expr, $zero:expr, $scale:expr, $width:expr, $words:expr, $chunks:ident,
+     |$g:ident, $cs:ident, $ws:ident, $value:ident, $table:ident : $w:ident| $body:block) => {
+        match $dtype {
+            Dtype::F16 | Dtype::BF16 => per_group!(@word u16, value16, $dtype, $codes, $zero,
+                $scale, $width, $words, $chunks, |$g, $cs, $ws, $value, $table: $w| $body),
+            Dtype::F32 => per_group!(@word u32, value32, $dtype, $codes, $zero,
+                $scale, $width, $words, $chunks, |$g, $cs, $ws, $value, $table: $w| $body),
+            _ => per_group!(@word u64, value64, $dtype, $codes, $zero,
+                $scale, $width, $words, $chunks, |$g, $cs, $ws, $value, $table: $w| $body),
+        }
+    };
+    (@word $t:ty, $make:ident, $dtype:expr, $codes:expr, $zero:expr, $scale:expr, $width:expr,
+     $words:expr, $chunks:ident,
+     |$g:ident, $cs:ident, $ws:ident, $value:ident, $table:ident : $w:ident| $body:block) => {{
+        type $w = $t;
+        let n = std::mem::size_of::<$w>();
+        let width = $width.max(1);
+        let mut $table = [0 as $w; 256];
+        for ($g, ($cs, $ws)) in $codes.chunks(width).zip($words.$chunks(width * n)).enumerate() {
+            let $value = $make($dtype, $zero[$g], &$scale[$g * n..$g * n + n]);
+            $body
+        }
+    }};
+}
+
+/// Fills `table[..=hi]` with the group's values when that is cheaper than converting each of
+/// its `n` codes; returns whether it did.
+#[inline(always)]
+fn fill_table<W: LeWord>(table: &mut [W; 256], hi: u8, n: usize, value: impl Fn(u8) -> W) -> bool {
+    let hi = usize::from(hi);
+    if hi >= n {
+        return false;
+    }
+    for (q, t) in table[..=hi].iter_mut().enumerate() {
+        *t = value(q as u8);
+    }
+    true
+}
+
 /// Dequantizes one row: `out[c] = (codes[c] - zero[c / width]) * scale[c / width]`, in the
 /// scale dtype with one rounding (F16/BF16: the exact F32 product rounded to nearest-even).
-/// Groups are computed through a table of their (at most 256) possible values when that is
-/// cheaper than converting every weight.
+/// Groups are computed through a table of their possible values when that is cheaper than
+/// converting every weight.
 pub fn dequantize_row(
     dtype: Dtype,
     codes: &[u8],
@@ -230,75 +334,222 @@ pub fn dequantize_row(
     width: usize,
     out: &mut [u8],
 ) {
-    let n = crate::dtype::itemsize(dtype);
-    for (g, (cs, os)) in codes
-        .chunks(width)
-        .zip(out.chunks_mut(width * n))
-        .enumerate()
-    {
-        let z = i32::from(zero[g]);
-        let sb = &scale[g * n..(g + 1) * n];
-        match dtype {
-            Dtype::F16 | Dtype::BF16 => {
-                let s = scale_f64(dtype, sb) as f32;
-                let one = |q: u8| -> u16 {
-                    let p = (i32::from(q) - z) as f32 * s;
-                    if dtype == Dtype::F16 {
-                        f16::from_f32(p).to_bits()
-                    } else {
-                        bf16::from_f32(p).to_bits()
-                    }
-                };
-                group_through_table(cs, os, one);
+    per_group!(
+        dtype,
+        codes,
+        zero,
+        scale,
+        width,
+        out,
+        chunks_mut,
+        |g, cs, os, value, table: W| {
+            let hi = cs.iter().copied().max().unwrap_or(0);
+            #[allow(unused_mut)]
+            let mut start = 0;
+            #[cfg(target_arch = "x86_64")]
+            if W::N == 2 && hi < 16 && cs.len() >= 16 && super::simd_quant::available() {
+                let (lo, hb) = simd16_tables(dtype, zero[g], &scale[2 * g..2 * g + 2], hi, &value);
+                // SAFETY: the CPU has SSSE3 (checked just above).
+                start = unsafe { super::simd_quant::decode16(cs, os, &lo, &hb) };
             }
-            Dtype::F32 => {
-                let s = f32::from_le_bytes(sb.try_into().expect("4 bytes"));
-                group_through_table(cs, os, |q| ((i32::from(q) - z) as f32 * s).to_bits());
-            }
-            _ => {
-                let s = f64::from_le_bytes(sb.try_into().expect("8 bytes"));
-                for (&q, o) in cs.iter().zip(os.chunks_exact_mut(8)) {
-                    o.copy_from_slice(&(f64::from(i32::from(q) - z) * s).to_le_bytes());
+            let (cs, os) = (&cs[start..], &mut os[start * W::N..]);
+            if fill_table(&mut table, hi, cs.len(), &value) {
+                for (&q, o) in cs.iter().zip(os.chunks_exact_mut(W::N)) {
+                    table[usize::from(q)].put(o);
+                }
+            } else {
+                for (&q, o) in cs.iter().zip(os.chunks_exact_mut(W::N)) {
+                    value(q).put(o);
                 }
             }
         }
-    }
+    );
 }
 
-/// Little-endian bytes of an unsigned word (u16 or u32).
-trait LeWord: Copy + Default {
-    const N: usize;
-    fn put(self, out: &mut [u8]);
-}
-impl LeWord for u16 {
-    const N: usize = 2;
-    fn put(self, out: &mut [u8]) {
-        out.copy_from_slice(&self.to_le_bytes());
+/// The shuffle tables of a 16-bit group's values for codes `0..=hi` (`hi < 16`): computed
+/// with SIMD for BF16 (`sb`: the scale bits), else code by code.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn simd16_tables<W: LeWord>(
+    dtype: Dtype,
+    z: u8,
+    sb: &[u8],
+    hi: u8,
+    value: impl Fn(u8) -> W,
+) -> ([u8; 16], [u8; 16]) {
+    if dtype == Dtype::BF16 && super::simd_quant::available_bf16() {
+        // SAFETY: the CPU has SSSE3 and SSE4.1 (checked just above).
+        return unsafe { super::simd_quant::bf16_tables(z, u16::from_le_bytes([sb[0], sb[1]])) };
     }
-}
-impl LeWord for u32 {
-    const N: usize = 4;
-    fn put(self, out: &mut [u8]) {
-        out.copy_from_slice(&self.to_le_bytes());
+    let mut vals = [0u16; 16];
+    for (q, v) in vals.iter_mut().enumerate().take(usize::from(hi) + 1) {
+        *v = value(q as u8).low16();
     }
+    super::simd_quant::tables(&vals)
 }
 
-/// Writes `value(q)` of every code of a group, through a table of the codes' values when the
-/// group is wider than the range of its codes.
-fn group_through_table<W: LeWord>(cs: &[u8], os: &mut [u8], value: impl Fn(u8) -> W) {
-    let hi = cs.iter().copied().max().unwrap_or(0) as usize;
-    if hi < cs.len() {
-        let mut table = [W::default(); 256];
-        for (q, t) in table.iter_mut().enumerate().take(hi + 1) {
-            *t = value(q as u8);
+/// What [`check_row`] found in one row.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RowCheck {
+    /// Some code of the row is above `qmax`.
+    pub out_of_range: bool,
+    /// Some weight differs from the dequantized value of its code (codes in range).
+    pub mismatch: bool,
+    /// Codes that differ from their group's zero point (the kept weights).
+    pub kept: u64,
+}
+
+/// One pass over a row of weights and their codes: whether every code is at most `qmax` (a
+/// power of two minus one), whether every weight is bit for bit the dequantized value of its
+/// code ([`dequantize_row`]), and how many codes differ from their zero point.
+pub fn check_row(
+    dtype: Dtype,
+    codes: &[u8],
+    zero: &[u8],
+    scale: &[u8],
+    width: usize,
+    qmax: u8,
+    weights: &[u8],
+) -> RowCheck {
+    let mut r = RowCheck::default();
+    let mut any = 0u8;
+    let qm = usize::from(qmax);
+    per_group!(
+        dtype,
+        codes,
+        zero,
+        scale,
+        width,
+        weights,
+        chunks,
+        |g, cs, ws, value, table: W| {
+            let z = zero[g];
+            let mut differ = false;
+            let mut kept = 0u32;
+            #[allow(unused_mut)]
+            let mut start = 0;
+            #[cfg(target_arch = "x86_64")]
+            if W::N == 2 && qmax < 16 && cs.len() >= 16 && super::simd_quant::available() {
+                let sb = &scale[2 * g..2 * g + 2];
+                let (lo, hb) = simd16_tables(dtype, zero[g], sb, qmax, &value);
+                // SAFETY: the CPU has SSSE3 and POPCNT (checked just above).
+                let (a, d, k, done) = unsafe { super::simd_quant::check16(cs, ws, &lo, &hb, z) };
+                any |= a;
+                differ |= d;
+                kept += k;
+                start = done;
+            }
+            let (cs, ws) = (&cs[start..], &ws[start * W::N..]);
+            if fill_table(&mut table, qmax, cs.len(), &value) {
+                for (&q, w) in cs.iter().zip(ws.chunks_exact(W::N)) {
+                    any |= q;
+                    differ |= table[usize::from(q) & qm] != W::get(w);
+                    kept += u32::from(q != z);
+                }
+            } else {
+                for (&q, w) in cs.iter().zip(ws.chunks_exact(W::N)) {
+                    any |= q;
+                    differ |= value(q) != W::get(w);
+                    kept += u32::from(q != z);
+                }
+            }
+            r.mismatch |= differ;
+            r.kept += u64::from(kept);
         }
-        for (&q, o) in cs.iter().zip(os.chunks_exact_mut(W::N)) {
-            table[q as usize].put(o);
-        }
-    } else {
-        for (&q, o) in cs.iter().zip(os.chunks_exact_mut(W::N)) {
-            value(q).put(o);
-        }
+    );
+    r.out_of_range = any & !qmax != 0;
+    r
+}
+
+/// Codes of a row that differ from their group's zero point (`zero[c / width]`).
+pub fn count_kept(codes: &[u8], zero: &[u8], width: usize) -> u64 {
+    codes
+        .chunks(width.max(1))
+        .zip(zero)
+        .map(|(cg, &z)| cg.iter().map(|&v| u32::from(v != z)).sum::<u32>() as u64)
+        .sum()
+}
+
+/// Dequantizes rows `rows` of a matrix of `cols` columns from its full codes and zero points
+/// (`d`) and its scales (`[rows, groups]` raw bytes) into `out`, rows in parallel.
+pub fn dequantize_rows(
+    dtype: Dtype,
+    d: &super::QuantData,
+    scale: &[u8],
+    cols: usize,
+    rows: std::ops::Range<usize>,
+    out: &mut [u8],
+) {
+    use rayon::prelude::*;
+    let n = crate::dtype::itemsize(dtype);
+    let g = d.groups.max(1);
+    if cols == 0 || rows.is_empty() {
+        return;
+    }
+    let width = cols / g;
+    out.par_chunks_mut(cols * n)
+        .zip(rows.into_par_iter())
+        .with_min_len(super::kernels::rows_per_task(cols, n))
+        .for_each(|(o, r)| {
+            dequantize_row(
+                dtype,
+                &d.codes[r * cols..(r + 1) * cols],
+                &d.zero[r * g..(r + 1) * g],
+                &scale[r * g * n..(r + 1) * g * n],
+                width,
+                o,
+            );
+        });
+}
+
+/// What [`check_matrix`] found in a matrix.
+#[derive(Debug, Clone, Default)]
+pub struct MatrixCheck {
+    pub out_of_range: bool,
+    pub mismatch: bool,
+    /// Kept weights (codes that differ from their zero point) per row.
+    pub counts: Vec<u64>,
+}
+
+/// [`check_row`] of every row of a `rows x cols` matrix of weights and its quantized input,
+/// rows in parallel.
+pub fn check_matrix(
+    dtype: Dtype,
+    qi: &QuantInput<'_>,
+    rows: usize,
+    cols: usize,
+    weights: &[u8],
+) -> MatrixCheck {
+    use rayon::prelude::*;
+    let g = qi.groups;
+    let n = crate::dtype::itemsize(dtype);
+    if rows == 0 || cols == 0 {
+        return MatrixCheck {
+            counts: vec![0; rows],
+            ..MatrixCheck::default()
+        };
+    }
+    let qmax = qi.params.qmax() as u8;
+    let width = cols / g.max(1);
+    let per_row: Vec<RowCheck> = (0..rows)
+        .into_par_iter()
+        .with_min_len(super::kernels::rows_per_task(cols, n))
+        .map(|r| {
+            check_row(
+                dtype,
+                &qi.codes[r * cols..(r + 1) * cols],
+                &qi.zero[r * g..(r + 1) * g],
+                &qi.scale[r * g * n..(r + 1) * g * n],
+                width,
+                qmax,
+                &weights[r * cols * n..(r + 1) * cols * n],
+            )
+        })
+        .collect();
+    MatrixCheck {
+        out_of_range: per_row.iter().any(|c| c.out_of_range),
+        mismatch: per_row.iter().any(|c| c.mismatch),
+        counts: per_row.iter().map(|c| c.kept).collect(),
     }
 }
 

@@ -186,16 +186,19 @@ impl Codec for PackQuantized {
             packed
                 .par_chunks_mut(rb)
                 .zip(qi.codes.par_chunks(m.cols))
-                .for_each(|(o, c)| nbit::pack_stream(c.iter().copied(), bits, o));
+                .for_each(|(o, c)| nbit::pack_stream(c, bits, o));
         } else {
             packed.fill(0);
         }
         scale.copy_from_slice(qi.scale);
         let wz = words(m.rows, bits);
         let mut col = vec![0u8; wz * 4];
+        let mut vals = vec![0u8; m.rows];
         for k in 0..qi.groups {
-            let vals = (0..m.rows).map(|r| qi.zero[r * qi.groups + k]);
-            nbit::pack_stream(vals, bits, &mut col);
+            for (r, v) in vals.iter_mut().enumerate() {
+                *v = qi.zero[r * qi.groups + k];
+            }
+            nbit::pack_stream(&vals, bits, &mut col);
             for w in 0..wz {
                 let at = (w * qi.groups + k) * 4;
                 zp[at..at + 4].copy_from_slice(&col[w * 4..w * 4 + 4]);
@@ -206,28 +209,37 @@ impl Codec for PackQuantized {
     }
 
     fn validate(&self, s: &Stored<'_>) -> Result<Vec<u64>> {
+        self.validate_quant(s).map(|(counts, _)| counts)
+    }
+
+    fn validate_quant(&self, s: &Stored<'_>) -> Result<(Vec<u64>, QuantData)> {
         let (q, groups) = params(s)?;
         nbit::check_scales(s.dtype, s.parts[1])?;
         let zero = zero_matrix(s.parts[2], s.rows, groups, q.bits)?;
         let rb = words(s.cols, q.bits) * 4;
         let width = s.cols / groups;
-        if s.cols == 0 {
-            return Ok(vec![0; s.rows]);
-        }
-        s.parts[0]
-            .par_chunks(rb)
-            .zip(zero.par_chunks(groups))
-            .map(|(row, z)| {
-                nbit::check_padding(row, q.bits, s.cols, "weight_packed")?;
-                let mut codes = vec![0u8; s.cols];
-                nbit::unpack_stream(row, q.bits, 0, &mut codes);
-                Ok(codes
-                    .chunks(width)
-                    .zip(z)
-                    .map(|(cg, &zg)| cg.iter().filter(|&&v| v != zg).count() as u64)
-                    .sum::<u64>())
-            })
-            .collect()
+        let mut codes = vec![0u8; s.rows * s.cols];
+        let counts = if s.cols == 0 {
+            vec![0; s.rows]
+        } else {
+            codes
+                .par_chunks_mut(s.cols)
+                .zip(s.parts[0].par_chunks(rb))
+                .zip(zero.par_chunks(groups))
+                .map(|((c, row), z)| {
+                    nbit::check_padding(row, q.bits, s.cols, "weight_packed")?;
+                    nbit::unpack_stream(row, q.bits, 0, c);
+                    Ok(nbit::count_kept(c, z, width))
+                })
+                .collect::<Result<Vec<u64>>>()?
+        };
+        let d = QuantData {
+            codes,
+            zero,
+            scale_part: 1,
+            groups,
+        };
+        Ok((counts, d))
     }
 
     fn decode(

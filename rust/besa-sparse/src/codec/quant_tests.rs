@@ -342,7 +342,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
     #[test]
     fn quantized_round_trip(
-        rows in 1usize..9, groups in 1usize..4, width in 1usize..20, bits in 1u32..9,
+        rows in 1usize..9, groups in 1usize..4, width in 1usize..40, bits in 1u32..9,
         seed in any::<u64>(), density in 0.0f64..1.0,
     ) {
         let cols = groups * width;
@@ -374,5 +374,160 @@ proptest! {
                 prop_assert_eq!(k == 1, nz);
             }
         }
+    }
+}
+
+/// Field `i` of an LSB-first stream, bit by bit (reference of the stream kernels).
+fn ref_field(data: &[u8], bits: u32, i: usize) -> u8 {
+    (0..bits as usize).fold(0u8, |acc, j| {
+        let b = i * bits as usize + j;
+        let bit = data.get(b / 8).map_or(0, |x| (x >> (b % 8)) & 1);
+        acc | (bit << j)
+    })
+}
+
+/// `(q - z) * s` of one weight, converted on its own (reference of the dequantization
+/// kernels, without their tables or shuffles).
+fn ref_value(dtype: Dtype, q: u8, z: u8, sb: &[u8]) -> Vec<u8> {
+    use half::{bf16, f16};
+    let d = i32::from(q) - i32::from(z);
+    match dtype {
+        Dtype::BF16 => {
+            let s = bf16::from_le_bytes([sb[0], sb[1]]).to_f32();
+            bf16::from_f32(d as f32 * s).to_le_bytes().to_vec()
+        }
+        Dtype::F16 => {
+            let s = f16::from_le_bytes([sb[0], sb[1]]).to_f32();
+            f16::from_f32(d as f32 * s).to_le_bytes().to_vec()
+        }
+        Dtype::F32 => {
+            let s = f32::from_le_bytes(sb.try_into().unwrap());
+            (d as f32 * s).to_le_bytes().to_vec()
+        }
+        _ => {
+            let s = f64::from_le_bytes(sb.try_into().unwrap());
+            (f64::from(d) * s).to_le_bytes().to_vec()
+        }
+    }
+}
+
+fn scale_bytes(dtype: Dtype, v: f32) -> Vec<u8> {
+    match dtype {
+        Dtype::BF16 => half::bf16::from_f32(v).to_le_bytes().to_vec(),
+        Dtype::F16 => half::f16::from_f32(v).to_le_bytes().to_vec(),
+        Dtype::F32 => v.to_le_bytes().to_vec(),
+        _ => f64::from(v).to_le_bytes().to_vec(),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+    #[test]
+    fn streams_match_the_bit_by_bit_reference(
+        bits in 1u32..9, n in 0usize..80, start in 0usize..80, seed in any::<u64>(),
+    ) {
+        let mut x = seed | 1;
+        let mut next = || { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x };
+        let vals: Vec<u8> = (0..n).map(|_| (next() % (1 << bits)) as u8).collect();
+        let mut buf = vec![0xa5u8; nbit::stream_bytes(n, bits, 32)];
+        nbit::pack_stream(&vals, bits, &mut buf);
+        for (i, &v) in vals.iter().enumerate() {
+            prop_assert_eq!(ref_field(&buf, bits, i), v);
+        }
+        prop_assert!(nbit::check_padding(&buf, bits, n, "s").is_ok());
+        // any window of the stream, also past its end (read as zero)
+        let len = n.saturating_sub(start.min(n)) + 3;
+        let mut out = vec![0x5au8; len];
+        nbit::unpack_stream(&buf, bits, start.min(n), &mut out);
+        for (k, &o) in out.iter().enumerate() {
+            prop_assert_eq!(o, ref_field(&buf, bits, start.min(n) + k));
+        }
+    }
+
+    #[test]
+    fn fused_row_check_and_dequantization_match_the_reference(
+        dt in 0usize..4, groups in 1usize..4, width in 1usize..70, bits in 1u32..9,
+        seed in any::<u64>(), bad in 0usize..3,
+    ) {
+        let dtype = [Dtype::BF16, Dtype::F16, Dtype::F32, Dtype::F64][dt];
+        let n = crate::dtype::itemsize(dtype);
+        let cols = groups * width;
+        let mut x = seed | 1;
+        let mut next = || { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x };
+        let qmax = (1u32 << bits) - 1;
+        let zero: Vec<u8> = (0..groups).map(|_| (next() % u64::from(qmax + 1)) as u8).collect();
+        let mut codes: Vec<u8> = (0..cols).map(|_| (next() % u64::from(qmax + 1)) as u8).collect();
+        let scale: Vec<u8> = (0..groups)
+            .flat_map(|g| scale_bytes(dtype, 0.0007 + g as f32 * 0.013))
+            .collect();
+        let mut want = Vec::new();
+        for (c, &q) in codes.iter().enumerate() {
+            let g = c / width;
+            want.extend(ref_value(dtype, q, zero[g], &scale[g * n..(g + 1) * n]));
+        }
+        let mut out = vec![0x77u8; cols * n];
+        nbit::dequantize_row(dtype, &codes, &zero, &scale, width, &mut out);
+        prop_assert_eq!(&out, &want);
+        let kept = (0..cols).filter(|&c| codes[c] != zero[c / width]).count() as u64;
+        let at = (next() as usize) % cols;
+        let mut weights = want.clone();
+        match bad {
+            // a weight that is not the value of its code
+            1 => weights[at * n] ^= 1,
+            // a code above the bit width
+            2 if bits < 8 => codes[at] = (qmax + 1 + (next() % u64::from(255 - qmax)) as u32) as u8,
+            _ => {}
+        }
+        let r = nbit::check_row(dtype, &codes, &zero, &scale, width, qmax as u8, &weights);
+        prop_assert_eq!(r.out_of_range, bad == 2 && bits < 8);
+        if bad == 1 {
+            prop_assert!(r.mismatch);
+            prop_assert_eq!(r.kept, kept);
+        }
+        if bad == 0 {
+            prop_assert_eq!(r, nbit::RowCheck { out_of_range: false, mismatch: false, kept });
+        }
+    }
+}
+
+#[test]
+fn bf16_ties_round_to_even_in_every_kernel() {
+    use half::bf16;
+    // s = 1 + 2^-7: 3 * s needs one bit more than bf16 has, exactly half way (a tie, rounded
+    // to the even neighbour); groups of 16 and more take the shuffle-table kernels, shorter
+    // ones the scalar code
+    let s = bf16::from_bits(0x3f81);
+    for width in [3usize, 16, 40] {
+        let zero = [6u8];
+        let codes: Vec<u8> = (0..width).map(|c| [9u8, 3, 6, 15][c % 4]).collect();
+        let want: Vec<u8> = codes
+            .iter()
+            .flat_map(|&q| bf16::from_f32((i32::from(q) - 6) as f32 * s.to_f32()).to_le_bytes())
+            .collect();
+        assert_eq!(
+            bf16::from_f32(3.0 * s.to_f32()).to_bits(),
+            0x4042,
+            "a tie rounded up"
+        );
+        let mut out = vec![0u8; 2 * width];
+        nbit::dequantize_row(
+            Dtype::BF16,
+            &codes,
+            &zero,
+            &s.to_le_bytes(),
+            width,
+            &mut out,
+        );
+        assert_eq!(out, want, "width {width}");
+        let r = nbit::check_row(
+            Dtype::BF16,
+            &codes,
+            &zero,
+            &s.to_le_bytes(),
+            width,
+            15,
+            &want,
+        );
+        assert!(!r.mismatch && !r.out_of_range, "width {width}");
     }
 }
