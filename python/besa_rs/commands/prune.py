@@ -25,6 +25,7 @@ def _with_default(help: str, value: Any) -> str:
 
 def register(sub: Any) -> None:
     from ..pruning.config import (
+        CLIP_INITS,
         DEFAULT_CLIP_LR,
         DEFAULT_LR,
         LOSS_SCALINGS,
@@ -142,6 +143,13 @@ def register(sub: Any) -> None:
         f"BESA learned clipping learning rate (default: adamw {DEFAULT_CLIP_LR['adamw']} at "
         f"{steps} steps, same --lr-schedule as --lr; prodigy {DEFAULT_CLIP_LR['prodigy']})",
         type=float,
+    )
+    field(
+        "--clip-init",
+        "clip_init",
+        "BESA learned clipping start: fixed (sigmoid(4) = 0.982 everywhere) | search (per "
+        "group the shrink with the smallest input-weighted round-to-nearest error)",
+        choices=list(CLIP_INITS),
     )
     field("--device", "device", "compute device: cpu | cuda[:N]")
     field("--cache-device", "cache_device", "where activation caches live (default: --device)")

@@ -509,7 +509,15 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
             s = s + a.sum() * params_per_group[n]
         return s / total_params
 
-    clip = quant.BlockClip.create(cfg, weights, dev, ctx.index)  # None without wbits
+    # learned clipping (None without wbits); a searched init starts from the first step's mask
+    init = weights
+    if cfg.wbits is not None and cfg.clip_init == "search":
+        init = {
+            n: weights[n] * ste.hard_mask(ranks[n], logits[n], cand, cfg.smoothing) for n in names
+        }
+    norms = {n: stats[n].sq_norm if need_norms else None for n in names}
+    clip = quant.BlockClip.create(cfg, init, dev, ctx.index, norms)
+    del init
 
     def masked_weight(n: str) -> torch.Tensor:
         m = ste.ste_mask(weights[n], ranks[n], logits[n], cand, cfg.smoothing)

@@ -28,6 +28,8 @@ LOSS_SCALINGS = ("auto", "dynamic", "off")
 DEFAULT_LR = {"adamw": 0.2, "prodigy": 1.0}
 #: default learning rates of the learned weight clipping when ``clip_lr`` is not given
 DEFAULT_CLIP_LR = {"adamw": 0.1, "prodigy": 1.0}
+#: initialisations of BESA's learned clipping (``clip_init``)
+CLIP_INITS = ("fixed", "search")
 #: comparison groups of the unstructured magnitude and Wanda baselines
 GROUPS = ("row", "layer")
 
@@ -146,6 +148,9 @@ class PruneConfig:
     wbits: int | None = None  # 2..8 bits per weight
     group_size: int = 128  # input columns per scale / zero point; -1 = one group per row
     clip_lr: float | None = None  # BESA's learned clipping; None: DEFAULT_CLIP_LR[optimizer]
+    # initial clipping: "fixed" = sigmoid(quant.CLIP_INIT_LOGIT) everywhere; "search" = per
+    # group the shrink with the smallest activation-weighted RTN error (quant.search_clip_logits)
+    clip_init: str = "fixed"
 
     # ---------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -174,6 +179,10 @@ class PruneConfig:
             QuantSpec(self.wbits, self.group_size).check()
             if self.clip_lr is not None and not (self.clip_lr > 0):
                 raise ConfigError(f"clip_lr must be > 0, got {self.clip_lr}")
+        if self.clip_init not in CLIP_INITS:
+            raise ConfigError(
+                f"unknown clip_init {self.clip_init!r}: expected one of {', '.join(CLIP_INITS)}"
+            )
         quant_only = self.wbits is not None and self.sparsity == 0
         if not quant_only and (
             not isinstance(self.sparsity, (int, float))

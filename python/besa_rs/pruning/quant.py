@@ -178,6 +178,49 @@ def ste_code(u: torch.Tensor, offset: torch.Tensor, qmax: int) -> torch.Tensor:
     return r.clamp(0, qmax) + (v - v.detach()) * inside
 
 
+#: shrink factors tried by :func:`search_clip_logits`, from the largest the logits can start
+#: at (``sigmoid(CLIP_INIT_LOGIT)``) down to this one
+CLIP_SEARCH_MIN = 0.5
+CLIP_SEARCH_STEPS = 25
+
+
+def search_clip_logits(
+    W: torch.Tensor, spec: QuantSpec, col_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Initial clipping logits ``[2, rows, groups]`` (fp32, leaf) found by a search: per group
+    the common shrink ``s`` (``s1 = s0 = s``) among ``CLIP_SEARCH_STEPS`` values from
+    ``sigmoid(CLIP_INIT_LOGIT)`` down to ``CLIP_SEARCH_MIN`` whose round-to-nearest error
+    ``sum_j col_weight_j (W_ij - W^_ij)^2`` over the group is smallest (``col_weight``: the
+    squared input norms per column, so the sum is the layer's output error with uncorrelated
+    inputs; None: plain squared error); ties go to the larger ``s``. ``W``: the weight with its
+    pruned entries 0. Returns ``logit(s)``."""
+    rows, cols = W.shape
+    width = spec.group_width(cols)
+    g = _grouped(W.detach().float(), width)
+    cw = (
+        torch.ones(cols, device=W.device)
+        if col_weight is None
+        else col_weight.detach().float().to(W.device).clamp_min(0)
+    )
+    cw = cw.reshape(1, cols // width, width)
+    gmax, gmin = g.amax(-1).clamp_min(0), g.amin(-1).clamp_max(0)
+    top = torch.sigmoid(torch.tensor(CLIP_INIT_LOGIT)).item()
+    best_err = torch.full(gmax.shape, float("inf"), device=W.device)
+    best = torch.full(gmax.shape, top, device=W.device)
+    for s in torch.linspace(top, CLIP_SEARCH_MIN, CLIP_SEARCH_STEPS).tolist():
+        hi, lo = s * gmax, s * gmin
+        rng = hi - lo
+        scale = torch.where(rng > 0, rng / spec.qmax, torch.ones_like(rng)).unsqueeze(-1)
+        zero = torch.clamp(-torch.round(lo.unsqueeze(-1) / scale), 0, spec.qmax)
+        q = torch.clamp(torch.round(g / scale) + zero, 0, spec.qmax)
+        err = (((q - zero) * scale - g) ** 2 * cw).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, s), best)
+    logit = torch.logit(best.clamp(1e-6, 1 - 1e-6))
+    return torch.stack([logit, logit]).contiguous().requires_grad_(True)
+
+
 def init_clip_logits(rows: int, groups: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Learnable clipping logits ``[2, rows, groups]`` (index 0: max side ``g1``, 1: min side
     ``g0``), fp32, all ``CLIP_INIT_LOGIT``."""
@@ -417,8 +460,17 @@ class BlockClip:
 
     @classmethod
     def create(
-        cls, cfg: Any, weights: dict[str, torch.Tensor], device: torch.device, block: int
+        cls,
+        cfg: Any,
+        weights: dict[str, torch.Tensor],
+        device: torch.device,
+        block: int,
+        col_weights: dict[str, torch.Tensor | None] | None = None,
     ) -> BlockClip | None:
+        """Clipping logits for ``weights`` (``{name: W}``, pruned entries 0 as the first step
+        will mask them): all ``CLIP_INIT_LOGIT``, or with ``cfg.clip_init == "search"`` those
+        of :func:`search_clip_logits` weighted by ``col_weights[name]`` (squared input norms;
+        None: unweighted)."""
         spec = spec_of(cfg)
         if spec is None:
             return None
@@ -426,7 +478,12 @@ class BlockClip:
         for n, W in weights.items():
             rows, cols = W.shape
             width = spec.group_width(cols, f"block {block} {n}")
-            logits[n] = init_clip_logits(rows, cols // width, device)
+            if getattr(cfg, "clip_init", "fixed") == "search":
+                cw = (col_weights or {}).get(n)
+                logits[n] = search_clip_logits(W.to(device), spec, cw).to(device)
+                logits[n] = logits[n].detach().requires_grad_(True)
+            else:
+                logits[n] = init_clip_logits(rows, cols // width, device)
         return cls(spec, logits)
 
     def param_group(self, cfg: Any) -> ParamGroup:
@@ -495,9 +552,11 @@ def prune_block_clip_only(ctx: BlockContext) -> dict[str, Any]:
 
     cfg = ctx.cfg
     names = list(ctx.linears)
-    stats, targets = ctx.run_with_stats(ctx.xs, False, cfg.reconstruct, keep_outputs=True)
+    search = cfg.clip_init == "search"
+    stats, targets = ctx.run_with_stats(ctx.xs, search, cfg.reconstruct, keep_outputs=True)
     weights = {n: ctx.linears[n].weight.detach() for n in names}
-    clip = BlockClip.create(cfg, weights, ctx.device, ctx.index)
+    norms = {n: stats[n].sq_norm for n in names} if search else None
+    clip = BlockClip.create(cfg, weights, ctx.device, ctx.index, norms)
     assert clip is not None
 
     def quantized_weights() -> dict[str, torch.Tensor]:
