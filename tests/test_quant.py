@@ -709,3 +709,16 @@ def test_damaged_side_file_is_a_format_error(tmp_path):
     save_file(load_file(str(path)), str(path), metadata={"format": "other"})
     with pytest.raises(FormatError, match="not a besa-rs-quant file"):
         quant.read_quant_file(tmp_path)
+
+
+def test_clip_init_auto_searches_for_joint_pruning_at_four_bits_and_more():
+    """The default start of the learned clipping, chosen on the validation split: the searched
+    start for joint pruning at 4+ bits, the fixed one at 3 bits and for clipping alone."""
+    assert PruneConfig(wbits=4, group_size=64).clip_init_mode == "search"
+    assert PruneConfig(wbits=8, group_size=64).clip_init_mode == "search"
+    assert PruneConfig(wbits=3, group_size=64).clip_init_mode == "fixed"
+    assert PruneConfig(wbits=4, group_size=64, sparsity=0).clip_init_mode == "fixed"
+    assert PruneConfig(wbits=3, group_size=64, clip_init="search").clip_init_mode == "search"
+    assert PruneConfig(wbits=4, group_size=64, clip_init="fixed").clip_init_mode == "fixed"
+    assert PruneConfig(wbits=4, group_size=64).to_dict()["clip_init"] == "search"
+    assert PruneConfig().to_dict()["clip_init"] is None  # not quantized

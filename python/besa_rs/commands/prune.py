@@ -147,8 +147,9 @@ def register(sub: Any) -> None:
     field(
         "--clip-init",
         "clip_init",
-        "BESA learned clipping start: fixed (sigmoid(4) = 0.982 everywhere) | search (per "
-        "group the shrink with the smallest input-weighted round-to-nearest error)",
+        "BESA learned clipping start: auto (search when pruning at 4 bits or more, else fixed) | "
+        "fixed (sigmoid(4) = 0.982 everywhere) | search (per group the shrink with the "
+        "smallest input-weighted round-to-nearest error)",
         choices=list(CLIP_INITS),
     )
     field("--device", "device", "compute device: cpu | cuda[:N]")

@@ -511,7 +511,7 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
 
     # learned clipping (None without wbits); a searched init starts from the first step's mask
     init = weights
-    if cfg.wbits is not None and cfg.clip_init == "search":
+    if cfg.wbits is not None and cfg.clip_init_mode == "search":
         init = {
             n: weights[n] * ste.hard_mask(ranks[n], logits[n], cand, cfg.smoothing) for n in names
         }

@@ -29,7 +29,7 @@ DEFAULT_LR = {"adamw": 0.2, "prodigy": 1.0}
 #: default learning rates of the learned weight clipping when ``clip_lr`` is not given
 DEFAULT_CLIP_LR = {"adamw": 0.1, "prodigy": 1.0}
 #: initialisations of BESA's learned clipping (``clip_init``)
-CLIP_INITS = ("fixed", "search")
+CLIP_INITS = ("auto", "fixed", "search")
 #: comparison groups of the unstructured magnitude and Wanda baselines
 GROUPS = ("row", "layer")
 
@@ -149,8 +149,10 @@ class PruneConfig:
     group_size: int = 128  # input columns per scale / zero point; -1 = one group per row
     clip_lr: float | None = None  # BESA's learned clipping; None: DEFAULT_CLIP_LR[optimizer]
     # initial clipping: "fixed" = sigmoid(quant.CLIP_INIT_LOGIT) everywhere; "search" = per
-    # group the shrink with the smallest activation-weighted RTN error (quant.search_clip_logits)
-    clip_init: str = "fixed"
+    # group the shrink with the smallest activation-weighted RTN error (quant.search_clip_logits);
+    # "auto" = search for joint pruning at 4 bits or more, fixed otherwise (chosen on the
+    # validation split: docs/pruning.md, "Choosing the clipping")
+    clip_init: str = "auto"
 
     # ---------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -304,11 +306,24 @@ class PruneConfig:
     def torch_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         return parse_dtype(self.cache_dtype) if self.cache_dtype else model_dtype
 
+    @property
+    def clip_init_mode(self) -> str:
+        """``clip_init`` with ``auto`` resolved: ``search`` when pruning jointly (sparsity > 0)
+        at 4 bits or more, where it was better on the validation split; ``fixed`` at 3 bits and
+        below (where search was worse) and for learned clipping alone (not measured)."""
+        if self.clip_init != "auto":
+            return self.clip_init
+        joint = self.wbits is not None and self.sparsity > 0
+        return "search" if joint and self.wbits is not None and self.wbits >= 4 else "fixed"
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["lr"] = self.learning_rate if self.method == "besa" else None
         d["clip_lr"] = (
             self.clip_learning_rate if self.method == "besa" and self.wbits is not None else None
+        )
+        d["clip_init"] = (
+            self.clip_init_mode if self.method == "besa" and self.wbits is not None else None
         )
         return d
 

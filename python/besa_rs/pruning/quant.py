@@ -478,7 +478,7 @@ class BlockClip:
         for n, W in weights.items():
             rows, cols = W.shape
             width = spec.group_width(cols, f"block {block} {n}")
-            if getattr(cfg, "clip_init", "fixed") == "search":
+            if getattr(cfg, "clip_init_mode", "fixed") == "search":
                 cw = (col_weights or {}).get(n)
                 logits[n] = search_clip_logits(W.to(device), spec, cw).to(device)
                 logits[n] = logits[n].detach().requires_grad_(True)
@@ -552,7 +552,7 @@ def prune_block_clip_only(ctx: BlockContext) -> dict[str, Any]:
 
     cfg = ctx.cfg
     names = list(ctx.linears)
-    search = cfg.clip_init == "search"
+    search = cfg.clip_init_mode == "search"
     stats, targets = ctx.run_with_stats(ctx.xs, search, cfg.reconstruct, keep_outputs=True)
     weights = {n: ctx.linears[n].weight.detach() for n in names}
     norms = {n: stats[n].sq_norm for n in names} if search else None
