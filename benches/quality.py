@@ -258,20 +258,17 @@ def quant_summary(aggs: dict[tuple[str, int], dict[str, Any]], sizes: list[int])
                     f"{w['ppl_512']:.2f}: closes {closed:.1f}% of the gap to dense (target >= 25%)",
                     flush=True,
                 )
-            s, rr = get("sparsegpt-joint"), get("besa-joint+rec")
-            if s and rr:
-                print(
-                    f"N={n} {tag[1:]}: BESA joint + reconstruct {rr['ppl_512']:.2f} vs SparseGPT "
-                    f"joint {s['ppl_512']:.2f} (target: lower)",
-                    flush=True,
-                )
-            r, c = get("rtn"), get("clip")
-            if r and c:
-                print(
-                    f"N={n} {tag[1:]}: learned clipping alone {c['ppl_512']:.2f} vs RTN "
-                    f"{r['ppl_512']:.2f} (target at 3 bits: lower)",
-                    flush=True,
-                )
+            for ours, base, label, base_label, target in (
+                ("besa-joint+rec", "sparsegpt-joint", "BESA joint + reconstruct", "SparseGPT joint", "target: lower"),
+                ("clip", "rtn", "learned clipping alone", "RTN", "target at 3 bits: lower"),
+            ):  # fmt: skip
+                o, r = get(ours), get(base)
+                if o and r:
+                    print(
+                        f"N={n} {tag[1:]}: {label} {o['ppl_512']:.2f} vs {base_label} "
+                        f"{r['ppl_512']:.2f} ({target})",
+                        flush=True,
+                    )
 
 
 def main() -> int:

@@ -313,8 +313,8 @@ class PruneConfig:
         below (where search was worse) and for learned clipping alone (not measured)."""
         if self.clip_init != "auto":
             return self.clip_init
-        joint = self.wbits is not None and self.sparsity > 0
-        return "search" if joint and self.wbits is not None and self.wbits >= 4 else "fixed"
+        joint_4plus = self.wbits is not None and self.wbits >= 4 and self.sparsity > 0
+        return "search" if joint_4plus else "fixed"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
