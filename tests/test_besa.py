@@ -342,3 +342,22 @@ def test_masked_weights_are_recomputed_only_for_large_blocks(monkeypatch, toks):
     assert besa.recompute_masked_weights(numel) is True
     besa_rs.prune(tiny_model("llama"), toks, PruneConfig(progress=False, num_blocks=1))
     assert [len(c) for c in seen] == [0, 7]  # every linear makes its own masked weight
+
+
+def test_adam_eps_reaches_the_optimizer_and_changes_the_result(toks):
+    """``adam_eps`` is AdamW's epsilon: a huge one (1.0, far above the logits' gradients) damps
+    every step, so the learned allocation differs from the default run's; 0 and NaN are
+    refused."""
+    from besa_rs.pruning.besa import make_optimizer
+
+    p = [torch.zeros(3, requires_grad=True)]
+    assert make_optimizer(p, PruneConfig(adam_eps=1e-12)).defaults["eps"] == 1e-12
+    rates = []
+    for eps in (1e-8, 1.0):
+        model = tiny_model("llama")
+        rep = besa_rs.prune(model, toks, PruneConfig(progress=False, adam_eps=eps))
+        rates.append([lay["learned_sparsity"] for b in rep["blocks"] for lay in b["layers"]])
+    assert rates[0] != rates[1]
+    for bad in (0.0, float("nan")):
+        with pytest.raises(ConfigError, match="adam_eps"):
+            PruneConfig(adam_eps=bad)

@@ -95,6 +95,12 @@ def register(sub: Any) -> None:
         f"{' | '.join(LR_SCHEDULES)}; adamw budget: lr x {steps} / steps per step, constant: "
         "lr per step",
     )
+    field(
+        "--adam-eps",
+        "adam_eps",
+        "AdamW epsilon; BESA's logit gradients are of that order",
+        type=float,
+    )
     field("--d-coef", "d_coef", "Prodigy d_coef", type=float)
     field(
         "--loss-scaling",

@@ -126,6 +126,7 @@ class PruneConfig:
     # as far with 128 calibration sequences as with 32; "constant": lr on every step
     lr_schedule: str = "budget"
     lr_reference_steps: int = 32
+    adam_eps: float = 1e-8  # AdamW's epsilon (torch's default); the logits' gradients are ~1e-8
     d_coef: float = 5.0  # Prodigy; the published row-wise setting for LLaMA-7B/13B
     # float16 gradients underflow at LLaMA widths: "auto" = dynamic loss scaling when the block
     # runs in float16 (never for bfloat16/float32), "dynamic" = always, "off" = never
@@ -215,6 +216,8 @@ class PruneConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.lr is not None and not (self.lr > 0):
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.adam_eps) and self.adam_eps > 0):
+            raise ConfigError(f"adam_eps must be a finite number > 0, got {self.adam_eps}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(
                 f"unknown lr_schedule {self.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}"
