@@ -71,13 +71,8 @@ struct __align__(16) Pack {
 };
 
 template <typename A, typename B>
-constexpr int vec_elems() {
+__host__ __device__ constexpr int vec_elems() {
   return 16 / static_cast<int>(sizeof(A) < sizeof(B) ? sizeof(A) : sizeof(B));
-}
-
-template <typename A, typename B, typename C>
-constexpr int vec_elems3() {
-  return vec_elems<A, B>() > vec_elems<A, C>() ? vec_elems<A, B>() : vec_elems<A, C>();
 }
 
 // The element shift s in [0, V) at which all `n` arrays (address, element size) are 16-byte
