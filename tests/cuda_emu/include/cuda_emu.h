@@ -237,6 +237,14 @@ inline Body*& current_body() {
   return b;
 }
 
+// Stops the running thread for good (a device-side fault): the launch reports `msg`.
+inline void fault(const char* msg) {
+  Machine& m = machine();
+  m.error = msg;
+  m.threads[m.current].state = 3;
+  swapcontext(&m.threads[m.current].ctx, &m.sched);  // never resumed: the launch is aborted
+}
+
 inline void trampoline() {
   current_body()->run();
   Machine& m = machine();
@@ -368,6 +376,14 @@ Launch<P...> launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, void (*ker
 }
 
 }  // namespace emu
+
+// a misaligned 16-byte vector access faults on a GPU (and an aligned SSE move on the host):
+// the thread stops there and the launch fails
+#define BESA_ASSERT_ALIGNED(ptr)                                         \
+  do {                                                                  \
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0)                     \
+      ::emu::fault("misaligned 16-byte vector access in the kernel");   \
+  } while (0)
 
 // `BESA_LAUNCH(grid, block, smem, stream, kernel<...>)(args...)` = `kernel<<<...>>>(args...)`
 #define BESA_LAUNCH(grid, block, smem, stream, ...) \

@@ -48,6 +48,12 @@
 #define BESA_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #endif
 
+// The CPU emulator (tests/cuda_emu) checks that every vector access is 16-byte aligned (x86
+// would not fault on a misaligned one; a GPU does, with a sticky error).
+#ifndef BESA_ASSERT_ALIGNED
+#define BESA_ASSERT_ALIGNED(ptr) ((void)0)
+#endif
+
 namespace {
 
 constexpr int kSelectThreads = 256;
@@ -69,6 +75,18 @@ template <typename T, int V>
 struct __align__(16) Pack {
   T v[V];
 };
+
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
+  BESA_ASSERT_ALIGNED(p);
+  return *reinterpret_cast<const Pack<T, V>*>(p);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& v) {
+  BESA_ASSERT_ALIGNED(p);
+  *reinterpret_cast<Pack<T, V>*>(p) = v;
+}
 
 template <typename A, typename B>
 __host__ __device__ constexpr int vec_elems() {
@@ -151,12 +169,12 @@ __global__ void select_kernel(const bits_t* __restrict__ src, const index_t* __r
     const int64_t vbase = base + sp.head;
     for (int64_t i = t0; i < sp.nvec; i += stride) {
       const int64_t c = vbase + i * V;
-      const Pack<index_t, V> k = *reinterpret_cast<const Pack<index_t, V>*>(ranks + c);
-      const Pack<bits_t, V> v = *reinterpret_cast<const Pack<bits_t, V>*>(src + c);
+      const Pack<index_t, V> k = load_pack<index_t, V>(ranks + c);
+      const Pack<bits_t, V> v = load_pack<bits_t, V>(src + c);
       Pack<bits_t, V> o;
 #pragma unroll
       for (int q = 0; q < V; ++q) o.v[q] = select_one(v.v[q], static_cast<int64_t>(k.v[q]), n);
-      *reinterpret_cast<Pack<bits_t, V>*>(out + c) = o;
+      store_pack<bits_t, V>(out + c, o);
     }
   }
 }
@@ -221,20 +239,20 @@ __global__ void __launch_bounds__(kBucketThreads)
       for (; i + blockDim.x < sp.nvec; i += 2 * static_cast<int64_t>(blockDim.x)) {
         const int64_t c0 = vbase + i * V;
         const int64_t c1 = c0 + static_cast<int64_t>(blockDim.x) * V;
-        const Pack<index_t, V> k0 = *reinterpret_cast<const Pack<index_t, V>*>(ranks + c0);
-        const Pack<index_t, V> k1 = *reinterpret_cast<const Pack<index_t, V>*>(ranks + c1);
-        const Pack<scalar_t, V> g0 = *reinterpret_cast<const Pack<scalar_t, V>*>(g + c0);
-        const Pack<scalar_t, V> g1 = *reinterpret_cast<const Pack<scalar_t, V>*>(g + c1);
-        const Pack<scalar_t, V> w0 = *reinterpret_cast<const Pack<scalar_t, V>*>(w + c0);
-        const Pack<scalar_t, V> w1 = *reinterpret_cast<const Pack<scalar_t, V>*>(w + c1);
+        const Pack<index_t, V> k0 = load_pack<index_t, V>(ranks + c0);
+        const Pack<index_t, V> k1 = load_pack<index_t, V>(ranks + c1);
+        const Pack<scalar_t, V> g0 = load_pack<scalar_t, V>(g + c0);
+        const Pack<scalar_t, V> g1 = load_pack<scalar_t, V>(g + c1);
+        const Pack<scalar_t, V> w0 = load_pack<scalar_t, V>(w + c0);
+        const Pack<scalar_t, V> w1 = load_pack<scalar_t, V>(w + c1);
         scatter_pack<acc_t>(k0, g0, w0, lo_t, hi_t, buf);
         scatter_pack<acc_t>(k1, g1, w1, lo_t, hi_t, buf);
       }
       if (i < sp.nvec) {
         const int64_t c0 = vbase + i * V;
-        const Pack<index_t, V> k0 = *reinterpret_cast<const Pack<index_t, V>*>(ranks + c0);
-        const Pack<scalar_t, V> g0 = *reinterpret_cast<const Pack<scalar_t, V>*>(g + c0);
-        const Pack<scalar_t, V> w0 = *reinterpret_cast<const Pack<scalar_t, V>*>(w + c0);
+        const Pack<index_t, V> k0 = load_pack<index_t, V>(ranks + c0);
+        const Pack<scalar_t, V> g0 = load_pack<scalar_t, V>(g + c0);
+        const Pack<scalar_t, V> w0 = load_pack<scalar_t, V>(w + c0);
         scatter_pack<acc_t>(k0, g0, w0, lo_t, hi_t, buf);
       }
       __syncthreads();
