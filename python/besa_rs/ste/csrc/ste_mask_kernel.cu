@@ -263,8 +263,9 @@ __global__ void __launch_bounds__(kBucketThreads)
         lo = lo > lo_t ? lo : lo_t;
         hi = hi < hi_t ? hi : hi_t;
         acc_t total = h[j];
-        for (int64_t a = lo; a < hi;) {  // warp-uniform loop
-          const int64_t cut = (a / seg + 1) * seg;
+        // the first multiple of seg above lo (no division in the usual one-piece case)
+        int64_t cut = seg >= cols ? cols : (hi > lo ? (lo / seg + 1) * seg : 0);
+        for (int64_t a = lo; a < hi; cut += seg) {  // warp-uniform loop
           const int64_t b = cut < hi ? cut : hi;
           acc_t s = acc_t(0);
           const acc_t* p = buf + (a - lo_t);
