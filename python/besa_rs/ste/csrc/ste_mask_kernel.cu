@@ -27,7 +27,7 @@
 // ranks lo+l, lo+l+32, ... in order, starting from 0; the 32 lane sums are combined by the
 // shuffle tree 16, 8, 4, 2, 1; the pieces' sums are added to the bucket's total in rank order.
 // The shared-memory tile itself holds as many ranks as the device's opt-in shared memory allows
-// (a whole row of up to ~56k fp32 slots on Hopper), so a row is read once; only longer rows are
+// (a whole row of up to ~58k fp32 slots on Hopper), so a row is read once; only longer rows are
 // read once per tile (a tile is a multiple of `seg`, so no piece straddles two tiles).
 //
 // Loads and stores are 16-byte vectors where the three arrays of a row allow it: a row starts
@@ -48,8 +48,8 @@
 #define BESA_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #endif
 
-// The CPU emulator (tests/cuda_emu) checks that every vector access is 16-byte aligned (x86
-// would not fault on a misaligned one; a GPU does, with a sticky error).
+// The CPU emulator (tests/cuda_emu) checks that every vector access is 16-byte aligned (on the
+// host a misaligned one may pass unnoticed; a GPU faults, with a sticky error).
 #ifndef BESA_ASSERT_ALIGNED
 #define BESA_ASSERT_ALIGNED(ptr) ((void)0)
 #endif
