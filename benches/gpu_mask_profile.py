@@ -92,11 +92,22 @@ def measure(cases, label, lines, results):
         f"{sorted(times)[10] * 1e3:.3f} ms; GPU kernels {gpu_us / 1e3:.3f} ms per call"
         f" ({n_kernels:.0f} device events){note}"
     )
+    # bytes the two big kernels must move: select reads W and the ranks and writes the output;
+    # the bucket sums read g, W and the ranks
+    n_el = sum(c[0].numel() for c in cases)
+    e_w, e_r = cases[0][0].element_size(), cases[0][1].element_size()
+    moved = {"select_kernel": n_el * (2 * e_w + e_r), "bucket_kernel": n_el * (2 * e_w + e_r)}
     for e in top:
         if e.self_device_time_total <= 0:
             continue
+        rate = ""
+        for k, nbytes in moved.items():
+            if k in e.key:
+                ms = e.self_device_time_total / 5 / 1e3
+                rate = f"  [{nbytes / 1e9:.2f} GB moved: {nbytes / (ms * 1e-3) / 1e12:.2f} TB/s]"
         lines.append(
             f"    {e.self_device_time_total / 5 / 1e3:8.3f} ms  x{e.count // 5:<3} {e.key[:90]}"
+            f"{rate}"
         )
     results.append(
         {
