@@ -9,12 +9,19 @@ On a machine with CUDA (about 2 minutes including the extension build):
    0.01 and 0.05, with and without sigmoid smoothing, rows longer than one shared-memory tile,
    int16/int32/int64 ranks, the LLaMA-7B shapes; the weight gradient; bitwise agreement with the
    PyTorch fallback on the same GPU; run-to-run determinism; ``gradcheck`` in fp64;
-3. prints time and peak memory of reference vs fallback vs kernel at 4096 x 4096 and
+3. checks the kernels bit for bit (``kernel_bits``): the logit gradient of the extension's
+   backward against the documented summation order computed on the CPU
+   (``tests/cuda_emu.bucket_sums_in_kernel_order`` and the suffix scan), for whole-row shared
+   tiles over 48 KiB (opt-in shared memory), several tiles per row, misaligned views (vector
+   path with scalar heads, all-scalar path) and ragged row ends; the forward and the weight
+   gradient against ``W * hard``; the prune counts against torch's;
+4. prints time and peak memory of reference vs fallback vs kernel at 4096 x 4096 and
    11008 x 4096 (row-wise, 101 candidates, forward + backward).
 
 Results are printed and, when ``$OUT`` is set, written to ``$OUT/gpu_check.json`` and
 ``$OUT/gpu_check.txt``. Exit status 1 if a check fails, 2 without CUDA.
-``--device cpu`` runs part 2 with the fallback only (a dry run of the script without a GPU).
+``--device cpu`` runs part 2 with the fallback only and part 3 on the CPU emulator of the
+kernels (tests/cuda_emu): a dry run of the script without a GPU.
 """
 
 from __future__ import annotations
@@ -232,6 +239,89 @@ def equivalence(device: str) -> None:
         RESULTS["failures"].append("gradcheck")
 
 
+def _at_offset(x: torch.Tensor, offset: int) -> torch.Tensor:
+    """A contiguous copy of ``x`` starting ``offset`` elements into its storage."""
+    buf = torch.zeros(x.numel() + offset, dtype=x.dtype, device=x.device)
+    view = buf[offset:].view(x.shape)
+    view.copy_(x)
+    return view
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+
+
+def kernel_bits(device: str) -> None:
+    """The kernels' results bit for bit against their documented definition (CPU model)."""
+    from cuda_emu import EmulatedExtension, bucket_sums_in_kernel_order, load
+
+    from besa_rs.ste import _fallback
+
+    ext = _ext.build() if device == "cuda" else EmulatedExtension(load())
+    log(f"kernels bit for bit on {device} ({'CUDA' if device == 'cuda' else 'CPU emulator'}):")
+    old_det = _fallback.FORCE_DETERMINISTIC
+    _fallback.FORCE_DETERMINISTIC = True  # the suffix scan the kernel reproduces
+    try:
+        cases = [
+            # rows, cols, weight dtype, rank dtype, fp64 accumulation, (g, w, ranks) offsets, step
+            (4, 1003, torch.float32, torch.int16, False, (0, 0, 0), 0.01),
+            (3, 4097, torch.bfloat16, torch.int16, False, (1, 1, 1), 0.01),
+            (3, 2000, torch.float32, torch.int16, False, (1, 0, 3), 0.01),  # all scalar
+            (2, 30011, torch.float32, torch.int32, False, (0, 0, 0), 0.01),  # 117 KiB tile
+            (2, 30011, torch.float64, torch.int64, True, (0, 0, 0), 0.01),  # 2 tiles per row
+            (2, 70001, torch.float32, torch.int64, False, (0, 0, 0), 0.01),  # 2 tiles per row
+            (2, 9500, torch.float16, torch.int32, False, (0, 0, 0), 0.001),  # 1001 candidates
+        ]
+        for rows, cols, dtype, rdt, acc_double, offs, step in cases:
+            name = f"{rows}x{cols} {str(dtype)[6:]} ranks {str(rdt)[6:]} offsets {offs}"
+            gen = torch.Generator().manual_seed(cols)
+            w = torch.randn(rows, cols, generator=gen).to(dtype)
+            g = torch.randn(rows, cols, generator=gen).to(dtype)
+            ranks = ste.row_ranks(torch.rand(rows, cols, generator=gen)).to(rdt)
+            t = ste.candidate_prune_counts(ste.candidate_sparsities(step), cols)
+            n = torch.randint(0, cols + 1, (rows,), generator=gen)
+            acc = torch.float64 if acc_double else torch.float32
+            hist = bucket_sums_in_kernel_order(g, w, ranks, t, acc)
+            want_grad = -_fallback.suffix_sums(hist)[:, 1:]
+            want_out = w * (ranks.long() >= n[:, None]).to(dtype)
+            dg, dw, dr = (
+                _at_offset(g.to(device), offs[0]),
+                _at_offset(w.to(device), offs[1]),
+                _at_offset(ranks.to(device), offs[2]),
+            )
+            nd, td = n.to(device), t.to(device)
+            got_grad, got_gw = ext.backward(dg, dw, dr, nd, td, 1, True, acc_double)
+            got_out = ext.forward(dw, dr, nd)
+            problems = []
+            if not torch.equal(_bits(got_grad.cpu()), _bits(want_grad)):
+                diff = (got_grad.cpu() != want_grad).sum().item()
+                problems.append(f"logit gradient differs in {diff} of {want_grad.numel()} bits")
+            if not torch.equal(_bits(got_out.cpu()), _bits(want_out)):
+                problems.append("forward != W * hard (bits)")
+            want_gw = g * (ranks.long() >= n[:, None]).to(dtype)
+            if not torch.equal(_bits(got_gw.cpu()), _bits(want_gw)):
+                problems.append("weight gradient != g * hard (bits)")
+            status = "ok" if not problems else "FAIL: " + "; ".join(problems)
+            log(f"  {name:<52} {status}")
+            RESULTS["checks"].append({"case": "bits " + name, "ok": not problems})
+            if problems:
+                RESULTS["failures"].append(f"bits {name}: {status}")
+        # prune counts: the kernel against torch's floor / clamp / int64 on the same device
+        for adt in (torch.float32, torch.float64):
+            alpha = torch.rand(301, generator=torch.Generator().manual_seed(7), dtype=adt)
+            alpha[:4] = torch.tensor([0.0, 1.0, 0.29, 1.5], dtype=adt)
+            alpha = alpha.to(device)
+            got = ext.prune_rows(alpha, 301 * 2, 11008)
+            want = ste.prune_counts(alpha, 11008).repeat_interleave(2)
+            ok = torch.equal(got, want)
+            log(f"  prune counts ({str(adt)[6:]} alpha) == torch's: {'ok' if ok else 'FAIL'}")
+            RESULTS["checks"].append({"case": f"prune counts {adt}", "ok": ok})
+            if not ok:
+                RESULTS["failures"].append(f"prune counts {adt}")
+    finally:
+        _fallback.FORCE_DETERMINISTIC = old_det
+
+
 def benchmarks() -> None:
     for rows, cols in [(4096, 4096), (11008, 4096)]:
         results = []
@@ -273,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                 log("FAIL: backend('cuda') is not cuda-ext")
                 RESULTS["failures"].append("backend")
         equivalence(args.device)
+        kernel_bits(args.device)
         if args.device == "cuda":
             benchmarks()
     except Exception:

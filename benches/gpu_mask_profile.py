@@ -7,9 +7,10 @@ seven linear layers of one LLaMA-2-70B block in bf16 with int16 ranks, 101 candi
 row-wise), forward + backward of ``besa_rs.ste.ste_mask`` with the CUDA extension:
 
 * wall time per call (synchronised; best of 20 after warm-up);
-* GPU kernel time per call (sum over the kernels in a ``torch.profiler`` trace / calls) and the
-  top kernels by GPU time, so the gap between wall and kernel time is the host's (launches,
-  syncs, Python).
+* GPU kernel time per call (sum over the device events, i.e. kernels and copies, of a
+  ``torch.profiler`` trace / calls; the aten / extension ops that launched them also carry
+  device time and are left out so that nothing is counted twice) and the top kernels by GPU
+  time, so the gap between wall and kernel time is the host's (launches, syncs, Python).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "python"))
@@ -76,23 +78,43 @@ def measure(cases, label, lines, results):
             for c in cases:
                 call(*c)
         torch.cuda.synchronize()
-    gpu_us = sum(e.self_device_time_total for e in prof.key_averages()) / 5
-    top = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:8]
+    events = prof.key_averages()
+    # device events (kernels, memcpy) only: an op's device time is its kernels' time again
+    kernels = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA]
+    note = ""
+    if not kernels:  # a profiler that does not tag device events: everything, double-counted
+        kernels, note = list(events), " (ops and kernels both counted)"
+    gpu_us = sum(e.self_device_time_total for e in kernels) / 5
+    n_kernels = sum(e.count for e in kernels) / 5
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]
     lines.append(
         f"{label}: wall best {min(times) * 1e3:.3f} ms, median "
         f"{sorted(times)[10] * 1e3:.3f} ms; GPU kernels {gpu_us / 1e3:.3f} ms per call"
+        f" ({n_kernels:.0f} device events){note}"
     )
+    # bytes the two big kernels must move: select reads W and the ranks and writes the output;
+    # the bucket sums read g, W and the ranks
+    n_el = sum(c[0].numel() for c in cases)
+    e_w, e_r = cases[0][0].element_size(), cases[0][1].element_size()
+    moved = {"select_kernel": n_el * (2 * e_w + e_r), "bucket_kernel": n_el * (2 * e_w + e_r)}
     for e in top:
         if e.self_device_time_total <= 0:
             continue
+        rate = ""
+        for k, nbytes in moved.items():
+            if k in e.key:
+                ms = e.self_device_time_total / 5 / 1e3
+                rate = f"  [{nbytes / 1e9:.2f} GB moved: {nbytes / (ms * 1e-3) / 1e12:.2f} TB/s]"
         lines.append(
             f"    {e.self_device_time_total / 5 / 1e3:8.3f} ms  x{e.count // 5:<3} {e.key[:90]}"
+            f"{rate}"
         )
     results.append(
         {
             "label": label,
             "wall_best_ms": min(times) * 1e3,
             "gpu_ms": gpu_us / 1e3,
+            "device_events_per_call": n_kernels,
             "top": [(e.key, e.self_device_time_total / 5 / 1e3, e.count / 5) for e in top],
         }
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -221,6 +222,37 @@ def test_unsorted_candidates():
     ref_out.backward(up)
     assert torch.equal(out, ref_out)
     _close(lg.grad, ref_lg.grad[:, perm])
+
+
+@pytest.mark.parametrize("by_value", [True, False], ids=["by-value", "by-identity"])
+def test_candidate_cache_follows_in_place_changes(monkeypatch, by_value):
+    """The candidates' sorted prune counts are cached (by value on the CPU, else by tensor
+    identity and version counter): an in-place change of the candidates is seen."""
+    monkeypatch.setattr(ste, "_key_by_value", lambda t: by_value)
+    monkeypatch.setattr(ste, "_ORDER_CACHE", OrderedDict())
+    weight, _, _, ranks, logits, cands, up = _case(6, 40, 6, 0.05, torch.float32, "cpu")
+
+    def run(c, lg0):
+        lg = lg0.clone().requires_grad_(True)
+        out = ste.ste_mask(weight, ranks, lg, c)
+        out.backward(up)
+        return out, lg.grad
+
+    c = cands.clone()
+    first, again = run(c, logits), run(c, logits)
+    assert len(ste._ORDER_CACHE) == 1  # the second call was a hit
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    perm = torch.randperm(cands.numel(), generator=torch.Generator().manual_seed(3))
+    c.copy_(cands[perm])  # in place: now unsorted
+    got = run(c, logits[:, perm])
+    want = run(cands[perm].clone(), logits[:, perm])
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert torch.equal(got[0], first[0])
+    _close(got[1], first[1][:, perm])
+    with torch.inference_mode():  # no version counter: computed, not cached
+        c_inf = cands.clone()
+        hard = ste.hard_mask(ranks, logits, c_inf)
+    assert torch.equal(hard, ste.hard_mask(ranks, logits, cands))
 
 
 def test_zero_logits_is_half_sparsity():

@@ -13,10 +13,20 @@ import os
 import pytest
 import test_ste
 import torch
-from cuda_emu import EmulatedExtension, EmulatorError, compiler, load
+from cuda_emu import (
+    EmulatedExtension,
+    EmulatorError,
+    bucket_sums_in_kernel_order,
+    compiler,
+    load,
+    segment_length,
+)
 
 from besa_rs import ste
-from besa_rs.ste import _ext
+from besa_rs.ste import _ext, _fallback
+
+#: the emulated device's opt-in shared memory per block (Hopper's 227 KiB)
+HOPPER_OPTIN = 227 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +36,13 @@ def dll():
             pytest.fail("no C++ compiler to build the CUDA emulator")
         pytest.skip("no C++ compiler to build the CUDA emulator")
     return load()
+
+
+@pytest.fixture
+def optin(dll):
+    """Sets the emulated device's opt-in shared memory for one test (restored afterwards)."""
+    yield dll.emu_set_optin_shared
+    dll.emu_set_optin_shared(0)
 
 
 @pytest.fixture
@@ -91,6 +108,111 @@ def test_bucket_sums_match(dll, dtype, acc_double, rows, cols, step):
     scale = (grad.double() * w.double()).abs().sum(1, keepdim=True).clamp_min(1e-30)
     tol = 1e-12 if acc_double else 1e-5
     assert ((hist.double() - truth).abs() / scale).max().item() <= tol
+
+
+def _at_offset(x: torch.Tensor, offset: int) -> torch.Tensor:
+    """A contiguous copy of ``x`` that starts ``offset`` elements into its storage (so its
+    address is not 16-byte aligned for an odd offset)."""
+    buf = torch.zeros(x.numel() + offset, dtype=x.dtype)
+    view = buf[offset:].view(x.shape)
+    view.copy_(x)
+    return view
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+
+
+@pytest.mark.parametrize(
+    "dtype,idx,acc_double",
+    [
+        (torch.float32, torch.int16, False),
+        (torch.bfloat16, torch.int16, False),
+        (torch.float16, torch.int32, False),
+        (torch.float64, torch.int64, True),
+        (torch.float32, torch.int32, True),
+    ],
+)
+@pytest.mark.parametrize(
+    "rows,cols,step,optin_kib",
+    [
+        (3, 1003, 0.01, 0),  # odd width: every row starts at another vector phase, ragged tails
+        (2, 30011, 0.01, 0),  # one whole-row tile over 48 KiB (opt-in), three pieces per row
+        (2, 30011, 0.01, 64),  # tiles of one piece: the row is read once per tile
+        (2, 9500, 0.001, 96),  # 1001 candidates, several pieces per tile
+        (4, 37, 0.25, 0),  # rows shorter than a vector's worth of threads
+    ],
+)
+@pytest.mark.parametrize("offsets", [(0, 0, 0), (1, 1, 1), (1, 0, 3)], ids=str)
+def test_bucket_sums_are_the_documented_order_bit_for_bit(
+    dll, optin, dtype, idx, acc_double, rows, cols, step, optin_kib, offsets
+):
+    """Whatever the tile size, alignment and vector path, the sums are the bits of the
+    documented summation order (that of the first, 48 KiB-tile version of the kernel)."""
+    optin(optin_kib * 1024)
+    ext = EmulatedExtension(dll)
+    g = torch.Generator().manual_seed(cols + rows)
+    w = torch.randn(rows, cols, generator=g).to(dtype)
+    grad = torch.randn(rows, cols, generator=g).to(dtype)
+    ranks = _rows(rows, cols, seed=cols).to(idx)
+    t = ste.candidate_prune_counts(ste.candidate_sparsities(step), cols)
+    og, ow, orank = offsets  # (1, 0, 3): misaligned differently, so no common vector phase
+    hist = ext.bucket_sums(
+        _at_offset(grad, og), _at_offset(w, ow), _at_offset(ranks, orank), t, acc_double
+    )
+    acc = torch.float64 if acc_double else torch.float32
+    assert torch.equal(_bits(hist), _bits(bucket_sums_in_kernel_order(grad, w, ranks, t, acc)))
+    a = 8 if acc_double else 4
+    smem = int(dll.emu_last_smem())
+    if (t.numel() + 1 + cols) * a <= (optin_kib * 1024 or HOPPER_OPTIN):
+        assert smem == (t.numel() + 1 + cols) * a  # the whole row in one tile
+    else:  # tiles of a multiple of the piece length, shorter than the row
+        tile = (smem - (t.numel() + 1) * a) // a
+        assert tile < cols and tile % segment_length(cols, t.numel(), acc) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("idx", [torch.int16, torch.int64])
+@pytest.mark.parametrize("offsets", [(0, 0), (1, 1), (3, 0), (0, 5)], ids=str)
+@pytest.mark.parametrize("rows,cols", [(5, 1003), (3, 7), (2, 4096)])
+def test_select_vector_and_scalar_paths_are_bit_exact(dll, dtype, idx, offsets, rows, cols):
+    """Unaligned rows, ragged tails, misaligned views (vector path with a scalar head, or all
+    scalar when the arrays have no common 16-byte phase): the same bits as W * hard."""
+    ext = EmulatedExtension(dll)
+    g = torch.Generator().manual_seed(rows * cols)
+    w = torch.randn(rows, cols, generator=g).to(dtype)
+    w[0, :3] = -0.0  # pruned negative zeros keep their sign
+    ranks = _rows(rows, cols, seed=2).to(idx)
+    n = torch.randint(0, cols + 1, (rows,), generator=g)
+    out = ext.forward(_at_offset(w, offsets[0]), _at_offset(ranks, offsets[1]), n)
+    expected = w * (ranks.long() >= n[:, None]).to(dtype)
+    assert torch.equal(_bits(out), _bits(expected))
+
+
+@pytest.mark.parametrize("acc", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 2, 3, 22, 102, 1002])
+def test_suffix_kernel_is_the_fallback_scan_bit_for_bit(dll, monkeypatch, acc, n):
+    """The suffix kernel adds exactly what the deterministic torch scan (_fallback.suffix_sums,
+    used on CUDA before it) adds, in the same order: the logit gradient keeps its bits."""
+    monkeypatch.setattr(_fallback, "FORCE_DETERMINISTIC", True)
+    g = torch.Generator().manual_seed(n)
+    h = (torch.randn(4, n, generator=g) * torch.logspace(-3, 3, n)).to(acc)
+    out = EmulatedExtension(dll).neg_suffix(h)
+    expected = -_fallback.suffix_sums(h)[:, 1:]
+    assert out.shape == (4, n - 1) and torch.equal(_bits(out), _bits(expected))
+
+
+@pytest.mark.parametrize("acc", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows_per_group", [1, 3])
+def test_prune_rows_kernel_matches_torch(dll, acc, rows_per_group):
+    cols = 11008
+    alpha = torch.tensor(
+        [0.0, 1.0, 0.5, 0.29, 0.3, 1 / 3, 0.99999994, -0.25, 1.5, 1e-9, 0.62415], dtype=acc
+    )
+    alpha = torch.cat([alpha, torch.rand(40, generator=torch.Generator().manual_seed(0))])
+    n = EmulatedExtension(dll).prune_rows(alpha, alpha.numel() * rows_per_group, cols)
+    expected = ste.prune_counts(alpha, cols).repeat_interleave(rows_per_group)
+    assert n.dtype == torch.int64 and torch.equal(n, expected)
 
 
 def test_bucket_sums_do_not_depend_on_the_thread_schedule(dll):

@@ -18,6 +18,7 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from besa_rs.ste import _ext
@@ -74,7 +75,11 @@ def load() -> ctypes.CDLL:
     p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     dll.emu_select.argtypes = [c_int, c_int, p, p, p, p, i64, i64]
     dll.emu_bucket_sums.argtypes = [c_int, c_int, c_int, p, p, p, p, c_int, p, i64, i64]
+    dll.emu_neg_suffix.argtypes = [c_int, p, i64, c_int, p]
+    dll.emu_prune_rows.argtypes = [c_int, p, i64, i64, i64, p]
     dll.emu_set_seed.argtypes = [ctypes.c_uint64]
+    dll.emu_set_optin_shared.argtypes = [i64]
+    dll.emu_last_smem.restype = i64
     dll.emu_last_message.restype = ctypes.c_char_p
     return dll
 
@@ -141,6 +146,34 @@ class EmulatedExtension:
         self._check(rc, "bucket-sum kernel")
         return hist
 
+    def neg_suffix(self, h: torch.Tensor) -> torch.Tensor:
+        """``out[g, d] = -sum_{i > d} h[g, i]`` ([G, n] -> [G, n - 1]) by the suffix kernel."""
+        assert h.dim() == 2 and h.dtype in (torch.float32, torch.float64)
+        h = h.contiguous()
+        out = torch.empty(h.shape[0], h.shape[1] - 1, dtype=h.dtype)
+        rc = self.dll.emu_neg_suffix(
+            int(h.dtype == torch.float64), h.data_ptr(), h.shape[0], h.shape[1], out.data_ptr()
+        )
+        self._check(rc, "suffix-sum kernel")
+        return out
+
+    def prune_rows(self, alpha: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        assert alpha.dim() == 1 and rows % alpha.shape[0] == 0
+        assert alpha.dtype in (torch.float32, torch.float64)
+        self.calls["prune_rows"] += 1
+        a = alpha.contiguous()
+        n = torch.empty(rows, dtype=torch.int64)
+        rc = self.dll.emu_prune_rows(
+            int(a.dtype == torch.float64),
+            a.data_ptr(),
+            rows,
+            rows // a.shape[0],
+            cols,
+            n.data_ptr(),
+        )
+        self._check(rc, "prune-count kernel")
+        return n
+
     def backward(
         self,
         grad: torch.Tensor,
@@ -148,10 +181,74 @@ class EmulatedExtension:
         ranks: torch.Tensor,
         n_rows: torch.Tensor,
         t_sorted: torch.Tensor,
+        rows_per_group: int,
         need_weight_grad: bool,
         acc_double: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self.calls["backward"] += 1
         hist = self.bucket_sums(grad, weight, ranks, t_sorted, acc_double)
+        if rows_per_group > 1:  # torch's sum, as in ste_mask.cpp
+            hist = hist.view(-1, rows_per_group, hist.shape[1]).sum(1)
+        grad_w = self.neg_suffix(hist)
         gw = self.forward(grad, ranks, n_rows) if need_weight_grad else grad.new_empty(0)
-        return hist, gw
+        return grad_w, gw
+
+
+# ------------------------------------------------------------------------------------------
+# the bucket kernel's summation order, in torch (CPU): a bit-exact model of its results
+def segment_length(cols: int, n_cand: int, acc: torch.dtype) -> int:
+    """The length of the summation pieces (ste_mask_kernel.cu, "Summation order")."""
+    a = 8 if acc == torch.float64 else 4
+    return min(cols, (48 * 1024 - (n_cand * 8 + (n_cand + 1) * a + 16)) // a)
+
+
+def bucket_sums_in_kernel_order(
+    grad: torch.Tensor,
+    weight: torch.Tensor,
+    ranks: torch.Tensor,
+    t_sorted: torch.Tensor,
+    acc: torch.dtype,
+) -> torch.Tensor:
+    """The bucket sums computed in the kernel's documented order, so that they are the same
+    bits: each bucket's rank range is cut at the multiples of the piece length; in each piece,
+    lane l of a warp adds the products of ranks lo+l, lo+l+32, ... in order from 0; the 32 lane
+    sums are combined by the shuffle tree 16, 8, 4, 2, 1; the pieces are added in rank order."""
+    grad, weight, ranks, t_sorted = (x.detach().cpu() for x in (grad, weight, ranks, t_sorted))
+    rows, cols = ranks.shape
+    n_cand = t_sorted.numel()
+    seg = segment_length(cols, n_cand, acc)
+    npd = np.float64 if acc == torch.float64 else np.float32
+    prod = grad.to(acc) * weight.to(acc)
+    t = [int(x) for x in t_sorted]
+    out = torch.zeros(rows, n_cand + 1, dtype=acc)
+    for r in range(rows):
+        p = torch.zeros(cols, dtype=acc)
+        p[ranks[r].long()] = prod[r]
+        pieces = []  # (bucket, start, end)
+        for j in range(n_cand + 1):
+            lo = t[j] if j < n_cand else 0
+            hi = t[j - 1] if j > 0 else cols
+            a = lo
+            while a < hi:
+                b = min(hi, (a // seg + 1) * seg)
+                pieces.append((j, a, b))
+                a = b
+        if not pieces:
+            continue
+        width = max((b - a + 31) // 32 for _, a, b in pieces)
+        lanes = torch.zeros(len(pieces), width * 32, dtype=acc)
+        for i, (_, a, b) in enumerate(pieces):
+            lanes[i, : b - a] = p[a:b]
+        lanes = lanes.view(len(pieces), width, 32)
+        s = torch.zeros(len(pieces), 32, dtype=acc)
+        for k in range(width):  # sequential per lane (adding a +0 pad changes nothing)
+            s = s + lanes[:, k]
+        for off in (16, 8, 4, 2, 1):
+            nxt = s.clone()
+            nxt[:, : 32 - off] = s[:, : 32 - off] + s[:, off:]
+            s = nxt
+        total = [npd(0)] * (n_cand + 1)
+        for (j, _, _), v in zip(pieces, s[:, 0].numpy(), strict=True):
+            total[j] = npd(total[j] + v)
+        out[r] = torch.from_numpy(np.array(total, dtype=npd))
+    return out

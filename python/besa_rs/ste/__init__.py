@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -235,8 +237,74 @@ def backend(device: torch.device | str | None = None) -> str:
 # --------------------------------------------------------------------------------------------
 # the fused op
 # --------------------------------------------------------------------------------------------
+class _CandidateOrder(NamedTuple):
+    """Per-(candidates, cols, device) constants: prune counts sorted by descending value, the
+    sorting permutation, whether it is the identity, and the candidates on the device."""
+
+    t_sorted: torch.Tensor
+    order: torch.Tensor
+    identity: bool
+    on_device: dict[torch.dtype, torch.Tensor]
+
+
+#: cache of :class:`_CandidateOrder` (BESA passes the same candidates tensor at every step and
+#: layer: computing them each call costs a dozen small kernels and a host sync on a GPU)
+_ORDER_CACHE: OrderedDict[tuple[Any, ...], tuple[Any, _CandidateOrder]] = OrderedDict()
+_ORDER_CACHE_SIZE = 32
+
+
+def _key_by_value(candidates: torch.Tensor) -> bool:
+    return candidates.device.type == "cpu"
+
+
+def _order_cache_key(candidates: torch.Tensor, cols: int, dev: torch.device) -> tuple | None:
+    """Key of the candidates' constants: their values when they live on the CPU (reading them
+    is free there), else the tensor's identity and version counter (any in-place change, e.g.
+    ``copy_``, bumps the version; writes through ``.data`` are not seen). None: do not cache."""
+    if _key_by_value(candidates):
+        c = candidates.detach().contiguous()
+        return ("values", c.dtype, tuple(c.shape), c.cpu().numpy().tobytes(), cols, dev)
+    try:
+        version = candidates._version
+    except RuntimeError:  # inference tensors keep no version counter
+        return None
+    return (
+        "tensor",
+        id(candidates),
+        version,
+        candidates.data_ptr(),
+        candidates.storage_offset(),
+        tuple(candidates.shape),
+        tuple(candidates.stride()),
+        candidates.dtype,
+        cols,
+        dev,
+    )
+
+
+def _candidate_order(candidates: torch.Tensor, cols: int, dev: torch.device) -> _CandidateOrder:
+    key = _order_cache_key(candidates, cols, dev)
+    if key is not None:
+        hit = _ORDER_CACHE.get(key)
+        if hit is not None and (key[0] == "values" or hit[0]() is candidates):
+            return hit[1]
+    t = candidate_prune_counts(candidates.to(dev), cols)
+    # sort candidates by descending prune count (a no-op for the usual descending p)
+    order = torch.argsort(t, descending=True, stable=True)
+    res = _CandidateOrder(t[order], order, bool(torch.all(t[1:] <= t[:-1])), {})
+    if key is not None:
+        _ORDER_CACHE[key] = (None if key[0] == "values" else weakref.ref(candidates), res)
+        while len(_ORDER_CACHE) > _ORDER_CACHE_SIZE:
+            _ORDER_CACHE.popitem(last=False)
+    return res
+
+
 class _Plan:
-    """Per-call small tensors shared by forward and backward."""
+    """Per-call small tensors shared by forward and backward.
+
+    ``n_rows`` (rows pruned per row) is int64 from the extension's kernel when ``use_ext``,
+    else in the ranks' dtype (the fallback's form); the values are the same.
+    """
 
     def __init__(
         self,
@@ -245,19 +313,27 @@ class _Plan:
         candidates: torch.Tensor,
         smoothing: bool,
         rows_per_group: int,
+        use_ext: bool = False,
     ) -> None:
         rows, cols = ranks.shape
         dev = ranks.device
         w = candidate_weights(logits, smoothing)
-        t = candidate_prune_counts(candidates.to(dev), cols)
-        # sort candidates by descending prune count (a no-op for the usual descending p)
-        order = torch.argsort(t, descending=True, stable=True)
-        self.t_sorted = t[order]
-        self.order = order
-        self.identity_order = bool(torch.all(t[1:] <= t[:-1]))
+        co = _candidate_order(candidates, cols, dev)
+        self.t_sorted = co.t_sorted
+        self.order = co.order
+        self.identity_order = co.identity
+        cand = co.on_device.get(w.dtype)
+        if cand is None:
+            cand = co.on_device.setdefault(w.dtype, candidates.detach().to(w.device, w.dtype))
         with torch.no_grad():
-            n_group = prune_counts(_alpha(w, candidates), cols)
-        self.n_rows = n_group.repeat_interleave(rows_per_group).to(ranks.dtype)
+            alpha = _alpha(w, cand)
+            if use_ext:
+                ext = _ext.load()
+                assert ext is not None
+                self.n_rows = ext.prune_rows(alpha, rows, cols)
+            else:
+                n_group = prune_counts(alpha, cols)
+                self.n_rows = n_group.repeat_interleave(rows_per_group).to(ranks.dtype)
         self.w: torch.Tensor | None = w
         self.rows_per_group = rows_per_group
         self._lut: torch.Tensor | None = None
@@ -307,18 +383,19 @@ class _MaskFn(torch.autograd.Function):
         acc = w_sorted.dtype
         d = w_sorted.shape[1]
         grad_weight = grad_w = None
-        hist = None
         if ctx.use_ext and need_logits:
             ext = _ext.load()
             assert ext is not None
             # soft mode returns fp32 for a half weight: the kernel wants one dtype
             w_in = weight if weight.dtype == grad.dtype else weight.to(grad.dtype)
-            hist, gw = ext.backward(
+            # bucket sums, group sums and the (negated) suffix sums over candidates
+            grad_w, gw = ext.backward(
                 grad,
                 w_in,
                 ranks,
                 n_rows,
                 t_sorted,
+                plan.rows_per_group,
                 bool(need_w and not ctx.soft),
                 acc == torch.float64,
             )
@@ -326,8 +403,6 @@ class _MaskFn(torch.autograd.Function):
                 grad_weight = gw
         elif need_logits:
             hist = _fallback.bucket_sums(grad, weight, ranks, plan.lut(), d + 1, acc)
-        if need_logits:
-            assert hist is not None
             groups = ranks.shape[0] // plan.rows_per_group
             h = hist.view(groups, plan.rows_per_group, d + 1).sum(1)
             # dL/dw_d = -sum_{j > d} H[j] (no cumsum on CUDA: see _fallback, "Determinism")
@@ -337,6 +412,8 @@ class _MaskFn(torch.autograd.Function):
             if ctx.soft:
                 p = _fallback.soft_weight(None, ranks, w_sorted, plan.lut(), plan.rows_per_group)
                 grad_weight = (grad.to(p.dtype) * p).to(weight.dtype)
+            elif ctx.use_ext:
+                grad_weight = _ext.load().forward(grad, ranks, n_rows)  # type: ignore[union-attr]
             else:
                 grad_weight = _fallback.masked_grad(grad, ranks, n_rows)
         return grad_weight, grad_w, None, None, None, None, None, None
@@ -353,7 +430,8 @@ def _apply(
     k = _check(weight, ranks, logits, candidates)
     weight = weight.contiguous()
     ranks = ranks.contiguous()
-    plan = _Plan(ranks, logits, candidates, smoothing, k)
+    use_ext = backend(ranks.device) == "cuda-ext"
+    plan = _Plan(ranks, logits, candidates, smoothing, k, use_ext)
     assert plan.w is not None
     # candidates already sorted (the usual descending grid): no reordering, so the backward has
     # no index_add (non-deterministic on CUDA); otherwise the index is a permutation, whose
@@ -363,7 +441,6 @@ def _apply(
     else:
         w_sorted = plan.w.index_select(1, plan.order)
     plan.w = None  # ctx keeps the plan: hold no autograd-tracked tensor in it
-    use_ext = backend(ranks.device) == "cuda-ext"
     return _MaskFn.apply(weight, w_sorted, ranks, plan.n_rows, plan.t_sorted, plan, soft, use_ext)
 
 

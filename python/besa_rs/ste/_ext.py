@@ -184,6 +184,7 @@ def build(verbose: bool = False) -> ModuleType:
             mod = ModuleType(name, "besa-rs fused straight-through mask (CUDA operators)")
             mod.forward = ops.forward  # type: ignore[attr-defined]
             mod.backward = ops.backward  # type: ignore[attr-defined]
+            mod.prune_rows = ops.prune_rows  # type: ignore[attr-defined]
             mod.__file__ = str(build_dir / f"{name}.so")
         except Exception as exc:  # compiler errors come as RuntimeError/CalledProcessError
             raise ExtensionBuildError(f"building the CUDA extension failed: {exc}") from exc

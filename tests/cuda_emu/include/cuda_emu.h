@@ -9,14 +9,20 @@
 // result depends on the interleaving (a race) gives different results for different seeds.
 // Misuse that is undefined behaviour on a GPU is reported as an error instead of hanging:
 // a barrier that not every thread of the block (or warp) reaches, a launch configuration over
-// the hardware limits, dynamic shared memory over 48 KiB.
+// the hardware limits, dynamic shared memory over 48 KiB without the kernel's opt-in
+// (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, n)) or over the
+// device's opt-in maximum (227 KiB as on Hopper; tests lower it with emu_set_optin_shared to
+// exercise the multi-tile paths on short rows).
 #pragma once
 
 #include <ucontext.h>
 
+#include <math.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -42,6 +48,12 @@ enum cudaError_t {
   cudaErrorInvalidConfiguration = 9,
   cudaErrorLaunchFailure = 719,
 };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaFuncAttribute {
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+  cudaFuncAttributePreferredSharedMemoryCarveout = 9,
+};
+enum cudaSharedCarveout { cudaSharedmemCarveoutMaxShared = 100 };
 
 // ---- 16-bit float types (storage + conversion to float only) ---------------------------------
 struct __half {
@@ -85,7 +97,8 @@ inline float __bfloat162float(__nv_bfloat16 b) {
 // ---- the emulated machine --------------------------------------------------------------------
 namespace emu {
 
-constexpr size_t kMaxDynamicShared = 48 * 1024;
+constexpr size_t kDefaultDynamicShared = 48 * 1024;
+constexpr size_t kMaxDynamicShared = 227 * 1024;  // Hopper's opt-in maximum per block
 constexpr size_t kStack = 64 * 1024;
 
 struct Thread {
@@ -104,6 +117,11 @@ struct Machine {
   int launches = 0;
   // warp shuffle exchange slots, one 8-byte value per thread
   std::vector<uint64_t> xch;
+  // what cudaDeviceGetAttribute(cudaDevAttrMaxSharedMemoryPerBlockOptin) reports
+  size_t optin_shared = kMaxDynamicShared;
+  // per kernel: cudaFuncAttributeMaxDynamicSharedMemorySize as set by cudaFuncSetAttribute
+  std::map<const void*, size_t> max_dynamic_shared;
+  int64_t last_smem = 0;  // dynamic shared memory of the latest launch (for tests)
 };
 
 inline Machine& machine() {
@@ -164,6 +182,31 @@ inline cudaError_t cudaGetLastError() {
   return e;
 }
 
+inline cudaError_t cudaGetDevice(int* dev) {
+  *dev = 0;
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int dev) {
+  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin || dev != 0) return cudaErrorInvalidValue;
+  *value = static_cast<int>(emu::machine().optin_shared);
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t cudaFuncSetAttribute(T* entry, cudaFuncAttribute attr, int value) {
+  emu::Machine& m = emu::machine();
+  if (attr == cudaFuncAttributePreferredSharedMemoryCarveout) {
+    return value >= -1 && value <= 100 ? cudaSuccess : cudaErrorInvalidValue;
+  }
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      static_cast<size_t>(value) > m.optin_shared) {
+    return cudaErrorInvalidValue;
+  }
+  m.max_dynamic_shared[reinterpret_cast<const void*>(entry)] = static_cast<size_t>(value);
+  return cudaSuccess;
+}
+
 inline const char* cudaGetErrorString(cudaError_t e) {
   switch (e) {
     case cudaSuccess:
@@ -192,6 +235,14 @@ struct Body {
 inline Body*& current_body() {
   static Body* b = nullptr;
   return b;
+}
+
+// Stops the running thread for good (a device-side fault): the launch reports `msg`.
+inline void fault(const char* msg) {
+  Machine& m = machine();
+  m.error = msg;
+  m.threads[m.current].state = 3;
+  swapcontext(&m.threads[m.current].ctx, &m.sched);  // never resumed: the launch is aborted
 }
 
 inline void trampoline() {
@@ -267,14 +318,19 @@ struct LambdaBody : Body {
 };
 
 template <typename F>
-cudaError_t run_grid(dim3 grid, dim3 block, size_t smem, F&& f) {
+cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, F&& f) {
   Machine& m = machine();
   const uint64_t per_block = uint64_t{block.x} * block.y * block.z;
+  size_t smem_limit = kDefaultDynamicShared;
+  const auto opted = m.max_dynamic_shared.find(kernel);
+  if (opted != m.max_dynamic_shared.end()) smem_limit = std::max(smem_limit, opted->second);
+  smem_limit = std::min(smem_limit, std::max(m.optin_shared, kDefaultDynamicShared));
   if (per_block == 0 || per_block > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 ||
       grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535 ||
-      smem > kMaxDynamicShared) {
+      smem > smem_limit) {
     return cudaErrorInvalidConfiguration;
   }
+  m.last_smem = static_cast<int64_t>(smem);
   m.threads.resize(per_block);  // stacks are kept from launch to launch
   m.xch.assign(per_block, 0);
   int i = 0;
@@ -293,7 +349,7 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem, F&& f) {
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         blockIdx = dim3(x, y, z);
-        std::memset(smem_raw, 0xA5, sizeof(smem_raw));  // uninitialised shared memory
+        std::memset(smem_raw, 0xA5, smem);  // uninitialised shared memory
         run_block(body, rng);
         if (!m.error.empty()) return cudaErrorLaunchFailure;
       }
@@ -309,7 +365,7 @@ struct Launch {
   void operator()(A&&... a) const {
     auto k = kernel;
     auto call = [&]() { k(static_cast<P>(a)...); };
-    const cudaError_t e = run_grid(grid, block, smem, call);
+    const cudaError_t e = run_grid(reinterpret_cast<const void*>(kernel), grid, block, smem, call);
     if (e != cudaSuccess) last_error() = e;
   }
 };
@@ -320,6 +376,14 @@ Launch<P...> launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, void (*ker
 }
 
 }  // namespace emu
+
+// a misaligned 16-byte vector access faults on a GPU (and an aligned SSE move on the host):
+// the thread stops there and the launch fails
+#define BESA_ASSERT_ALIGNED(ptr)                                         \
+  do {                                                                  \
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0)                     \
+      ::emu::fault("misaligned 16-byte vector access in the kernel");   \
+  } while (0)
 
 // `BESA_LAUNCH(grid, block, smem, stream, kernel<...>)(args...)` = `kernel<<<...>>>(args...)`
 #define BESA_LAUNCH(grid, block, smem, stream, ...) \
