@@ -415,5 +415,6 @@ def test_heap_release_returns_freed_heap_pages_and_runs_on_the_lean_path(monkeyp
     assert heap.CALLS == calls  # a tiny block: not on the lean path, nothing released
     monkeypatch.setattr(besa, "RECOMPUTE_MASKED_WEIGHTS", True)
     besa_rs.prune(tiny_model("llama"), toks, PruneConfig(progress=False, num_blocks=1))
-    # after the statistics, each layer's ranks, each step (8 samples, batch 1) and each mask
-    assert heap.CALLS - calls == 1 + 7 + 8 + 7
+    # after the statistics, each layer's ranks, each step (8 samples, batch 1), each layer's
+    # mask backward in each step and each final mask
+    assert heap.CALLS - calls == 1 + 7 + 8 + 8 * 7 + 7

@@ -98,6 +98,13 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]
     return contextlib.nullcontext()
 
 
+def _release_after_backward(*_: Any) -> None:
+    """A hook on the node that made a layer's masked weight: once its backward has run (the
+    layer's masked weight, its gradient and the bucket sums' chunk buffers are freed), the
+    freed heap pages go back to the system before the next layer's backward (heap.py)."""
+    heap.release()
+
+
 @contextlib.contextmanager
 def recomputed_linears(
     linears: dict[str, nn.Linear],
@@ -107,7 +114,8 @@ def recomputed_linears(
     """While the ``with`` body runs, the linear layer ``n`` of ``makers`` computes
     ``F.linear(x, makers[n](), bias)`` under :func:`torch.utils.checkpoint.checkpoint`: its
     weight is made when the layer runs and dropped after it; the backward pass makes it again
-    from the same (not yet updated) parameters."""
+    from the same (not yet updated) parameters. After each layer's mask backward the freed heap
+    pages are handed back (:func:`_release_after_backward`)."""
     patched = []
     try:
         for n, make in (makers or {}).items():
@@ -119,6 +127,8 @@ def recomputed_linears(
                 def run(x: torch.Tensor) -> torch.Tensor:
                     with _no_autocast(device):
                         w = make()
+                    if w.grad_fn is not None:
+                        w.grad_fn.register_hook(_release_after_backward)
                     return F.linear(x, w, lin.bias)
 
                 return checkpoint(run, x, use_reentrant=False)  # type: ignore[no-any-return]
