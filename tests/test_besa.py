@@ -352,7 +352,6 @@ def test_final_masks_are_made_after_earlier_layers_ranks_are_freed(monkeypatch, 
     import weakref
 
     from besa_rs import ste
-    from besa_rs.pruning import besa
 
     made: list[weakref.ref] = []  # the ranks of each layer, in the order they were made
     real_ranks, real_mask = ste.row_ranks_by_chunks, ste.hard_mask
