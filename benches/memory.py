@@ -19,7 +19,7 @@ capture, statistics, ranks, optimisation, hard masks, write), each measured from
 stage's start (``/proc/self/clear_refs`` resets the high-water mark at every stage boundary).
 
 Usage: python benches/memory.py [--nsamples 4] [--seqlen 128] [--skip-default] [--skip-7b]
-       [--stages]
+       [--stages] [--synthetic-methods wanda,besa]
 """
 
 from __future__ import annotations
@@ -281,6 +281,11 @@ def main() -> None:
     ap.add_argument("--skip-7b-in-memory", action="store_true")
     ap.add_argument("--tmp", default=None, help="work directory (default: a temporary one)")
     ap.add_argument("--stages", action="store_true", help="per-stage peaks of the synthetic runs")
+    ap.add_argument(
+        "--synthetic-methods",
+        default="wanda,besa",
+        help="comma-separated arms of the synthetic checkpoint to run (wanda, besa)",
+    )
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="besa-mem-", dir=args.tmp))
@@ -392,6 +397,11 @@ def synthetic_rows(tmp: Path, args: argparse.Namespace) -> list[list[str]]:
     ]
     if not args.skip_7b_in_memory:
         runs.append(("wanda", "in-memory", ["--method", "wanda"], 2))
+    chosen = {m.strip() for m in args.synthetic_methods.split(",") if m.strip()}
+    unknown = chosen - {"wanda", "besa"}
+    if unknown:
+        raise SystemExit(f"--synthetic-methods: unknown arm(s) {', '.join(sorted(unknown))}")
+    runs = [r for r in runs if r[0].split(",")[0] in chosen]
     rows = []
     for method, load, extra, copies in runs:
         out = tmp / f"out-{load}"

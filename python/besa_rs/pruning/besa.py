@@ -46,7 +46,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ste
 from ..errors import NumericalError, ShapeError
-from . import distributed, quant
+from . import distributed, heap, quant
 from .baselines import refit_layer, sparsegpt_diag_sq, sparsegpt_saliency, wanda_score
 from .context import BlockContext
 from .registry import Method, register
@@ -98,6 +98,13 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]
     return contextlib.nullcontext()
 
 
+def _release_after_backward(*_: Any) -> None:
+    """A hook on the node that made a layer's masked weight: once its backward has run (the
+    layer's masked weight, its gradient and the bucket sums' chunk buffers are freed), the
+    freed heap pages go back to the system before the next layer's backward (heap.py)."""
+    heap.release()
+
+
 @contextlib.contextmanager
 def recomputed_linears(
     linears: dict[str, nn.Linear],
@@ -107,7 +114,8 @@ def recomputed_linears(
     """While the ``with`` body runs, the linear layer ``n`` of ``makers`` computes
     ``F.linear(x, makers[n](), bias)`` under :func:`torch.utils.checkpoint.checkpoint`: its
     weight is made when the layer runs and dropped after it; the backward pass makes it again
-    from the same (not yet updated) parameters."""
+    from the same (not yet updated) parameters. After each layer's mask backward the freed heap
+    pages are handed back (:func:`_release_after_backward`)."""
     patched = []
     try:
         for n, make in (makers or {}).items():
@@ -119,6 +127,8 @@ def recomputed_linears(
                 def run(x: torch.Tensor) -> torch.Tensor:
                     with _no_autocast(device):
                         w = make()
+                    if w.grad_fn is not None:
+                        w.grad_fn.register_hook(_release_after_backward)
                     return F.linear(x, w, lin.bias)
 
                 return checkpoint(run, x, use_reentrant=False)  # type: ignore[no-any-return]
@@ -456,6 +466,8 @@ def optimise_block(
                         post["s"] = f"{float(logged.detach()):.3f}"
                     ctx.progress.set_postfix(post, refresh=False)
                 del weights, out, y_hat, loss, rec, x, y
+                if linear_weights is not None:  # a large block: its step's freed heap pages
+                    heap.release()
     finally:
         patched.close()
         for p, r in requires.items():
@@ -473,6 +485,11 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
     need_norms = cfg.metric == "wanda"
     need_h = cfg.metric == "sparsegpt" or cfg.reconstruct
 
+    # a block large enough for the lean memory path also hands freed heap pages back to the
+    # system after each stage (heap.py): the stage's temporaries are not kept resident
+    lean = recompute_masked_weights(sum(lin.weight.numel() for lin in ctx.linears.values()))
+    release = heap.release if lean else (lambda: False)
+
     # --- 1-3: dense target and importance statistics on the pruned-chain inputs
     if cfg.prune_dense and ctx.xd is not None:
         stats, _ = ctx.run_with_stats(ctx.xs, need_norms, need_h, keep_outputs=False)
@@ -480,6 +497,7 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
         ctx.next_xd = targets
     else:
         stats, targets = ctx.run_with_stats(ctx.xs, need_norms, need_h, keep_outputs=True)
+    release()
 
     # --- 4-6: ranks, candidates, logits
     cand = ste.candidate_sparsities(cfg.candidate_step).to(dev)
@@ -494,6 +512,7 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
         rows_of = importance_rows(cfg.metric, W, stats.get(name), cfg.percdamp, full, dev)
         # int16 ranks below 32768 columns, sorted a row chunk at a time (the same ranks)
         ranks[name] = ste.row_ranks_by_chunks(rows_of, W.shape, dev, ste.rank_dtype(W.shape[1]))
+        release()  # the sort's chunk temporaries
         G = groups_for(kind, k, W.shape[0], full)
         rows_per_group[name] = W.shape[0] // G
         weights[name] = W
@@ -525,7 +544,7 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
             m = clip.fake_quant({f"{n}.weight": m})[f"{n}.weight"]
         return m
 
-    recompute = recompute_masked_weights(total_params)
+    recompute = lean
 
     def masked_weights() -> dict[str, torch.Tensor]:
         if recompute:
@@ -554,13 +573,9 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
     # --- 11: hard masks with exact block sparsity, weights updated in place
     with torch.no_grad():
         alphas = {n: ste.expected_sparsity(logits[n].detach(), cand, cfg.smoothing) for n in names}
-        # kept fraction of the learned hard masks (one layer's mask at a time)
-        hard_kept = {
-            n: float(
-                ste.hard_mask(ranks[n], logits[n].detach(), cand, cfg.smoothing).float().mean()
-            )
-            for n in names
-        }
+        # kept fraction of the learned hard masks: in the loop below, one layer's mask at a time
+        # and only once the ranks of the layers before it are freed
+        hard_kept: dict[str, float] = {}
         rates = [alphas[n].repeat_interleave(rows_per_group[n]) for n in names]
         cols = [weights[n].shape[1] for n in names]
         target_zeros = round(target * total_params)
@@ -568,6 +583,9 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
         layers = []
         for n, cnt in zip(names, counts, strict=True):
             lin: nn.Linear = ctx.linears[n]
+            hard_kept[n] = float(
+                ste.hard_mask(ranks[n], logits[n].detach(), cand, cfg.smoothing).float().mean()
+            )
             # counts in the ranks' dtype (they are <= cols): no int64 copy of the ranks; the
             # ranks are not needed after this
             r = ranks.pop(n)
@@ -602,6 +620,8 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
                     **qinfo,
                 }
             )
+            del keep, row_rates
+            release()
         expected = sum(float(alphas[n].sum()) * params_per_group[n] for n in names) / total_params
         hard = sum((1.0 - hard_kept[n]) * weights[n].numel() for n in names) / total_params
         # the first calibration sample once more, through the finished block: with the first
