@@ -346,12 +346,16 @@ def test_masked_weights_are_recomputed_only_for_large_blocks(monkeypatch, toks):
 
 def test_adam_eps_reaches_the_optimizer_and_changes_the_result(toks):
     """``adam_eps`` is AdamW's epsilon: a huge one (1.0, far above the logits' gradients) damps
-    every step, so the learned allocation differs from the default run's; 0 and NaN are
-    refused."""
+    every step, so the learned allocation differs from the default run's; unset, it is 1e-12
+    for joint pruning with quantization and torch's 1e-8 otherwise; 0 and NaN are refused."""
     from besa_rs.pruning.besa import make_optimizer
 
     p = [torch.zeros(3, requires_grad=True)]
     assert make_optimizer(p, PruneConfig(adam_eps=1e-12)).defaults["eps"] == 1e-12
+    assert make_optimizer(p, PruneConfig()).defaults["eps"] == 1e-8
+    assert make_optimizer(p, PruneConfig(wbits=4)).defaults["eps"] == 1e-12
+    assert make_optimizer(p, PruneConfig(wbits=4, sparsity=0.0)).defaults["eps"] == 1e-8
+    assert PruneConfig(wbits=4).to_dict()["adam_eps"] == 1e-12
     rates = []
     for eps in (1e-8, 1.0):
         model = tiny_model("llama")

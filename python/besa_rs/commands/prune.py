@@ -26,8 +26,10 @@ def _with_default(help: str, value: Any) -> str:
 def register(sub: Any) -> None:
     from ..pruning.config import (
         CLIP_INITS,
+        DEFAULT_ADAM_EPS,
         DEFAULT_CLIP_LR,
         DEFAULT_LR,
+        JOINT_ADAM_EPS,
         LOSS_SCALINGS,
         LR_SCHEDULES,
         METHODS,
@@ -98,7 +100,8 @@ def register(sub: Any) -> None:
     field(
         "--adam-eps",
         "adam_eps",
-        "AdamW epsilon; BESA's logit gradients are of that order",
+        f"AdamW epsilon (default: {JOINT_ADAM_EPS:g} when pruning with --wbits, else "
+        f"{DEFAULT_ADAM_EPS:g}; the logits' gradients are of that order)",
         type=float,
     )
     field("--d-coef", "d_coef", "Prodigy d_coef", type=float)

@@ -163,7 +163,7 @@ def make_optimizer(
         from prodigyopt import Prodigy
 
         return Prodigy(params, lr=rate, d_coef=cfg.d_coef, weight_decay=0.0)
-    return torch.optim.AdamW(params, lr=rate, weight_decay=0.0, eps=cfg.adam_eps)
+    return torch.optim.AdamW(params, lr=rate, weight_decay=0.0, eps=cfg.adam_epsilon)
 
 
 #: smallest loss scale before non-finite gradients are reported as an error

@@ -28,6 +28,12 @@ LOSS_SCALINGS = ("auto", "dynamic", "off")
 DEFAULT_LR = {"adamw": 0.2, "prodigy": 1.0}
 #: default learning rates of the learned weight clipping when ``clip_lr`` is not given
 DEFAULT_CLIP_LR = {"adamw": 0.1, "prodigy": 1.0}
+#: AdamW's epsilon when ``adam_eps`` is not given (:attr:`PruneConfig.adam_epsilon`): torch's
+#: default for BESA alone, a smaller one when pruning jointly with quantization, where the
+#: sparsity and clipping logits' gradients (about 4e-9 to 2e-8 on the default model) sit at or
+#: below 1e-8 and the larger epsilon shrinks their steps (chosen on the validation split)
+DEFAULT_ADAM_EPS = 1e-8
+JOINT_ADAM_EPS = 1e-12
 #: initialisations of BESA's learned clipping (``clip_init``)
 CLIP_INITS = ("auto", "fixed", "search")
 #: comparison groups of the unstructured magnitude and Wanda baselines
@@ -126,7 +132,7 @@ class PruneConfig:
     # as far with 128 calibration sequences as with 32; "constant": lr on every step
     lr_schedule: str = "budget"
     lr_reference_steps: int = 32
-    adam_eps: float = 1e-8  # AdamW's epsilon (torch's default); the logits' gradients are ~1e-8
+    adam_eps: float | None = None  # AdamW's epsilon; None: adam_epsilon's rule
     d_coef: float = 5.0  # Prodigy; the published row-wise setting for LLaMA-7B/13B
     # float16 gradients underflow at LLaMA widths: "auto" = dynamic loss scaling when the block
     # runs in float16 (never for bfloat16/float32), "dynamic" = always, "off" = never
@@ -216,7 +222,7 @@ class PruneConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.lr is not None and not (self.lr > 0):
             raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if not (math.isfinite(self.adam_eps) and self.adam_eps > 0):
+        if self.adam_eps is not None and not (math.isfinite(self.adam_eps) and self.adam_eps > 0):
             raise ConfigError(f"adam_eps must be a finite number > 0, got {self.adam_eps}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(
@@ -319,8 +325,20 @@ class PruneConfig:
         joint_4plus = self.wbits is not None and self.wbits >= 4 and self.sparsity > 0
         return "search" if joint_4plus else "fixed"
 
+    @property
+    def adam_epsilon(self) -> float:
+        """``adam_eps`` with None resolved: :data:`JOINT_ADAM_EPS` when pruning jointly with
+        quantization (``wbits`` set, sparsity > 0), else :data:`DEFAULT_ADAM_EPS`."""
+        if self.adam_eps is not None:
+            return float(self.adam_eps)
+        joint = self.wbits is not None and self.sparsity > 0
+        return JOINT_ADAM_EPS if joint else DEFAULT_ADAM_EPS
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d["adam_eps"] = (
+            self.adam_epsilon if self.method == "besa" and self.optimizer == "adamw" else None
+        )
         d["lr"] = self.learning_rate if self.method == "besa" else None
         d["clip_lr"] = (
             self.clip_learning_rate if self.method == "besa" and self.wbits is not None else None
