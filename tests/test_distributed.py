@@ -40,6 +40,30 @@ RATE_TOL = 1e-5
 #: the clipping logits' gradients, are summed over ranks in another order; the weights agree to
 #: float32 rounding (measured: at most 1.3e-6; the masks and quantization codes are the same)
 WEIGHT_TOL = 1e-5
+#: BESA joint with 4-bit weights: with AdamW's epsilon at 1e-12 (the joint default) the
+#: clipping logits follow their float32-rounded gradients closely, so a grid moves by rounding
+#: and a weight that sat on a rounding boundary lands one code away (measured: 1 of 8192 in one
+#: layer). Such weights may differ by at most one grid step of their layer, and only this few:
+QUANT_FLIPS = 1e-3
+#: and the losses after such a step agree to this relative tolerance (measured: 1.04e-5)
+LOSS_TOL_QUANT = 1e-4
+
+
+def _assert_same_up_to_rounding(got: torch.Tensor, want: torch.Tensor, bits: int | None, what: str):
+    """``got`` equals ``want`` to float32 rounding (WEIGHT_TOL), except, for quantized weights,
+    a fraction of at most QUANT_FLIPS of the entries that differ by at most one grid step (the
+    layer's widest: its weight range over 2^bits - 1)."""
+    assert torch.equal(got == 0, want == 0), f"{what}: masks differ"
+    diff = (got.float() - want.float()).abs()
+    if bits is None:
+        torch.testing.assert_close(got, want, rtol=0, atol=WEIGHT_TOL)
+        return
+    flips = diff > WEIGHT_TOL
+    step = float(want.float().max() - want.float().min()) / (2**bits - 1)
+    assert int(flips.sum()) <= QUANT_FLIPS * diff.numel(), (
+        f"{what}: {int(flips.sum())} codes differ"
+    )
+    assert float(diff.max()) <= step * 1.001, f"{what}: {float(diff.max())} > a grid step {step}"
 
 
 def _free_port() -> int:
@@ -110,7 +134,8 @@ def test_two_ranks_give_the_single_process_result(case, dist_runs, tiny_dir):
         dw = dist["weights"][name]
         assert torch.equal(w == 0, dw == 0), f"{case} {name}: masks differ"
         if kw["method"] == "sparsegpt" or "wbits" in kw:
-            torch.testing.assert_close(dw, w, rtol=0, atol=WEIGHT_TOL)
+            bits = kw.get("wbits") if kw["method"] == "besa" else None
+            _assert_same_up_to_rounding(dw, w, bits, f"{case} {name}")
         else:  # the surviving weights are the dense ones
             assert torch.equal(w, dw), name
     tot, dtot = report["totals"], dist["report"]["totals"]
@@ -121,13 +146,15 @@ def test_two_ranks_give_the_single_process_result(case, dist_runs, tiny_dir):
             for li, dli in zip(b["layers"], db["layers"], strict=True):
                 assert abs(li["learned_sparsity"] - dli["learned_sparsity"]) < RATE_TOL
                 assert li["realised_sparsity"] == dli["realised_sparsity"]
-            torch.testing.assert_close(db["loss"], b["loss"], rtol=1e-5, atol=0)
+            # quantized: a code one step away (QUANT_FLIPS) moves the next steps' losses too
+            loss_tol = LOSS_TOL_QUANT if "wbits" in kw else 1e-5
+            torch.testing.assert_close(db["loss"], b["loss"], rtol=loss_tol, atol=0)
             # the first batch before and after: the same samples as the single process (each
             # rank runs its part of the first global batch through the finished block)
             torch.testing.assert_close(
                 db["first_sample_reconstruction"],
                 b["first_sample_reconstruction"],
-                rtol=1e-5,
+                rtol=loss_tol,
                 atol=0,
             )
             if "wbits" in kw:
@@ -194,11 +221,16 @@ def test_streamed_two_ranks_give_the_single_process_in_memory_result(
     for k, w in want.items():
         g = got[k]
         assert g.dtype == w.dtype and g.shape == w.shape, k
-        if exact or not g.is_floating_point():
+        if not exact and not g.is_floating_point() and kw["method"] == "besa":
+            # integer codes / zero points of BESA's learned grids: QUANT_FLIPS, one code apart
+            diff = (g.long() - w.long()).abs()
+            assert int((diff > 0).sum()) <= QUANT_FLIPS * diff.numel(), f"{case} {k}"
+            assert int(diff.max()) <= 1, f"{case} {k}"
+        elif exact or not g.is_floating_point():
             assert torch.equal(g, w), f"{case} {k}"
         else:  # the summed Hessian / clipping gradients: float32 rounding (WEIGHT_TOL)
-            assert torch.equal(g == 0, w == 0), f"{case} {k}: masks differ"
-            torch.testing.assert_close(g, w, rtol=0, atol=WEIGHT_TOL)
+            bits = kw.get("wbits") if kw["method"] == "besa" else None
+            _assert_same_up_to_rounding(g, w, bits, f"{case} {k}")
     for r in range(2):
         seen = json.loads((streamed_runs / f"{case}.rank{r}.json").read_text())
         assert seen["load"] == "streamed" and seen["world_size"] == 2
