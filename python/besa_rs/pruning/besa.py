@@ -544,15 +544,13 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
             m = clip.fake_quant({f"{n}.weight": m})[f"{n}.weight"]
         return m
 
-    recompute = lean
-
     def masked_weights() -> dict[str, torch.Tensor]:
-        if recompute:
+        if lean:
             return {}  # made inside each layer's forward (linear_weights below)
         return {f"{n}.weight": masked_weight(n) for n in names}
 
     lazy: dict[str, Callable[[], torch.Tensor]] | None = None
-    if recompute:
+    if lean:
         lazy = {n: functools.partial(masked_weight, n) for n in names}
 
     def sparsity_penalty() -> tuple[torch.Tensor, torch.Tensor]:

@@ -316,14 +316,18 @@ class PruneConfig:
         return parse_dtype(self.cache_dtype) if self.cache_dtype else model_dtype
 
     @property
+    def joint(self) -> bool:
+        """Pruning jointly with quantization: ``wbits`` set and a sparsity above 0."""
+        return self.wbits is not None and self.sparsity > 0
+
+    @property
     def clip_init_mode(self) -> str:
         """``clip_init`` with ``auto`` resolved: ``search`` when pruning jointly (sparsity > 0)
         at 4 bits or more, where it was better on the validation split; ``fixed`` at 3 bits and
         below (where search was worse) and for learned clipping alone (not measured)."""
         if self.clip_init != "auto":
             return self.clip_init
-        joint_4plus = self.wbits is not None and self.wbits >= 4 and self.sparsity > 0
-        return "search" if joint_4plus else "fixed"
+        return "search" if self.joint and (self.wbits or 0) >= 4 else "fixed"
 
     @property
     def adam_epsilon(self) -> float:
@@ -331,8 +335,7 @@ class PruneConfig:
         quantization (``wbits`` set, sparsity > 0), else :data:`DEFAULT_ADAM_EPS`."""
         if self.adam_eps is not None:
             return float(self.adam_eps)
-        joint = self.wbits is not None and self.sparsity > 0
-        return JOINT_ADAM_EPS if joint else DEFAULT_ADAM_EPS
+        return JOINT_ADAM_EPS if self.joint else DEFAULT_ADAM_EPS
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -254,6 +254,8 @@ _ORDER_CACHE_SIZE = 32
 
 
 def _key_by_value(candidates: torch.Tensor) -> bool:
+    """Whether the cache keys ``candidates`` by value (CPU) or by identity (a device); one
+    function so that CPU-only tests can take the by-identity path."""
     return candidates.device.type == "cpu"
 
 
