@@ -301,6 +301,7 @@ def test_lean_memory_path_is_bit_identical(monkeypatch, toks, arch, dtype, extra
         rep = besa_rs.prune(model, toks, PruneConfig(progress=False, **extra))
         return model.state_dict(), rep
 
+    monkeypatch.setattr(besa, "COMPACT_CODES", False)  # the ranks' path (compact: below)
     with monkeypatch.context() as m:
         m.setattr(besa, "RECOMPUTE_MASKED_WEIGHTS", False)
         m.setattr(ste, "rank_dtype", lambda cols: torch.int32)
@@ -325,12 +326,61 @@ def test_lean_memory_path_is_bit_identical(monkeypatch, toks, arch, dtype, extra
     assert strip(rep_old) == strip(rep_new)
 
 
+@pytest.mark.parametrize(
+    "arch,dtype,extra",
+    [
+        ("llama", torch.float32, {}),
+        ("opt", torch.bfloat16, {}),  # biases, half weights
+        ("llama", torch.float32, {"wbits": 4, "group_size": 32}),  # joint: fake-quant per chunk
+        ("qwen2", torch.float32, {"metric": "sparsegpt", "granularity": "rowblock:8"}),
+        ("llama", torch.float32, {"granularity": "layer"}),
+    ],
+)
+def test_bucket_codes_path_follows_the_ranks_path(monkeypatch, toks, arch, dtype, extra):
+    """The CPU's low-memory path (bucket codes, masked weights made a chunk of rows at a time,
+    besa_rs.ste.codes) learns what the ranks' path learns: its gradients differ only by float
+    rounding, so the learned rates agree closely and the final masks are (almost) the same;
+    every layer ran chunked, in several chunks."""
+    from besa_rs.pruning import besa
+    from besa_rs.ste import codes
+
+    def run(compact):
+        monkeypatch.setattr(besa, "COMPACT_CODES", compact)
+        model = tiny_model(arch).to(dtype)
+        rep = besa_rs.prune(model, toks, PruneConfig(progress=False, **extra))
+        return model.state_dict(), rep
+
+    monkeypatch.setattr(besa, "RECOMPUTE_MASKED_WEIGHTS", True)
+    sd_old, rep_old = run(False)
+    applied = []
+    real = codes.RowChunkedLinear.apply
+    monkeypatch.setattr(codes, "CHUNK_ELEMS", 5 * 64 + 3)  # several unaligned chunks
+    monkeypatch.setattr(
+        codes.RowChunkedLinear, "apply", lambda *a: applied.append(a[2]) or real(*a)
+    )
+    sd_new, rep_new = run(True)
+    n_linears = 6 if arch == "opt" else 7
+    assert len(applied) >= n_linears * len(rep_new["blocks"])
+    differ = total = 0
+    for k in sd_old:
+        if k.endswith("proj.weight") or k.endswith("fc1.weight") or k.endswith("fc2.weight"):
+            differ += int(((sd_old[k] == 0) != (sd_new[k] == 0)).sum())
+            total += sd_old[k].numel()
+    assert total > 0 and differ <= 0.01 * total, (differ, total)
+    for bo, bn in zip(rep_old["blocks"], rep_new["blocks"], strict=True):
+        assert abs(bo["realised_sparsity"] - bn["realised_sparsity"]) < 1e-3
+        for lo, ln in zip(bo["layers"], bn["layers"], strict=True):
+            assert abs(lo["learned_sparsity"] - ln["learned_sparsity"]) < 2e-3, lo["name"]
+        assert bn["loss"] == pytest.approx(bo["loss"], rel=1e-2)  # the same trajectory
+
+
 def test_masked_weights_are_recomputed_only_for_large_blocks(monkeypatch, toks):
     """Auto: a block whose float32 masked weights stay under RECOMPUTE_ABOVE_BYTES keeps them
     from the forward to the backward (faster); a larger one makes them in each layer's forward."""
     from besa_rs.pruning import besa
 
     seen = _spy_recomputed_linears(monkeypatch)
+    monkeypatch.setattr(besa, "COMPACT_CODES", False)  # the checkpointed path
     besa_rs.prune(tiny_model("llama"), toks, PruneConfig(progress=False, num_blocks=1))
     assert seen == [[]]  # a tiny block: nothing recomputed
     numel = sum(
@@ -436,7 +486,13 @@ def test_heap_release_returns_freed_heap_pages_and_runs_on_the_lean_path(monkeyp
     besa_rs.prune(tiny_model("llama"), toks, PruneConfig(progress=False, num_blocks=1))
     assert heap.CALLS == calls  # a tiny block: not on the lean path, nothing released
     monkeypatch.setattr(besa, "RECOMPUTE_MASKED_WEIGHTS", True)
+    monkeypatch.setattr(besa, "COMPACT_CODES", False)
     besa_rs.prune(tiny_model("llama"), toks, PruneConfig(progress=False, num_blocks=1))
     # after the statistics, each layer's ranks, each step (8 samples, batch 1), each layer's
     # mask backward in each step and each final mask
     assert heap.CALLS - calls == 1 + 7 + 8 + 8 * 7 + 7
+    calls = heap.CALLS
+    monkeypatch.setattr(besa, "COMPACT_CODES", True)
+    besa_rs.prune(tiny_model("llama"), toks, PruneConfig(progress=False, num_blocks=1))
+    # the codes' path also after each layer's forward
+    assert heap.CALLS - calls == 1 + 7 + 8 + 2 * 8 * 7 + 7

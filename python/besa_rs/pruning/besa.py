@@ -46,6 +46,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ste
 from ..errors import NumericalError, ShapeError
+from ..ste import codes as ste_codes
 from . import distributed, heap, quant
 from .baselines import refit_layer, sparsegpt_diag_sq, sparsegpt_saliency, wanda_score
 from .context import BlockContext
@@ -116,29 +117,66 @@ def recomputed_linears(
     weight is made when the layer runs and dropped after it; the backward pass makes it again
     from the same (not yet updated) parameters. After each layer's mask backward the freed heap
     pages are handed back (:func:`_release_after_backward`)."""
+
+    def forward_of(lin: nn.Linear, make: Callable[[], torch.Tensor]) -> LinearForward:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            def run(x: torch.Tensor) -> torch.Tensor:
+                with _no_autocast(device):
+                    w = make()
+                if w.grad_fn is not None:
+                    w.grad_fn.register_hook(_release_after_backward)
+                return F.linear(x, w, lin.bias)
+
+            return checkpoint(run, x, use_reentrant=False)  # type: ignore[no-any-return]
+
+        return forward
+
+    forwards = {n: forward_of(linears[n], make) for n, make in (makers or {}).items()}
+    with patched_linears(linears, forwards):
+        yield
+
+
+#: a linear layer's forward in place of ``nn.Linear.forward``: input -> output
+LinearForward = Callable[[torch.Tensor], torch.Tensor]
+
+
+@contextlib.contextmanager
+def patched_linears(
+    linears: dict[str, nn.Linear], forwards: dict[str, LinearForward] | None
+) -> Iterator[None]:
+    """While the ``with`` body runs, the linear layer ``n`` of ``forwards`` runs
+    ``forwards[n]`` instead of its own forward (an instance attribute, removed afterwards)."""
     patched = []
     try:
-        for n, make in (makers or {}).items():
+        for n, fwd in (forwards or {}).items():
             lin = linears[n]
-
-            def forward(
-                x: torch.Tensor, lin: nn.Linear = lin, make: Callable[[], torch.Tensor] = make
-            ) -> torch.Tensor:
-                def run(x: torch.Tensor) -> torch.Tensor:
-                    with _no_autocast(device):
-                        w = make()
-                    if w.grad_fn is not None:
-                        w.grad_fn.register_hook(_release_after_backward)
-                    return F.linear(x, w, lin.bias)
-
-                return checkpoint(run, x, use_reentrant=False)  # type: ignore[no-any-return]
-
-            object.__setattr__(lin, "forward", forward)  # an instance attribute: Linear.forward
+            object.__setattr__(lin, "forward", fwd)
             patched.append(lin)
         yield
     finally:
         for lin in patched:
             lin.__dict__.pop("forward", None)
+
+
+#: BESA's low-memory path on the CPU (:mod:`besa_rs.ste.codes`): one byte of rank bucket per
+#: weight instead of an int16 rank, and each linear layer's masked weight made a chunk of output
+#: rows at a time in its forward and again in its backward (neither the masked weight nor its
+#: gradient exists whole). Masks are exactly the ranks'; gradients agree with the ranks' path to
+#: float rounding (the bucket sums add the same terms in column order), so runs agree with it
+#: to rounding, not bit for bit. ``None`` (auto): on the lean memory path
+#: (:func:`recompute_masked_weights`) when the block runs on the CPU, where host memory is the
+#: model's (the CUDA kernels take ranks), and the candidates fit a byte; ``True`` / ``False``
+#: force it (``True`` still needs the candidates to fit).
+COMPACT_CODES: bool | None = None
+
+
+def use_codes(lean: bool, device: torch.device, n_candidates: int) -> bool:
+    """Whether a block uses bucket codes (see :data:`COMPACT_CODES`)."""
+    if not ste_codes.fits(n_candidates):
+        return False
+    if COMPACT_CODES is not None:
+        return COMPACT_CODES
+    return lean and device.type == "cpu"
 
 
 def groups_for(kind: str, k: int, rows: int, name: str) -> int:
@@ -352,6 +390,7 @@ def optimise_block(
     penalty: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
     what: str = "BESA",
     linear_weights: dict[str, Callable[[], torch.Tensor]] | None = None,
+    linear_forwards: dict[str, LinearForward] | None = None,
 ) -> LoopResult:
     """The block-wise optimisation loop shared by every learned method (BESA, BESA joint with
     quantization, learned clipping alone): ``cfg.epochs`` passes over the calibration samples in
@@ -368,7 +407,9 @@ def optimise_block(
     parameters are frozen while the loop runs.
 
     ``linear_weights``: weights made inside the linear layers' own forward instead (``{layer
-    name: maker}``, :func:`recomputed_linears`), so that they are not all held at once.
+    name: maker}``, :func:`recomputed_linears`), so that they are not all held at once;
+    ``linear_forwards``: the linear layers' forwards replaced (``{layer name: forward}``,
+    :func:`patched_linears`; the weights they use are not in ``weights_for_step()``).
 
     Inside a process group each rank runs its part of every global batch and the gradients are
     summed over the ranks before the step (:class:`besa_rs.pruning.distributed.LoopSync`)."""
@@ -401,6 +442,7 @@ def optimise_block(
     patched = contextlib.ExitStack()
     try:
         patched.enter_context(recomputed_linears(ctx.linears, linear_weights, dev))
+        patched.enter_context(patched_linears(ctx.linears, linear_forwards))
         step = 0
         for _epoch in range(cfg.epochs):
             for k, sl in enumerate(slices):
@@ -466,8 +508,8 @@ def optimise_block(
                         post["s"] = f"{float(logged.detach()):.3f}"
                     ctx.progress.set_postfix(post, refresh=False)
                 del weights, out, y_hat, loss, rec, x, y
-                if linear_weights is not None:  # a large block: its step's freed heap pages
-                    heap.release()
+                if linear_weights is not None or linear_forwards is not None:
+                    heap.release()  # a large block: its step's freed heap pages
     finally:
         patched.close()
         for p, r in requires.items():
@@ -475,6 +517,22 @@ def optimise_block(
     res.seconds = time.perf_counter() - t_opt
     del opt
     return res
+
+
+def _kept_fraction(keep: torch.Tensor) -> float:
+    """Fraction of True in a boolean mask (counted: no full-size copy of the mask)."""
+    return int(torch.count_nonzero(keep)) / keep.numel()
+
+
+def _row_kept_fractions(keep: torch.Tensor) -> torch.Tensor:
+    """Fraction of True in each row (float64 ``[R]``), a chunk of rows at a time: torch's
+    reductions of a boolean tensor along a dimension copy it whole into a wider dtype."""
+    rows, cols = keep.shape
+    out = torch.empty(rows, dtype=torch.float64, device=keep.device)
+    step = ste_codes.chunk_rows(cols)
+    for a in range(0, rows, step):
+        out[a : a + step] = torch.count_nonzero(keep[a : a + step], dim=1).double() / cols
+    return out
 
 
 def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
@@ -489,6 +547,8 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
     # system after each stage (heap.py): the stage's temporaries are not kept resident
     lean = recompute_masked_weights(sum(lin.weight.numel() for lin in ctx.linears.values()))
     release = heap.release if lean else (lambda: False)
+    if lean:  # large blocks: large temporaries mapped and unmapped, not kept in the heap
+        heap.tighten()
 
     # --- 1-3: dense target and importance statistics on the pruned-chain inputs
     if cfg.prune_dense and ctx.xd is not None:
@@ -504,14 +564,18 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
     D = cand.shape[0]
     weights: dict[str, torch.Tensor] = {}
     ranks: dict[str, torch.Tensor] = {}
+    buckets: dict[str, ste_codes.BucketCodes] = {}  # in place of ranks on the CPU's lean path
     logits: dict[str, torch.Tensor] = {}
     rows_per_group: dict[str, int] = {}
+    compact = use_codes(lean, dev, D)
     for name in names:
         W = ctx.linears[name].weight.detach()
         full = f"block {ctx.index} {name}"
         rows_of = importance_rows(cfg.metric, W, stats.get(name), cfg.percdamp, full, dev)
-        # int16 ranks below 32768 columns, sorted a row chunk at a time (the same ranks)
-        ranks[name] = ste.row_ranks_by_chunks(rows_of, W.shape, dev, ste.rank_dtype(W.shape[1]))
+        if compact:  # one byte per weight; the importance resolves each mask's boundary
+            buckets[name] = ste_codes.BucketCodes.build(rows_of, W.shape, dev, cand)
+        else:  # int16 ranks below 32768 columns, sorted a row chunk at a time (the same ranks)
+            ranks[name] = ste.row_ranks_by_chunks(rows_of, W.shape, dev, ste.rank_dtype(W.shape[1]))
         release()  # the sort's chunk temporaries
         G = groups_for(kind, k, W.shape[0], full)
         rows_per_group[name] = W.shape[0] // G
@@ -529,11 +593,23 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
         return s / total_params
 
     # learned clipping (None without wbits); a searched init starts from the first step's mask
+    def hard_keep(n: str, n_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer ``n``'s hard keep-mask: of its logits' prune counts, or of ``n_rows``."""
+        if n_rows is None and n in buckets:
+            W = weights[n]
+            _, n_rows = ste_codes.step_plan(
+                logits[n].detach(), cand, cfg.smoothing, W.shape[0], W.shape[1]
+            )
+        if n_rows is None:
+            return ste.hard_mask(ranks[n], logits[n].detach(), cand, cfg.smoothing)
+        if n in buckets:
+            return buckets[n].keep(n_rows)
+        r = ranks[n]  # counts in the ranks' dtype (they are <= cols): no int64 copy of the ranks
+        return r >= n_rows.to(dev, r.dtype).unsqueeze(1)
+
     init = weights
     if cfg.wbits is not None and cfg.clip_init_mode == "search":
-        init = {
-            n: weights[n] * ste.hard_mask(ranks[n], logits[n], cand, cfg.smoothing) for n in names
-        }
+        init = {n: weights[n] * hard_keep(n) for n in names}
     norms = {n: stats[n].sq_norm if need_norms else None for n in names}
     clip = quant.BlockClip.create(cfg, init, dev, ctx.index, norms)
     del init
@@ -544,13 +620,33 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
             m = clip.fake_quant({f"{n}.weight": m})[f"{n}.weight"]
         return m
 
+    def chunked_forward(n: str, x: torch.Tensor) -> torch.Tensor:
+        """Layer ``n`` on ``x`` with its masked (and fake-quantized) weight made a chunk of rows
+        at a time (bucket codes: :class:`besa_rs.ste.codes.RowChunkedLinear`)."""
+        W = weights[n]
+        w_rows, n_rows = ste_codes.step_plan(logits[n], cand, cfg.smoothing, *W.shape)
+        params = [w_rows]
+        fq = None
+        if clip is not None:
+            spec = clip.spec
+            params.append(clip.logits[n])
+
+            def fq(m: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+                return quant.fake_quant(m, c, spec)
+
+        layer = ste_codes.MaskedLayer(W, buckets[n], n_rows, fq)
+        return ste_codes.layer_forward(x, ctx.linears[n].bias, layer, params, heap.release)
+
     def masked_weights() -> dict[str, torch.Tensor]:
         if lean:
             return {}  # made inside each layer's forward (linear_weights below)
         return {f"{n}.weight": masked_weight(n) for n in names}
 
     lazy: dict[str, Callable[[], torch.Tensor]] | None = None
-    if lean:
+    forwards: dict[str, LinearForward] | None = None
+    if compact:
+        forwards = {n: functools.partial(chunked_forward, n) for n in names}
+    elif lean:
         lazy = {n: functools.partial(masked_weight, n) for n in names}
 
     def sparsity_penalty() -> tuple[torch.Tensor, torch.Tensor]:
@@ -562,7 +658,13 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
     if clip is not None:
         groups.append(clip.param_group(cfg))
     loop = optimise_block(
-        ctx, targets, groups, masked_weights, sparsity_penalty, linear_weights=lazy
+        ctx,
+        targets,
+        groups,
+        masked_weights,
+        sparsity_penalty,
+        linear_weights=lazy,
+        linear_forwards=forwards,
     )
     first = slice(0, cfg.batch_size)
     first_target = torch.cat(targets[first], dim=0)
@@ -581,14 +683,11 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
         layers = []
         for n, cnt in zip(names, counts, strict=True):
             lin: nn.Linear = ctx.linears[n]
-            hard_kept[n] = float(
-                ste.hard_mask(ranks[n], logits[n].detach(), cand, cfg.smoothing).float().mean()
-            )
-            # counts in the ranks' dtype (they are <= cols): no int64 copy of the ranks; the
-            # ranks are not needed after this
-            r = ranks.pop(n)
-            keep = r >= cnt.to(dev, r.dtype).unsqueeze(1)
-            del r
+            hard_kept[n] = _kept_fraction(hard_keep(n))
+            keep = hard_keep(n, cnt)
+            # the ranks (or codes) are not needed after this
+            ranks.pop(n, None)
+            buckets.pop(n, None)
             W = lin.weight
             dead: dict[str, Any] = {}
             if cfg.reconstruct:
@@ -600,7 +699,7 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
                 H = stats[n].hessian if cfg.reconstruct else None
                 qinfo = clip.finish(n, lin, keep, H, cfg, ctx.index)
             a = alphas[n]
-            row_rates = 1.0 - keep.float().mean(1)
+            row_rates = 1.0 - _row_kept_fractions(keep)
             layers.append(
                 {
                     "name": n,
@@ -610,7 +709,7 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
                     "target_sparsity": target,
                     "learned_sparsity": float(a.mean()),  # expected alpha (equal-size groups)
                     "hard_sparsity_learned": 1.0 - hard_kept[n],
-                    "realised_sparsity": 1.0 - float(keep.float().mean()),
+                    "realised_sparsity": 1.0 - _kept_fraction(keep),
                     "row_sparsity_min": float(row_rates.min()),
                     "row_sparsity_max": float(row_rates.max()),
                     "row_sparsity_std": float(row_rates.std()) if row_rates.numel() > 1 else 0.0,
