@@ -105,17 +105,24 @@ if os.environ.get("BESA_MEM_STAGES"):
     _wrap(ste, "row_ranks", None, "ranks of one layer")
     _wrap(besa, "optimise_block", "logits, clipping", "optimisation")
     _wrap(distributed, "sync_block", "masks, weights updated", "(sync)")
+if os.environ.get("BESA_MEM_RANKS"):  # the int16 ranks' path, for comparison
+    from besa_rs.pruning import besa as _besa
+    _besa.COMPACT_CODES = False
 from besa_rs.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def run_child(cmd: list[str], log: Path, stages: bool = False) -> tuple[int, int, float]:
+def run_child(
+    cmd: list[str], log: Path, stages: bool = False, ranks: bool = False
+) -> tuple[int, int, float]:
     """Runs ``besa-rs`` arguments ``cmd`` in a child on one thread; returns (exit status, the
-    child's peak RSS in bytes, seconds). With ``stages`` the per-stage peaks are printed."""
+    child's peak RSS in bytes, seconds). With ``stages`` the per-stage peaks are printed; with
+    ``ranks`` BESA keeps int16 ranks on the CPU (the path before bucket codes)."""
     hwm = log.with_suffix(".hwm")
     env = {
         **os.environ,
+        **({"BESA_MEM_RANKS": "1"} if ranks else {}),
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
@@ -282,6 +289,12 @@ def main() -> None:
     ap.add_argument("--tmp", default=None, help="work directory (default: a temporary one)")
     ap.add_argument("--stages", action="store_true", help="per-stage peaks of the synthetic runs")
     ap.add_argument(
+        "--compare-ranks",
+        action="store_true",
+        help="also run BESA on the synthetic checkpoint with int16 ranks (the path before bucket "
+        "codes) for comparison",
+    )
+    ap.add_argument(
         "--synthetic-methods",
         default="wanda,besa",
         help="comma-separated arms of the synthetic checkpoint to run (wanda, besa)",
@@ -395,6 +408,10 @@ def synthetic_rows(tmp: Path, args: argparse.Namespace) -> list[list[str]]:
         ("wanda", "streamed", ["--method", "wanda"], 2),
         ("besa, 1 block", "streamed", ["--method", "besa", "--blocks", "1"], 3),
     ]
+    if args.compare_ranks:
+        runs.append(
+            ("besa, 1 block, int16 ranks", "streamed", ["--method", "besa", "--blocks", "1"], 3)
+        )
     if not args.skip_7b_in_memory:
         runs.append(("wanda", "in-memory", ["--method", "wanda"], 2))
     chosen = {m.strip() for m in args.synthetic_methods.split(",") if m.strip()}
@@ -405,13 +422,14 @@ def synthetic_rows(tmp: Path, args: argparse.Namespace) -> list[list[str]]:
     rows = []
     for method, load, extra, copies in runs:
         out = tmp / f"out-{load}"
-        log = tmp / f"{method[:5]}-{load}.log"
+        log = tmp / f"{method[:5]}-{load}{'-ranks' if method.endswith('ranks') else ''}.log"
         if args.stages:
             print(f"  stages of {method}, {load}:", flush=True)
         rc, peak, secs = run_child(
             prune_cmd(model, out, calib, args, *extra, "--load", load, "--dtype", "bfloat16"),
             log,
             stages=args.stages,
+            ranks=method.endswith("int16 ranks"),
         )
         _check(rc, log)
         caches = _caches(args.nsamples, args.seqlen, h, 2, copies)

@@ -450,6 +450,55 @@ def test_final_masks_are_made_after_earlier_layers_ranks_are_freed(monkeypatch, 
         assert alive == list(range(k, n)), (k, alive)  # earlier layers' ranks are gone
 
 
+def test_tightened_heap_maps_large_blocks_and_is_used_on_the_lean_path(monkeypatch, toks):
+    """Inside heap.tightened() a 2 MiB block has its own mapping: freeing it shrinks the
+    resident set at once, under a live allocation, without malloc_trim; afterwards (the
+    adaptive ceilings) it comes from the heap and stays resident. BESA tightens only while it
+    prunes a block on the lean path."""
+    import ctypes
+
+    from besa_rs.pruning import besa, heap
+
+    if heap._mallopt() is None:
+        pytest.skip("no glibc mallopt here")
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+
+    def rss() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+
+    def freed_drop() -> int:
+        blocks = [libc.malloc(2 << 20) for _ in range(16)]
+        for b in blocks:
+            ctypes.memset(b, 1, 2 << 20)
+        pin = libc.malloc(64)
+        before = rss()
+        for b in blocks:
+            libc.free(b)
+        drop = before - rss()
+        libc.free(pin)
+        heap.release()
+        return drop
+
+    with heap.tightened() as ok:
+        assert ok and heap.TIGHT
+        assert freed_drop() > 24 << 20  # most of the 32 MiB left at once
+    assert not heap.TIGHT
+    assert freed_drop() < 8 << 20  # kept by the heap until a trim
+
+    seen = []
+    real = besa.optimise_block
+    monkeypatch.setattr(
+        besa, "optimise_block", lambda *a, **k: seen.append(heap.TIGHT) or real(*a, **k)
+    )
+    besa_rs.prune(tiny_model("llama"), toks, PruneConfig(progress=False, num_blocks=1))
+    monkeypatch.setattr(besa, "RECOMPUTE_MASKED_WEIGHTS", True)
+    besa_rs.prune(tiny_model("llama"), toks, PruneConfig(progress=False, num_blocks=1))
+    assert seen == [False, True] and not heap.TIGHT
+
+
 def test_heap_release_returns_freed_heap_pages_and_runs_on_the_lean_path(monkeypatch, toks):
     """heap.release() gives freed C-heap pages under a live allocation back to the system (the
     resident set falls by about their size); BESA calls it after its stages only for blocks on

@@ -536,6 +536,13 @@ def _row_kept_fractions(keep: torch.Tensor) -> torch.Tensor:
 
 
 def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
+    lean = recompute_masked_weights(sum(lin.weight.numel() for lin in ctx.linears.values()))
+    # large blocks: large temporaries mapped and unmapped, not kept in the heap (heap.py)
+    with heap.tightened() if lean else contextlib.nullcontext():
+        return _prune_block_besa(ctx, lean)
+
+
+def _prune_block_besa(ctx: BlockContext, lean: bool) -> dict[str, Any]:
     cfg = ctx.cfg
     kind, k = cfg.granularity_rows()
     dev = ctx.device
@@ -545,10 +552,7 @@ def prune_block_besa(ctx: BlockContext) -> dict[str, Any]:
 
     # a block large enough for the lean memory path also hands freed heap pages back to the
     # system after each stage (heap.py): the stage's temporaries are not kept resident
-    lean = recompute_masked_weights(sum(lin.weight.numel() for lin in ctx.linears.values()))
     release = heap.release if lean else (lambda: False)
-    if lean:  # large blocks: large temporaries mapped and unmapped, not kept in the heap
-        heap.tighten()
 
     # --- 1-3: dense target and importance statistics on the pruned-chain inputs
     if cfg.prune_dense and ctx.xd is not None:

@@ -14,21 +14,23 @@ It costs a walk over the free lists and, later, the page faults of reusing the p
 (a few ms per call on a LLaMA-7B block), so BESA calls it only for blocks that use the lean
 memory path (:func:`besa_rs.pruning.besa.recompute_masked_weights`).
 
-:func:`tighten` goes further for the same blocks: it fixes glibc's thresholds (``mallopt``) so
+:func:`tightened` goes further for the same blocks: it fixes glibc's thresholds (``mallopt``) so
 that a block of :data:`MMAP_THRESHOLD` bytes or more is ``mmap``'d (and unmapped when freed)
 and a free top of the heap above :data:`TRIM_THRESHOLD` is given back at once. Without it the
 mmap threshold climbs to 32 MiB and the trim threshold to 64 MiB as soon as a large tensor is
 freed, and the chunk temporaries of BESA's low-memory path (besa_rs.ste.codes) stay resident
 between ``malloc_trim`` calls: on a LLaMA-7B-shaped block in bfloat16 the peak fell from 1.77 to
-1.65 GB (``benches/memory.py``). The settings hold for the rest of the process (glibc has no
-way back to its adaptive thresholds); fresh large blocks then cost page faults (measured in
-the same bench: a few percent of the run)."""
+1.65 GB (``benches/memory.py``). Fresh large blocks then cost page faults. Afterwards the
+thresholds are set to the ceilings the adaptive scheme reaches by itself (glibc has no way back
+to adapting them)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 #: ``False`` turns :func:`release` off (the benches measure with and without it)
@@ -57,8 +59,12 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 1 << 20
 #: a free heap top larger than this goes back to the system at once after :func:`tighten`
 TRIM_THRESHOLD = 8 << 20
-#: whether :func:`tighten` has set the thresholds (once per process)
-TIGHTENED = False
+#: the thresholds set back after a tightened stretch: the ceilings glibc's adaptive scheme
+#: reaches by itself once a large block is freed (32 MiB and twice that)
+LOOSE_MMAP_THRESHOLD = 32 << 20
+LOOSE_TRIM_THRESHOLD = 64 << 20
+#: whether the thresholds are tightened now (tests check it)
+TIGHT = False
 
 
 @functools.cache
@@ -73,21 +79,32 @@ def _mallopt() -> Any:
     return fn
 
 
-def tighten() -> bool:
-    """Fixes glibc's mmap and trim thresholds (see the module doc) for the rest of the process;
-    True when they are set (now or before), False where there is no glibc or with
-    :data:`ENABLED` off."""
-    global TIGHTENED
-    if TIGHTENED:
-        return True
+def _set(mmap: int, trim: int) -> bool:
     opt = _mallopt() if ENABLED else None
     if opt is None:
         return False
-    ok = bool(opt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        opt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-    )
-    TIGHTENED = ok
-    return ok
+    return bool(opt(_M_MMAP_THRESHOLD, mmap)) and bool(opt(_M_TRIM_THRESHOLD, trim))
+
+
+@contextlib.contextmanager
+def tightened() -> Iterator[bool]:
+    """While the ``with`` body runs, glibc's thresholds are :data:`MMAP_THRESHOLD` and
+    :data:`TRIM_THRESHOLD` (see the module doc); afterwards they are the adaptive scheme's
+    ceilings (:data:`LOOSE_MMAP_THRESHOLD`, :data:`LOOSE_TRIM_THRESHOLD`: glibc has no way back
+    to adapting them). Yields whether they were set (False without glibc or with
+    :data:`ENABLED` off)."""
+    global TIGHT
+    if TIGHT:  # nested: the outer stretch restores
+        yield True
+        return
+    ok = _set(MMAP_THRESHOLD, TRIM_THRESHOLD)
+    TIGHT = ok
+    try:
+        yield ok
+    finally:
+        if ok:
+            _set(LOOSE_MMAP_THRESHOLD, LOOSE_TRIM_THRESHOLD)
+            TIGHT = False
 
 
 def release() -> bool:

@@ -228,8 +228,8 @@ ROW_DIMS = (0, 1)
 class RowChunkedLinear(torch.autograd.Function):
     """``F.linear(x, W_masked, bias)`` with ``W_masked`` made a chunk of output rows at a time
     by ``layer.rows`` in the forward and again in the backward; the gradients reach ``params``
-    (whose row dimensions are :data:`ROW_DIMS`) chunk by chunk. ``after_backward`` runs once the
-    layer's backward is done (the heap release of the lean path)."""
+    (whose row dimensions are :data:`ROW_DIMS`) chunk by chunk. ``release`` runs after the
+    layer's forward and after its backward (the heap release of the lean path)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -237,7 +237,7 @@ class RowChunkedLinear(torch.autograd.Function):
         x: torch.Tensor,
         bias: torch.Tensor | None,
         layer: MaskedLayer,
-        after_backward: Callable[[], Any] | None,
+        release: Callable[[], Any] | None,
         *params: torch.Tensor,
     ) -> torch.Tensor:
         rows, cols = layer.weight.shape
@@ -259,11 +259,11 @@ class RowChunkedLinear(torch.autograd.Function):
                 del wc
             if bias is not None:
                 y += bias.to(y.dtype)
-        if after_backward is not None:
-            after_backward()
+        if release is not None:
+            release()
         ctx.save_for_backward(x2, *params)
         ctx.layer = layer
-        ctx.after = after_backward
+        ctx.release = release
         ctx.x_shape = x.shape
         return y.view(*x.shape[:-1], rows)
 
@@ -299,8 +299,8 @@ class RowChunkedLinear(torch.autograd.Function):
                         grads[i].narrow(ROW_DIMS[i], a, b - a).copy_(gi)  # type: ignore[union-attr]
                 del gw, got
             del wc, leaves
-        if ctx.after is not None:
-            ctx.after()
+        if ctx.release is not None:
+            ctx.release()
         gx_out = None if gx is None else gx.to(x2.dtype).view(ctx.x_shape)
         return (gx_out, None, None, None, *grads)
 
@@ -342,7 +342,7 @@ def layer_forward(
     bias: torch.Tensor | None,
     layer: MaskedLayer,
     params: Sequence[torch.Tensor],
-    after_backward: Callable[[], Any] | None = None,
+    release: Callable[[], Any] | None = None,
 ) -> torch.Tensor:
     """:class:`RowChunkedLinear` applied."""
-    return RowChunkedLinear.apply(x, bias, layer, after_backward, *params)  # type: ignore[no-any-return]
+    return RowChunkedLinear.apply(x, bias, layer, release, *params)  # type: ignore[no-any-return]
