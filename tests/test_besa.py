@@ -280,15 +280,16 @@ def _spy_recomputed_linears(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize(
-    "arch,dtype,extra",
-    [
-        ("llama", torch.float32, {}),
-        ("opt", torch.bfloat16, {}),  # biases, half weights
-        ("llama", torch.float32, {"wbits": 4, "group_size": 32}),  # joint: fake-quant per layer
-        ("qwen2", torch.float32, {"metric": "sparsegpt", "granularity": "rowblock:8"}),
-    ],
-)
+#: tiny-model configurations of the lean memory paths' tests
+LEAN_CASES = [
+    ("llama", torch.float32, {}),
+    ("opt", torch.bfloat16, {}),  # biases, half weights
+    ("llama", torch.float32, {"wbits": 4, "group_size": 32}),  # joint: fake-quant per layer
+    ("qwen2", torch.float32, {"metric": "sparsegpt", "granularity": "rowblock:8"}),
+]
+
+
+@pytest.mark.parametrize("arch,dtype,extra", LEAN_CASES)
 def test_lean_memory_path_is_bit_identical(monkeypatch, toks, arch, dtype, extra):
     """The memory savings change nothing: masked weights made inside each layer's forward and
     remade in the backward (checkpointing), int16 ranks sorted a few rows at a time, against
@@ -327,14 +328,7 @@ def test_lean_memory_path_is_bit_identical(monkeypatch, toks, arch, dtype, extra
 
 
 @pytest.mark.parametrize(
-    "arch,dtype,extra",
-    [
-        ("llama", torch.float32, {}),
-        ("opt", torch.bfloat16, {}),  # biases, half weights
-        ("llama", torch.float32, {"wbits": 4, "group_size": 32}),  # joint: fake-quant per chunk
-        ("qwen2", torch.float32, {"metric": "sparsegpt", "granularity": "rowblock:8"}),
-        ("llama", torch.float32, {"granularity": "layer"}),
-    ],
+    "arch,dtype,extra", [*LEAN_CASES, ("llama", torch.float32, {"granularity": "layer"})]
 )
 def test_bucket_codes_path_follows_the_ranks_path(monkeypatch, toks, arch, dtype, extra):
     """The CPU's low-memory path (bucket codes, masked weights made a chunk of rows at a time,
@@ -450,6 +444,21 @@ def test_final_masks_are_made_after_earlier_layers_ranks_are_freed(monkeypatch, 
         assert alive == list(range(k, n)), (k, alive)  # earlier layers' ranks are gone
 
 
+def _libc_malloc():
+    """The C library with ``malloc``/``free`` typed, and the process's resident set in bytes."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+
+    def rss() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+
+    return libc, rss
+
+
 def test_tightened_heap_maps_large_blocks_and_is_used_on_the_lean_path(monkeypatch, toks):
     """Inside heap.tightened() a 2 MiB block has its own mapping: freeing it shrinks the
     resident set at once, under a live allocation, without malloc_trim; afterwards (the
@@ -461,13 +470,7 @@ def test_tightened_heap_maps_large_blocks_and_is_used_on_the_lean_path(monkeypat
 
     if heap._mallopt() is None:
         pytest.skip("no glibc mallopt here")
-    libc = ctypes.CDLL(None)
-    libc.malloc.restype = ctypes.c_void_p
-    libc.malloc.argtypes = [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
-
-    def rss() -> int:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+    libc, rss = _libc_malloc()
 
     def freed_drop() -> int:
         blocks = [libc.malloc(2 << 20) for _ in range(16)]
@@ -509,14 +512,7 @@ def test_heap_release_returns_freed_heap_pages_and_runs_on_the_lean_path(monkeyp
 
     if heap._malloc_trim() is None:
         pytest.skip("no glibc malloc_trim here")
-    libc = ctypes.CDLL(None)
-    libc.malloc.restype = ctypes.c_void_p
-    libc.malloc.argtypes = [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
-    page = 4096
-
-    def rss() -> int:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * page
+    libc, rss = _libc_malloc()
 
     heap.release()
     # 64 MiB of 64 KiB heap blocks (below the mmap threshold), touched, then one block above them

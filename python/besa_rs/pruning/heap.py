@@ -39,25 +39,30 @@ ENABLED = True
 CALLS = 0
 
 
+def _libc_fn(name: str, argtypes: list[Any]) -> Any:
+    """The C library's function ``name`` (returning int), or None where it has none."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        fn = getattr(libc, name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = argtypes
+    fn.restype = ctypes.c_int
+    return fn
+
+
 @functools.cache
 def _malloc_trim() -> Any:
     """glibc's ``malloc_trim``, or None where the C library has none."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        fn = libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    return fn
+    return _libc_fn("malloc_trim", [ctypes.c_size_t])
 
 
 #: ``mallopt`` parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-#: allocations of this many bytes or more get their own mapping once :func:`tighten` ran
+#: allocations of this many bytes or more get their own mapping inside :func:`tightened`
 MMAP_THRESHOLD = 1 << 20
-#: a free heap top larger than this goes back to the system at once after :func:`tighten`
+#: a free heap top larger than this goes back to the system at once inside :func:`tightened`
 TRIM_THRESHOLD = 8 << 20
 #: the thresholds set back after a tightened stretch: the ceilings glibc's adaptive scheme
 #: reaches by itself once a large block is freed (32 MiB and twice that)
@@ -69,14 +74,8 @@ TIGHT = False
 
 @functools.cache
 def _mallopt() -> Any:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        fn = libc.mallopt
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
+    """glibc's ``mallopt``, or None where the C library has none."""
+    return _libc_fn("mallopt", [ctypes.c_int, ctypes.c_int])
 
 
 def _set(mmap: int, trim: int) -> bool:
