@@ -81,7 +81,8 @@ def test_mask_gradient_matches_ste_mask(monkeypatch, groups_of):
     (g_ref,) = torch.autograd.grad((ref * gout).sum(), logits)
 
     bc = codes.BucketCodes.build(lambda a, b: imp[a:b], imp.shape, "cpu", cand)
-    w_rows, n_rows = codes.step_plan(logits, cand, True, rows, cols)
+    w_rows, n_rows, alpha = codes.step_plan(logits, cand, True, rows, cols)
+    assert torch.equal(alpha, ste.expected_sparsity(logits, cand))
     layer = codes.MaskedLayer(W, bc, n_rows)
     parts = [layer.rows(a, b, [w_rows[a:b]]) for a, b in codes._chunks(rows, cols)]
     got = torch.cat(parts)
@@ -120,7 +121,8 @@ def test_row_chunked_linear_matches_linear_of_masked_weight(monkeypatch, dtype, 
     g_ref = torch.autograd.grad(y_ref, [xr, *params], gy)
 
     bc = codes.BucketCodes.build(lambda a, b: imp[a:b], imp.shape, "cpu", cand)
-    w_rows, n_rows = codes.step_plan(logits, cand, True, rows, cols)
+    w_rows, n_rows, alpha = codes.step_plan(logits, cand, True, rows, cols)
+    assert torch.equal(alpha, ste.expected_sparsity(logits, cand))
     qf = (lambda w, c: quant.fake_quant(w, c, spec)) if spec is not None else None
     layer = codes.MaskedLayer(W, bc, n_rows, qf)
     calls = []

@@ -589,10 +589,16 @@ def _prune_block_besa(ctx: BlockContext, lean: bool) -> dict[str, Any]:
     total_params = sum(weights[n].numel() for n in names)
     target = float(cfg.sparsity)
 
+    #: this step's expected sparsities from the chunked layers' forwards (one softmax per layer
+    #: and step for the mask and the penalty; taken by the penalty)
+    step_alpha: dict[str, torch.Tensor] = {}
+
     def block_sparsity() -> torch.Tensor:
         s = torch.zeros((), dtype=torch.float32, device=dev)
         for n in names:
-            a = ste.expected_sparsity(logits[n], cand, cfg.smoothing)
+            a = step_alpha.pop(n, None)
+            if a is None:
+                a = ste.expected_sparsity(logits[n], cand, cfg.smoothing)
             s = s + a.sum() * params_per_group[n]
         return s / total_params
 
@@ -601,9 +607,9 @@ def _prune_block_besa(ctx: BlockContext, lean: bool) -> dict[str, Any]:
         """Layer ``n``'s hard keep-mask: of its logits' prune counts, or of ``n_rows``."""
         if n_rows is None and n in buckets:
             W = weights[n]
-            _, n_rows = ste_codes.step_plan(
+            n_rows = ste_codes.step_plan(
                 logits[n].detach(), cand, cfg.smoothing, W.shape[0], W.shape[1]
-            )
+            ).n_rows
         if n_rows is None:
             return ste.hard_mask(ranks[n], logits[n].detach(), cand, cfg.smoothing)
         if n in buckets:
@@ -628,7 +634,9 @@ def _prune_block_besa(ctx: BlockContext, lean: bool) -> dict[str, Any]:
         """Layer ``n`` on ``x`` with its masked (and fake-quantized) weight made a chunk of rows
         at a time (bucket codes: :class:`besa_rs.ste.codes.RowChunkedLinear`)."""
         W = weights[n]
-        w_rows, n_rows = ste_codes.step_plan(logits[n], cand, cfg.smoothing, *W.shape)
+        w_rows, n_rows, step_alpha[n] = ste_codes.step_plan(
+            logits[n], cand, cfg.smoothing, *W.shape
+        )
         params = [w_rows]
         fq = None
         if clip is not None:

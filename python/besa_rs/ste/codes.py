@@ -31,7 +31,7 @@ a LLaMA-7B MLP layer in bfloat16).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -121,9 +121,16 @@ class BucketCodes:
             out.codes[a:b] = lut[ranks]
         return out
 
-    def keep(self, n_rows: torch.Tensor, a: int = 0, b: int | None = None) -> torch.Tensor:
+    def keep(
+        self,
+        n_rows: torch.Tensor,
+        a: int = 0,
+        b: int | None = None,
+        boundary: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Boolean keep-mask of rows ``a:b`` (``rank >= n_rows[r]``; ``n_rows`` holds every
-        row's prune count, ``[R]``), exactly the ranks' mask."""
+        row's prune count, ``[R]``), exactly the ranks' mask. ``boundary``: those rows'
+        :meth:`boundary_kept` for the same counts, when already known."""
         rows, cols = self.shape
         b = rows if b is None else b
         step = chunk_rows(cols)
@@ -132,34 +139,42 @@ class BucketCodes:
             for i in range(a, b, step):
                 out[i - a : min(b, i + step) - a] = self.keep(n_rows, i, min(b, i + step))
             return out
+        j = self.bucket_of[n_rows[a:b].to("cpu", torch.int64).clamp(0, cols)]
+        keep = self.codes[a:b] < j.to(device=self.codes.device, dtype=torch.uint8)[:, None]
+        if boundary is None:
+            boundary = self.boundary_kept(n_rows, a, b)
+        keep.view(-1)[boundary] = True
+        return keep
+
+    def boundary_kept(self, n_rows: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """Flat indices (into rows ``a:b``, row-major, int64) of the kept members of each
+        row's boundary bucket: the bucket's ``size - q`` most important, where ``q = n - t``
+        of them are pruned (by (importance, column), the stable sort's order)."""
+        cols = self.shape[1]
         dev = self.codes.device
-        c = self.codes[a:b]
         n = n_rows[a:b].to("cpu", torch.int64).clamp(0, cols)
         j = self.bucket_of[n]
         q = n - self.low[j]  # how many of the boundary bucket's members are pruned
-        jj = j.to(device=dev, dtype=torch.uint8)[:, None]
-        keep = c < jj
-        sel = c == jj
-        whole = q == 0  # nothing of the bucket pruned
-        partial = (q > 0) & (q < self.size[j])
-        if bool(whole.any()):
-            keep |= sel & whole.to(dev)[:, None]
-        if bool(partial.any()):
-            sel &= partial.to(dev)[:, None]
-            r, col = sel.nonzero(as_tuple=True)
-            imp = self.importance_rows(a, b)
-            v = imp[r, col]
-            del imp
+        sel = self.codes[a:b] == j.to(device=dev, dtype=torch.uint8)[:, None]
+        full = q >= self.size[j]  # the whole bucket pruned: nothing of it kept
+        if bool(full.any()):
+            sel &= ~full.to(dev)[:, None]
+        r, col = sel.nonzero(as_tuple=True)
+        del sel
+        if r.numel() == 0:
+            return r
+        qd = q.to(dev)
+        if bool((qd[r] > 0).any()):  # some rows keep only part of the bucket: order it
+            v = self.importance_rows(a, b)[r, col]
             # (row, importance, column) order: stable sorts, the last by row
             o = torch.sort(v, stable=True).indices
             o = o[torch.sort(r[o], stable=True).indices]
             r, col = r[o], col[o]
             counts = torch.bincount(r, minlength=b - a)
             start = torch.cumsum(counts, 0) - counts
-            pos = torch.arange(r.shape[0], device=dev) - start[r]
-            kept = pos >= q.to(dev)[r]
-            keep[r[kept], col[kept]] = True
-        return keep
+            kept = torch.arange(r.shape[0], device=dev) - start[r] >= qd[r]
+            r, col = r[kept], col[kept]
+        return r * cols + col
 
 
 class _CodesMaskFn(torch.autograd.Function):
@@ -207,12 +222,17 @@ class MaskedLayer:
         self.codes = codes
         self.n_rows = n_rows
         self.quant = quant
+        self._boundary: dict[tuple[int, int], torch.Tensor] = {}
 
     def rows(self, a: int, b: int, params: Sequence[torch.Tensor]) -> torch.Tensor:
         """Rows ``a:b`` of the masked weight from the matching rows of the parameters:
         ``params[0]`` per-row candidate weights ``[b - a, D]``, ``params[1]`` (with a quantizer)
-        clipping logits ``[2, b - a, groups]``."""
-        keep = self.codes.keep(self.n_rows, a, b)
+        clipping logits ``[2, b - a, groups]``. Each chunk's boundary decisions are kept for
+        the step (the backward makes the same rows again: a few bytes per row)."""
+        boundary = self._boundary.get((a, b))
+        if boundary is None:
+            boundary = self._boundary[(a, b)] = self.codes.boundary_kept(self.n_rows, a, b)
+        keep = self.codes.keep(self.n_rows, a, b, boundary)
         m = _CodesMaskFn.apply(
             self.weight[a:b], params[0], self.codes.codes[a:b], keep, self.codes.n_buckets
         )
@@ -310,16 +330,28 @@ def _chunks(rows: int, cols: int) -> list[tuple[int, int]]:
     return [(a, min(rows, a + step)) for a in range(0, rows, step)]
 
 
+class StepPlan(NamedTuple):
+    """One step's small quantities of a layer (:func:`step_plan`)."""
+
+    #: per-row candidate weights ``[R, D]`` in the buckets' order, differentiable in the logits
+    w_rows: torch.Tensor
+    #: prune count of every row, int64 ``[R]``
+    n_rows: torch.Tensor
+    #: expected sparsity of every group ``[G]``, differentiable in the logits (the same values
+    #: as :func:`besa_rs.ste.expected_sparsity`)
+    alpha: torch.Tensor
+
+
 def step_plan(
     logits: torch.Tensor,
     candidates: torch.Tensor,
     smoothing: bool,
     rows: int,
     cols: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """This step's per-row candidate weights (``[R, D]``, differentiable in ``logits``, in the
-    order of :class:`BucketCodes`' buckets) and prune counts (int64 ``[R]``), as
-    :func:`besa_rs.ste.ste_mask` computes them."""
+) -> StepPlan:
+    """This step's per-row candidate weights, prune counts and expected sparsities, as
+    :func:`besa_rs.ste.ste_mask` and :func:`besa_rs.ste.expected_sparsity` compute them (one
+    softmax for both)."""
     groups = logits.shape[0]
     if groups == 0 or rows % groups:
         raise ShapeError(
@@ -329,12 +361,11 @@ def step_plan(
     w = candidate_weights(logits, smoothing)
     co = _candidate_order(candidates, cols, w.device)
     cand = candidates.detach().to(w.device, w.dtype)
-    with torch.no_grad():
-        alpha = (w * cand).sum(-1)
-        n_rows = prune_counts(alpha, cols).repeat_interleave(k)
+    alpha = (w * cand).sum(-1)
+    n_rows = prune_counts(alpha, cols).repeat_interleave(k)
     w_sorted = w if co.identity else w.index_select(1, co.order)
     w_rows = w_sorted if k == 1 else w_sorted.repeat_interleave(k, dim=0)
-    return w_rows, n_rows
+    return StepPlan(w_rows, n_rows, alpha)
 
 
 def layer_forward(
