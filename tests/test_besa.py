@@ -463,7 +463,7 @@ def test_tightened_heap_maps_large_blocks_and_is_used_on_the_lean_path(monkeypat
     """Inside heap.tightened() a 2 MiB block has its own mapping: freeing it shrinks the
     resident set at once, under a live allocation, without malloc_trim; afterwards (the
     adaptive ceilings) it comes from the heap and stays resident. BESA tightens only while it
-    prunes a block on the lean path."""
+    prunes a block on the lean path, and not when it quantizes too."""
     import ctypes
 
     from besa_rs.pruning import besa, heap
@@ -499,7 +499,9 @@ def test_tightened_heap_maps_large_blocks_and_is_used_on_the_lean_path(monkeypat
     besa_rs.prune(tiny_model("llama"), toks, PruneConfig(progress=False, num_blocks=1))
     monkeypatch.setattr(besa, "RECOMPUTE_MASKED_WEIGHTS", True)
     besa_rs.prune(tiny_model("llama"), toks, PruneConfig(progress=False, num_blocks=1))
-    assert seen == [False, True] and not heap.TIGHT
+    joint = PruneConfig(progress=False, num_blocks=1, wbits=4, group_size=32)
+    besa_rs.prune(tiny_model("llama"), toks, joint)  # joint: the adaptive thresholds stay
+    assert seen == [False, True, False] and not heap.TIGHT
 
 
 def test_heap_release_returns_freed_heap_pages_and_runs_on_the_lean_path(monkeypatch, toks):

@@ -722,3 +722,35 @@ def test_clip_init_auto_searches_for_joint_pruning_at_four_bits_and_more():
     assert PruneConfig(wbits=4, group_size=64, clip_init="fixed").clip_init_mode == "fixed"
     assert PruneConfig(wbits=4, group_size=64).to_dict()["clip_init"] == "search"
     assert PruneConfig().to_dict()["clip_init"] is None  # not quantized
+
+
+@pytest.mark.parametrize("gs", [32, -1])
+def test_rtn_and_clip_search_by_row_chunks_are_the_whole_layers(monkeypatch, gs):
+    """RTN and the clipping search work a chunk of rows at a time (their float32 temporaries
+    are one chunk's): codes, scales, zero points and searched logits are those of one pass
+    over the whole layer, with learned clipping and column weights, unaligned chunks."""
+    W = _weight(rows=37, cols=128, seed=8)
+    W = W * (torch.rand(W.shape, generator=torch.Generator().manual_seed(9)) > 0.4)
+    spec = quant.QuantSpec(3, gs)
+    groups = 128 // spec.group_width(128)
+    logits = quant.init_clip_logits(37, groups).detach()
+    logits += torch.randn(logits.shape, generator=torch.Generator().manual_seed(10))
+    cw = torch.rand(128, generator=torch.Generator().manual_seed(11)) * 3
+
+    def run():
+        return (
+            quant.rtn(W, spec),
+            quant.rtn(W.to(torch.bfloat16), spec, logits),
+            quant.search_clip_logits(W, spec, cw).detach(),
+        )
+
+    monkeypatch.setattr(quant, "ROW_CHUNK_ELEMS", 1 << 30)
+    whole = run()
+    monkeypatch.setattr(quant, "ROW_CHUNK_ELEMS", 5 * 128 + 17)  # chunks of 5 rows
+    assert len(quant._row_chunks(37, 128)) == 8
+    chunked = run()
+    for a, b in zip(whole[:2], chunked[:2], strict=True):
+        for f in ("codes", "scale", "zero"):
+            assert getattr(a, f).dtype == getattr(b, f).dtype
+            assert torch.equal(getattr(a, f), getattr(b, f)), f
+    assert torch.equal(whole[2], chunked[2])

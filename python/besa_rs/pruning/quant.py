@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -134,8 +135,23 @@ def dequantize(
     integer difference is exact in every float dtype for ``N <= 8``)."""
     rows, cols = codes.shape
     width = cols // scale.shape[1]
-    diff = codes.to(torch.int32) - _expand(zero.to(torch.int32), width)
-    return diff.to(dtype) * _expand(scale.to(dtype), width)
+    out = torch.empty((rows, cols), dtype=dtype, device=codes.device)
+    for a, b in _row_chunks(rows, cols):  # one chunk's int32 and expanded temporaries
+        diff = codes[a:b].to(torch.int32) - _expand(zero[a:b].to(torch.int32), width)
+        torch.mul(diff.to(dtype), _expand(scale[a:b].to(dtype), width), out=out[a:b])
+    return out
+
+
+#: weights per row chunk of :func:`rtn`, :func:`search_clip_logits` and :func:`dequantize`: they
+#: work group by group,
+#: so a chunk of rows at a time gives the same values with one chunk's float32 temporaries
+#: (a LLaMA-7B MLP layer's whole-layer float32 copies took 0.18 GB each)
+ROW_CHUNK_ELEMS = 1 << 20
+
+
+def _row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
+    step = max(1, ROW_CHUNK_ELEMS // max(cols, 1))
+    return [(a, min(rows, a + step)) for a in range(0, rows, step)]
 
 
 def rtn(
@@ -145,22 +161,26 @@ def rtn(
     name: str = "",
 ) -> QuantParams:
     """Round-to-nearest of ``W`` (pruned entries already 0) with plain min/max, or with learned
-    clipping when ``clip_logits`` ``[2, rows, groups]`` are given. Scales in ``W``'s dtype."""
+    clipping when ``clip_logits`` ``[2, rows, groups]`` are given. Scales in ``W``'s dtype.
+    A chunk of rows at a time (:data:`ROW_CHUNK_ELEMS`)."""
     rows, cols = W.shape
     width = spec.group_width(cols, name)
-    Wf = W.detach().float()
-    g = _grouped(Wf, width)
+    dev = W.device
+    codes = torch.empty((rows, cols), dtype=torch.uint8, device=dev)
+    scales = torch.empty((rows, cols // width), dtype=W.dtype, device=dev)
+    zeros = torch.empty((rows, cols // width), dtype=torch.uint8, device=dev)
     s1, s0 = clip_strengths(None if clip_logits is None else clip_logits.detach())
-    hi = s1 * g.amax(-1).clamp_min(0)
-    lo = s0 * g.amin(-1).clamp_max(0)
-    scale, zero = grid_params(hi, lo, spec, W.dtype)
-    q = codes_for(Wf, _expand(scale, width), _expand(zero, width), spec)
+    for a, b in _row_chunks(rows, cols):
+        Wf = W[a:b].detach().float()
+        g = _grouped(Wf, width)
+        hi = (s1[a:b] if isinstance(s1, torch.Tensor) else s1) * g.amax(-1).clamp_min(0)
+        lo = (s0[a:b] if isinstance(s0, torch.Tensor) else s0) * g.amin(-1).clamp_max(0)
+        scale, zero = grid_params(hi, lo, spec, W.dtype)
+        codes[a:b] = codes_for(Wf, _expand(scale, width), _expand(zero, width), spec)
+        scales[a:b] = scale
+        zeros[a:b] = zero
     return QuantParams(
-        codes=q.to(torch.uint8),
-        scale=scale.to(W.dtype),
-        zero=zero.to(torch.uint8),
-        bits=spec.bits,
-        group_size=spec.group_size,
+        codes=codes, scale=scales, zero=zeros, bits=spec.bits, group_size=spec.group_size
     )
 
 
@@ -196,27 +216,31 @@ def search_clip_logits(
     pruned entries 0. Returns ``logit(s)``."""
     rows, cols = W.shape
     width = spec.group_width(cols)
-    g = _grouped(W.detach().float(), width)
     cw = (
         torch.ones(cols, device=W.device)
         if col_weight is None
         else col_weight.detach().float().to(W.device).clamp_min(0)
     )
     cw = cw.reshape(1, cols // width, width)
-    gmax, gmin = g.amax(-1).clamp_min(0), g.amin(-1).clamp_max(0)
     top = torch.sigmoid(torch.tensor(CLIP_INIT_LOGIT)).item()
-    best_err = torch.full(gmax.shape, float("inf"), device=W.device)
-    best = torch.full(gmax.shape, top, device=W.device)
-    for s in torch.linspace(top, CLIP_SEARCH_MIN, CLIP_SEARCH_STEPS).tolist():
-        hi, lo = s * gmax, s * gmin
-        rng = hi - lo
-        scale = torch.where(rng > 0, rng / spec.qmax, torch.ones_like(rng)).unsqueeze(-1)
-        zero = torch.clamp(-torch.round(lo.unsqueeze(-1) / scale), 0, spec.qmax)
-        q = torch.clamp(torch.round(g / scale) + zero, 0, spec.qmax)
-        err = (((q - zero) * scale - g) ** 2 * cw).sum(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, torch.full_like(best, s), best)
+    shrinks = torch.linspace(top, CLIP_SEARCH_MIN, CLIP_SEARCH_STEPS).tolist()
+    best = torch.empty((rows, cols // width), device=W.device)
+    for a, b in _row_chunks(rows, cols):  # groups are independent: a chunk of rows at a time
+        g = _grouped(W[a:b].detach().float(), width)
+        gmax, gmin = g.amax(-1).clamp_min(0), g.amin(-1).clamp_max(0)
+        best_err = torch.full(gmax.shape, float("inf"), device=W.device)
+        best_c = torch.full(gmax.shape, top, device=W.device)
+        for s in shrinks:
+            hi, lo = s * gmax, s * gmin
+            rng = hi - lo
+            scale = torch.where(rng > 0, rng / spec.qmax, torch.ones_like(rng)).unsqueeze(-1)
+            zero = torch.clamp(-torch.round(lo.unsqueeze(-1) / scale), 0, spec.qmax)
+            q = torch.clamp(torch.round(g / scale) + zero, 0, spec.qmax)
+            err = (((q - zero) * scale - g) ** 2 * cw).sum(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_c = torch.where(better, torch.full_like(best_c, s), best_c)
+        best[a:b] = best_c
     logit = torch.logit(best.clamp(1e-6, 1 - 1e-6))
     return torch.stack([logit, logit]).contiguous().requires_grad_(True)
 
@@ -398,7 +422,7 @@ def attach(lin: nn.Linear, params: QuantParams) -> dict[str, Any]:
     return {
         "wbits": params.bits,
         "group_size": params.group_size,
-        "zero_fraction": float((lin.weight == 0).float().mean()),
+        "zero_fraction": 1.0 - int(torch.count_nonzero(lin.weight)) / lin.weight.numel(),
     }
 
 
@@ -462,13 +486,13 @@ class BlockClip:
     def create(
         cls,
         cfg: Any,
-        weights: dict[str, torch.Tensor],
+        weights: Mapping[str, torch.Tensor],
         device: torch.device,
         block: int,
         col_weights: dict[str, torch.Tensor | None] | None = None,
     ) -> BlockClip | None:
         """Clipping logits for ``weights`` (``{name: W}``, pruned entries 0 as the first step
-        will mask them): all ``CLIP_INIT_LOGIT``, or with ``cfg.clip_init == "search"`` those
+        will mask them; each looked up once, in turn): all ``CLIP_INIT_LOGIT``, or with ``cfg.clip_init == "search"`` those
         of :func:`search_clip_logits` weighted by ``col_weights[name]`` (squared input norms;
         None: unweighted)."""
         spec = spec_of(cfg)
