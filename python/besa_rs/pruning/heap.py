@@ -19,8 +19,10 @@ that a block of :data:`MMAP_THRESHOLD` bytes or more is ``mmap``'d (and unmapped
 and a free top of the heap above :data:`TRIM_THRESHOLD` is given back at once. Without it the
 mmap threshold climbs to 32 MiB and the trim threshold to 64 MiB as soon as a large tensor is
 freed, and the chunk temporaries of BESA's low-memory path (besa_rs.ste.codes) stay resident
-between ``malloc_trim`` calls: on a LLaMA-7B-shaped block in bfloat16 the peak fell from 1.77 to
-1.65 GB (``benches/memory.py``). Fresh large blocks then cost page faults. Afterwards the
+between ``malloc_trim`` calls: on a LLaMA-7B-shaped block in bfloat16 the peak fell from
+1.72-1.76 to 1.63 GB (``benches/memory.py``). Fresh large blocks then cost page faults (about
+10 s of system time in that 54 s run; BESA does not tighten when it also quantizes, whose
+many more temporaries made a run 3x slower). Afterwards the
 thresholds are set to the ceilings the adaptive scheme reaches by itself (glibc has no way back
 to adapting them)."""
 
