@@ -43,6 +43,8 @@ CASES: dict[str, tuple[dict, int]] = {
     ),
     # SparseGPT joint with GPTQ: the quantizer's Hessian is the summed one
     "sparsegpt-wbits4": ({"method": "sparsegpt", "wbits": 4, "group_size": 32}, 4),
+    # BESA's low-memory CPU path (bucket codes, chunked layers), forced on the tiny model
+    "besa-codes": ({"method": "besa", "batch_size": 2, "candidate_step": 0.05, "codes": True}, 4),
 }
 
 #: name -> (prune() keyword arguments per rank, number of calibration samples)
@@ -78,10 +80,20 @@ def load(model_dir: str) -> torch.nn.Module:
 
 
 def run_case(model_dir: str, kw: dict, n: int) -> tuple[dict, dict]:
+    """One case; ``codes: True`` in ``kw`` forces BESA's bucket-codes path (lean, chunked)."""
     import besa_rs
+    from besa_rs.pruning import besa
 
-    model = load(model_dir)
-    report = besa_rs.prune(model, tokens(n), progress=False, **kw)
+    kw = dict(kw)
+    codes = kw.pop("codes", False)
+    saved = besa.COMPACT_CODES, besa.RECOMPUTE_MASKED_WEIGHTS
+    if codes:
+        besa.COMPACT_CODES = besa.RECOMPUTE_MASKED_WEIGHTS = True
+    try:
+        model = load(model_dir)
+        report = besa_rs.prune(model, tokens(n), progress=False, **kw)
+    finally:
+        besa.COMPACT_CODES, besa.RECOMPUTE_MASKED_WEIGHTS = saved
     weights = {k: v.detach().clone() for k, v in model.state_dict().items() if "proj" in k}
     return weights, report
 
