@@ -18,8 +18,11 @@ Every row says whether the peak met the formula ("met" / "not met", with the exc
 capture, statistics, ranks, optimisation, hard masks, write), each measured from the RSS at the
 stage's start (``/proc/self/clear_refs`` resets the high-water mark at every stage boundary).
 
+``--compare-ranks`` also runs BESA on the synthetic checkpoint with int16 ranks (its path on
+the CPU before bucket codes, ``besa.COMPACT_CODES = False``) for a side-by-side row.
+
 Usage: python benches/memory.py [--nsamples 4] [--seqlen 128] [--skip-default] [--skip-7b]
-       [--stages] [--synthetic-methods wanda,besa]
+       [--stages] [--synthetic-methods wanda,besa] [--compare-ranks]
 """
 
 from __future__ import annotations
