@@ -673,8 +673,8 @@ def _prune_block_besa(ctx: BlockContext, lean: bool) -> dict[str, Any]:
         return ste_codes.layer_forward(x, ctx.linears[n].bias, layer, params, heap.release)
 
     def masked_weights() -> dict[str, torch.Tensor]:
-        if lean:
-            return {}  # made inside each layer's forward (linear_weights below)
+        if lean or compact:
+            return {}  # made inside each layer's forward (linear_weights / forwards below)
         return {f"{n}.weight": masked_weight(n) for n in names}
 
     lazy: dict[str, Callable[[], torch.Tensor]] | None = None
