@@ -143,9 +143,8 @@ def dequantize(
 
 
 #: weights per row chunk of :func:`rtn`, :func:`search_clip_logits` and :func:`dequantize`: they
-#: work group by group,
-#: so a chunk of rows at a time gives the same values with one chunk's float32 temporaries
-#: (a LLaMA-7B MLP layer's whole-layer float32 copies took 0.18 GB each)
+#: work group by group, so a chunk of rows at a time gives the same values with one chunk's
+#: float32 temporaries (a LLaMA-7B MLP layer's whole-layer float32 copies took 0.18 GB each)
 ROW_CHUNK_ELEMS = 1 << 20
 
 
@@ -492,9 +491,9 @@ class BlockClip:
         col_weights: dict[str, torch.Tensor | None] | None = None,
     ) -> BlockClip | None:
         """Clipping logits for ``weights`` (``{name: W}``, pruned entries 0 as the first step
-        will mask them; each looked up once, in turn): all ``CLIP_INIT_LOGIT``, or with ``cfg.clip_init == "search"`` those
-        of :func:`search_clip_logits` weighted by ``col_weights[name]`` (squared input norms;
-        None: unweighted)."""
+        will mask them; each looked up once, in turn): all ``CLIP_INIT_LOGIT``, or with
+        ``cfg.clip_init == "search"`` those of :func:`search_clip_logits` weighted by
+        ``col_weights[name]`` (squared input norms; None: unweighted)."""
         spec = spec_of(cfg)
         if spec is None:
             return None
