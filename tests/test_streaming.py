@@ -317,46 +317,11 @@ def test_streamed_resume_after_kill_is_bit_identical(tmp_path, calib_file):
     assert_same_output(ref, out)
 
 
-def test_streamed_resume_on_the_bucket_codes_path_is_bit_identical(
-    tmp_path, calib_file, monkeypatch
-):
-    """BESA's low-memory CPU path (bucket codes, chunked layers; forced on a tiny model) stopped
-    after the first block's checkpoint and resumed gives the uninterrupted run's files."""
-    from besa_rs.pruning import besa
+def _run_until_first_checkpoint(args: list[str]) -> None:
+    """``besa-rs prune args`` in this process, stopped by an exception right after its first
+    checkpoint is saved (the checkpoint stays, as after a kill)."""
     from besa_rs.pruning.checkpoint import Checkpointer
 
-    monkeypatch.setattr(besa, "COMPACT_CODES", True)
-    monkeypatch.setattr(besa, "RECOMPUTE_MASKED_WEIGHTS", True)
-    model = save_tiny(tmp_path / "m", "llama", layers=3)
-    ref = tmp_path / "ref"
-    assert main(prune_args(model, ref, calib_file)) == 0
-    out = tmp_path / "out"
-    args = prune_args(model, out, calib_file)
-    save = Checkpointer.save
-
-    class Stop(Exception):
-        pass
-
-    def save_then_stop(self, *a, **kw):
-        save(self, *a, **kw)
-        raise Stop
-
-    monkeypatch.setattr(Checkpointer, "save", save_then_stop)
-    with pytest.raises(Stop):
-        main(args)
-    monkeypatch.setattr(Checkpointer, "save", save)
-    assert not out.exists()
-    assert main(args + ["--resume"]) == 0
-    assert json.loads((out / "besa_report.json").read_text())["resumed_from_block"] == 1
-    assert_same_output(ref, out)
-
-
-def test_streamed_resume_with_a_damaged_output_file_is_refused(tmp_path, calib_file, capsys):
-    from besa_rs.pruning.checkpoint import Checkpointer
-
-    model = save_tiny(tmp_path / "m", "llama", layers=2)
-    out = tmp_path / "o"
-    ck = Path(str(out) + ".checkpoint")
     save = Checkpointer.save
 
     class Stop(Exception):
@@ -369,9 +334,37 @@ def test_streamed_resume_with_a_damaged_output_file_is_refused(tmp_path, calib_f
     Checkpointer.save = save_then_stop  # type: ignore[method-assign]
     try:
         with pytest.raises(Stop):
-            main(prune_args(model, out, calib_file, "--method", "wanda"))
+            main(args)
     finally:
         Checkpointer.save = save  # type: ignore[method-assign]
+
+
+def test_streamed_resume_on_the_bucket_codes_path_is_bit_identical(
+    tmp_path, calib_file, monkeypatch
+):
+    """BESA's low-memory CPU path (bucket codes, chunked layers; forced on a tiny model) stopped
+    after the first block's checkpoint and resumed gives the uninterrupted run's files."""
+    from besa_rs.pruning import besa
+
+    monkeypatch.setattr(besa, "COMPACT_CODES", True)
+    monkeypatch.setattr(besa, "RECOMPUTE_MASKED_WEIGHTS", True)
+    model = save_tiny(tmp_path / "m", "llama", layers=3)
+    ref = tmp_path / "ref"
+    assert main(prune_args(model, ref, calib_file)) == 0
+    out = tmp_path / "out"
+    args = prune_args(model, out, calib_file)
+    _run_until_first_checkpoint(args)
+    assert not out.exists()
+    assert main(args + ["--resume"]) == 0
+    assert json.loads((out / "besa_report.json").read_text())["resumed_from_block"] == 1
+    assert_same_output(ref, out)
+
+
+def test_streamed_resume_with_a_damaged_output_file_is_refused(tmp_path, calib_file, capsys):
+    model = save_tiny(tmp_path / "m", "llama", layers=2)
+    out = tmp_path / "o"
+    ck = Path(str(out) + ".checkpoint")
+    _run_until_first_checkpoint(prune_args(model, out, calib_file, "--method", "wanda"))
     f = ck / "model.safetensors"
     os.truncate(f, f.stat().st_size - 8)
     assert main(prune_args(model, out, calib_file, "--method", "wanda", "--resume")) == 2
