@@ -627,11 +627,9 @@ def _prune_block_besa(ctx: BlockContext, lean: bool) -> dict[str, Any]:
     # learned clipping (None without wbits); a searched init starts from the first step's mask
     def hard_keep(n: str, n_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Layer ``n``'s hard keep-mask: of its logits' prune counts, or of ``n_rows``."""
-        if n_rows is None and n in buckets:
-            W = weights[n]
-            n_rows = ste_codes.step_plan(
-                logits[n].detach(), cand, cfg.smoothing, W.shape[0], W.shape[1]
-            ).n_rows
+        if n_rows is None and n in buckets:  # the counts ste.hard_mask takes for ranks
+            a = ste.expected_sparsity(logits[n].detach(), cand, cfg.smoothing)
+            n_rows = ste.prune_counts(a, weights[n].shape[1]).repeat_interleave(rows_per_group[n])
         if n_rows is None:
             return ste.hard_mask(ranks[n], logits[n].detach(), cand, cfg.smoothing)
         if n in buckets:

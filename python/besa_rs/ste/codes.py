@@ -142,12 +142,21 @@ class BucketCodes:
             for i in range(a, b, step):
                 out[i - a : min(b, i + step) - a] = self.keep(n_rows, i, min(b, i + step))
             return out
-        j = self.bucket_of[n_rows[a:b].to("cpu", torch.int64).clamp(0, cols)]
+        j, _ = self._boundary_bucket(n_rows, a, b)
         keep = self.codes[a:b] < j.to(device=self.codes.device, dtype=torch.uint8)[:, None]
         if boundary is None:
             boundary = self.boundary_kept(n_rows, a, b)
         keep.view(-1)[boundary] = True
         return keep
+
+    def _boundary_bucket(
+        self, n_rows: torch.Tensor, a: int, b: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For rows ``a:b``: the bucket ``j`` holding each row's prune count ``n`` and how many
+        of its members are pruned, ``q = n - t_j`` (int64, on the CPU)."""
+        n = n_rows[a:b].to("cpu", torch.int64).clamp(0, self.shape[1])
+        j = self.bucket_of[n]
+        return j, n - self.low[j]
 
     def boundary_kept(self, n_rows: torch.Tensor, a: int, b: int) -> torch.Tensor:
         """Flat indices (into rows ``a:b``, row-major, int64) of the kept members of each
@@ -155,9 +164,7 @@ class BucketCodes:
         of them are pruned (by (importance, column), the stable sort's order)."""
         cols = self.shape[1]
         dev = self.codes.device
-        n = n_rows[a:b].to("cpu", torch.int64).clamp(0, cols)
-        j = self.bucket_of[n]
-        q = n - self.low[j]  # how many of the boundary bucket's members are pruned
+        j, q = self._boundary_bucket(n_rows, a, b)
         sel = self.codes[a:b] == j.to(device=dev, dtype=torch.uint8)[:, None]
         full = q >= self.size[j]  # the whole bucket pruned: nothing of it kept
         if bool(full.any()):
