@@ -472,6 +472,9 @@ def test_tightened_heap_maps_large_blocks_and_is_used_on_the_lean_path(monkeypat
     if heap._mallopt() is None:
         pytest.skip("no glibc mallopt here")
     libc, rss = _libc_malloc()
+    # start from the loose thresholds (a fresh process still has glibc's initial 128 KiB one,
+    # under which 2 MiB blocks are mapped anyway)
+    assert heap._set(heap.LOOSE_MMAP_THRESHOLD, heap.LOOSE_TRIM_THRESHOLD)
 
     def freed_drop() -> int:
         blocks = [libc.malloc(2 << 20) for _ in range(16)]
